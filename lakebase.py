@@ -1,0 +1,447 @@
+"""All Postgres access: conversation threads, the job runs they started, and the workers' step logs.
+
+Connecting, chosen by `LakebaseConfig` (`from_env()`): a plain DSN (`LAKEBASE_DSN`, or the PG* variables,
+which libpq reads itself), or a Lakebase provisioned instance (`LAKEBASE_INSTANCE`) or autoscaling endpoint
+(`LAKEBASE_ENDPOINT`), whose password is an OAuth token minted with the Databricks SDK. Tokens live an hour
+and are checked only at login, so each new connection gets a token younger than `TOKEN_REUSE_SECONDS`, and
+pooled connections are recycled after `MAX_LIFETIME_SECONDS`. Minting is a pluggable callable returning a
+`Login` (`sdk_login`, or your own), cached by `CachedLogin`. `connect()` gives one autocommit connection
+(a worker), `open_pool()` a pool (the serving process). What a person must fix raises `LakebaseError`:
+one line saying what to fix, never a password or token.
+
+Schema: `migrate(conn)` applies the numbered `MIGRATIONS` once, under an advisory lock. A thread's messages
+are append-only rows, one per chat-completions message, so a turn writes O(1) rows however long the thread.
+Ownership: `thread_owner()` returns the owner's user id, None for an anonymous thread, or `NO_THREAD`;
+`append_turn(owner=...)` and `record_run(owner=...)` refuse (PermissionError) a thread owned by anyone else.
+Text Postgres cannot store (NUL, lone surrogates) is replaced by U+FFFD with a warning, never dropped.
+"""
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATABASE = "databricks_postgres"
+TOKEN_REUSE_SECONDS = 300  # a minted token is reused for new connections while younger than this
+MAX_LIFETIME_SECONDS = 45 * 60  # recycle pooled connections well before their token's hour is out
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+PG_VARS = ("PGHOST", "PGHOSTADDR", "PGSERVICE", "PGDATABASE", "PGUSER", "PGPORT")
+STATUSES = ("started", "tool_call", "tool_result", "completed", "failed", "cancelled")
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+ENDPOINT_PATTERN = re.compile(r"projects/[^/]+/branches/[^/]+/endpoints/[^/]+")
+NO_THREAD = type("NoThread", (), {"__repr__": lambda self: "NO_THREAD"})()  # thread_owner(): no such thread
+_LOCK_MIGRATE, _LOCK_RUN = 7_231_001, 7_231_002  # advisory lock keys (for runs: the first of two keys)
+
+
+class LakebaseError(Exception):
+    """Cannot connect, for a reason a person must fix (configuration, permissions). Never holds a secret."""
+
+
+@dataclass
+class LakebaseConfig:
+    dsn: str = ""  # libpq DSN or URI; empty: libpq reads the PG* variables itself
+    instance: str = ""  # Lakebase provisioned instance name
+    endpoint: str = ""  # Lakebase autoscaling endpoint projects/P/branches/B/endpoints/E
+    database: str = DEFAULT_DATABASE  # database for the instance/endpoint modes
+    user: str = ""  # Postgres role for the instance/endpoint modes; default: the SDK's current identity
+    connect_timeout: int = 10  # seconds per connection attempt
+    retry_seconds: float = 15.0  # keep retrying an unreachable server this long (restarts, failovers)
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "LakebaseConfig":
+        return cls(dsn=env.get("LAKEBASE_DSN", ""), instance=env.get("LAKEBASE_INSTANCE", ""),
+                   endpoint=env.get("LAKEBASE_ENDPOINT", ""),
+                   database=env.get("LAKEBASE_DATABASE") or DEFAULT_DATABASE, user=env.get("LAKEBASE_USER", ""))
+
+
+# ------------------------------------------------------------------ credentials
+
+@dataclass(frozen=True)
+class Login:
+    """Where and as whom one new connection logs in."""
+    host: str
+    user: str
+    password: str = field(repr=False)
+    dbname: str = DEFAULT_DATABASE
+    port: int = 5432
+    sslmode: str = "require"  # Lakebase takes the token as a plaintext password: TLS only
+
+
+def redact(text: str) -> str:
+    """`text` without passwords, tokens or DSN credentials, for messages and logs."""
+    text = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
+    text = re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
+    return re.sub(r"\beyJ[\w-]+\.[\w-]+\.[\w-]+", "***", text)  # JWTs (Databricks OAuth tokens)
+
+
+class CachedLogin:
+    """Calls `mint` for the first connection and again once its Login is older than `max_age` seconds.
+    Thread-safe: the pool opens connections from several worker threads."""
+
+    def __init__(self, mint: Callable[[], Login], max_age: float = TOKEN_REUSE_SECONDS):
+        self.mint, self.max_age = mint, max_age
+        self._login, self._minted_at, self._lock = None, 0.0, threading.Lock()
+
+    def __call__(self) -> Login:
+        with self._lock:
+            if self._login is None or time.monotonic() - self._minted_at >= self.max_age:
+                self._login, self._minted_at = self.mint(), time.monotonic()
+                log.info("minted a database credential for %s at %s", self._login.user, self._login.host)
+            return self._login
+
+
+def _sdk(what: str, fix: str, fn, *args, **kwargs):
+    """Call the SDK, turning its errors into a one-line LakebaseError that says what to fix."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        from databricks.sdk.errors import DatabricksError
+
+        if not isinstance(e, DatabricksError):  # our own bug: keep its traceback
+            raise
+        message = f"{what}: {redact(' '.join(str(e).split())).rstrip('.')} ({type(e).__name__}); {fix}"
+    raise LakebaseError(message)  # raised outside the except block, so the SDK error is not chained
+
+
+def sdk_login(workspace, config: LakebaseConfig) -> Callable[[], Login]:
+    """Mints Lakebase logins with the SDK, for a provisioned instance (host: its read_write_dns; token:
+    database credentials) or an autoscaling endpoint (host: status.hosts.host; token: postgres credentials)."""
+    kind, name = ("instance", config.instance) if config.instance else ("endpoint", config.endpoint)
+    if kind == "endpoint" and not ENDPOINT_PATTERN.fullmatch(name):
+        raise LakebaseError(f"LAKEBASE_ENDPOINT={name!r} must look like projects/P/branches/B/endpoints/E")
+    what, fix = f"Lakebase {kind} {name!r}", f"check LAKEBASE_{kind.upper()} and that this identity may use it"
+    user = [config.user]  # the current identity is looked up once, at the first mint
+
+    def mint() -> Login:
+        if config.instance:
+            host = _sdk(what, fix, workspace.database.get_database_instance, name).read_write_dns
+            token = _sdk(f"a credential for {what}", fix, workspace.database.generate_database_credential,
+                         instance_names=[name], request_id=str(uuid.uuid4())).token
+        else:
+            status = _sdk(what, fix, workspace.postgres.get_endpoint, name).status
+            host = status.hosts.host if status and status.hosts else None
+            token = _sdk(f"a credential for {what}", fix, workspace.postgres.generate_database_credential,
+                         endpoint=name).token
+        if not host:
+            raise LakebaseError(f"{what} has no host yet: wait until it is running")
+        if not user[0]:
+            user[0] = _sdk("the current identity", "check the Databricks auth", workspace.current_user.me).user_name
+        return Login(host=host, user=user[0], password=token, dbname=config.database)
+    return mint
+
+
+def login_for(config: LakebaseConfig, workspace=None) -> CachedLogin | None:
+    """The configured mode's (cached) login minting; None for a plain DSN. Raises on a bad configuration."""
+    modes = [name for name, value in (("LAKEBASE_DSN", config.dsn), ("LAKEBASE_INSTANCE", config.instance),
+                                      ("LAKEBASE_ENDPOINT", config.endpoint)) if value]
+    if len(modes) > 1:
+        raise LakebaseError(f"{' and '.join(modes)} are all set: keep only one way to reach the database")
+    if not modes and not any(os.environ.get(var) for var in PG_VARS):
+        raise LakebaseError("no database configured: set LAKEBASE_DSN (or PGHOST...), LAKEBASE_INSTANCE "
+                            "or LAKEBASE_ENDPOINT")
+    if not modes or config.dsn:
+        try:
+            psycopg.conninfo.conninfo_to_dict(config.dsn)
+        except psycopg.ProgrammingError:  # its message may quote a piece of the password
+            raise LakebaseError("LAKEBASE_DSN is not a valid libpq connection string or URI") from None
+        return None
+    if workspace is None:
+        from databricks.sdk import WorkspaceClient  # a slow import: only in the Lakebase modes
+
+        workspace = WorkspaceClient()
+    return CachedLogin(sdk_login(workspace, config))
+
+
+# ------------------------------------------------------------------ connections
+
+def _connect_kwargs(config: LakebaseConfig, login: Callable[[], Login] | None) -> dict:
+    kwargs = {"autocommit": True, "connect_timeout": config.connect_timeout, "application_name": "async-agent",
+              **KEEPALIVES}
+    if login:
+        got = login()
+        kwargs.update(host=got.host, port=got.port, user=got.user, password=got.password, dbname=got.dbname,
+                      sslmode=got.sslmode)
+    return kwargs
+
+
+def connect(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login] | None = None):
+    """One autocommit psycopg.Connection; an unreachable server is retried for `config.retry_seconds`.
+    `login` replaces the configured credential minting (default: `login_for(config, workspace)`)."""
+    login = login or login_for(config, workspace)
+    deadline, delay = time.monotonic() + config.retry_seconds, 0.2
+    while True:
+        kwargs = _connect_kwargs(config, login)
+        try:
+            return psycopg.connect(config.dsn, **kwargs)
+        except psycopg.OperationalError as e:  # keep only its text: the exception's pgconn holds the password
+            message = redact(re.sub(r"^connection (failed|is bad): ", "", " ".join(str(e).split())))
+        answered = "FATAL:" in message and not re.search(r"starting up|shutting down|recovery", message)
+        if answered or time.monotonic() + delay > deadline:
+            break
+        log.warning("database not reachable yet, retrying in %.1f s: %s", delay, message)
+        time.sleep(delay)
+        delay = min(delay * 2, 3.0)
+    fix = "check LAKEBASE_DSN or the PG* variables"
+    if not answered:
+        fix = "check that the server is up and reachable"
+    elif login:
+        fix = f"check that role {kwargs['user']!r} exists there and may log in (LAKEBASE_USER picks another role)"
+    raise LakebaseError(f"cannot connect to Postgres: {message}; {fix}")
+
+
+def open_pool(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login] | None = None, min_size=1,
+              max_size=10, max_lifetime=MAX_LIFETIME_SECONDS, timeout=30.0) -> ConnectionPool:
+    """A pool of autocommit connections: each new one logs in with a fresh enough token, each is checked
+    when handed out (so dead ones after a server restart are replaced), each is recycled after max_lifetime."""
+    login = login or login_for(config, workspace)
+    connect(config, login=login).close()  # fail now with a LakebaseError, rather than later with a PoolTimeout
+    return ConnectionPool(config.dsn, kwargs=lambda: _connect_kwargs(config, login), min_size=min_size,
+                          max_size=max_size, max_lifetime=max_lifetime, timeout=timeout, name="lakebase",
+                          check=ConnectionPool.check_connection, open=True)
+
+
+# ------------------------------------------------------------------ schema
+
+MIGRATIONS = [
+    (1, """
+create table threads (thread_id text primary key, owner text, created_at timestamptz not null default now(),
+                      updated_at timestamptz not null default now(), turns int not null default 0);
+create index threads_updated_at on threads (updated_at);
+create index threads_owner on threads (owner, updated_at);
+create table thread_messages (thread_id text not null references threads on delete cascade, seq int not null,
+                              turn int not null, message jsonb not null,
+                              created_at timestamptz not null default now(), primary key (thread_id, seq))"""),
+    (2, """
+create table thread_runs (thread_id text not null references threads on delete cascade, run_id text not null,
+                          idempotency_key text not null, request text not null,
+                          created_at timestamptz not null default now(),
+                          primary key (thread_id, run_id), unique (thread_id, idempotency_key))"""),
+    (3, """
+create table task_logs (run_id text not null, step int not null, status text not null check (status in
+                            ('started', 'tool_call', 'tool_result', 'completed', 'failed', 'cancelled')),
+                        payload jsonb not null, created_at timestamptz not null default now(),
+                        primary key (run_id, step))"""),
+]
+
+
+def migrate(conn) -> list[int]:
+    """Apply the migrations not applied yet, in order; returns their numbers. Safe to run concurrently."""
+    applied = []
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(%s::bigint)", (_LOCK_MIGRATE,))  # a second process waits here
+        conn.execute("create table if not exists schema_migrations (version int primary key, "
+                     "applied_at timestamptz not null default now())")
+        done = {row[0] for row in conn.execute("select version from schema_migrations")}
+        for version, statements in MIGRATIONS:
+            if version not in done:
+                conn.execute(statements)
+                conn.execute("insert into schema_migrations (version) values (%s)", (version,))
+                applied.append(version)
+    if applied:
+        log.info("applied migrations %s", applied)
+    return applied
+
+
+# ------------------------------------------------------------------ validation and sanitising
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, lone surrogates (a valid pair is one char in Python)
+
+
+def _check_id(value, what: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ValueError(f"invalid {what} {value!r}: 1-128 letters, digits or _.:-, starting with a letter or digit")
+    return value
+
+
+def _clean(value):
+    if isinstance(value, str):
+        return _UNSTORABLE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return [_clean(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _storable(value, what: str) -> str:
+    """The text to store: `value` itself if a str, else its JSON; unstorable characters become U+FFFD."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    if not _UNSTORABLE.search(text):
+        return text
+    log.warning("%s: replaced NUL / lone surrogate characters with U+FFFD to store it", what)
+    log.debug("%s before sanitising: %r", what, value)
+    return _clean(value) if isinstance(value, str) else json.dumps(_clean(value), ensure_ascii=False)
+
+
+# ------------------------------------------------------------------ threads
+
+def _claim_thread(conn, thread_id: str, owner: str | None) -> int:
+    """In a transaction: create the thread if new, lock its row, check the owner; returns its turns so far."""
+    conn.execute("insert into threads (thread_id, owner) values (%s, %s) on conflict (thread_id) do nothing",
+                 (thread_id, owner))
+    stored, turns = conn.execute("select owner, turns from threads where thread_id = %s for update",
+                                 (thread_id,)).fetchone()
+    if owner is not None and stored != owner:
+        raise PermissionError(f"thread {thread_id} belongs to another user")
+    return turns
+
+
+def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None = None) -> int:
+    """Append one turn's messages atomically, after any turn appended concurrently; returns the turn number."""
+    _check_id(thread_id, "thread id")
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise ValueError("a turn is a non-empty list of chat messages (dicts with a 'role')")
+    rows = [_storable(m, f"thread {thread_id} message") for m in messages]
+    with conn.transaction():
+        turn = _claim_thread(conn, thread_id, owner) + 1  # the row lock serialises turns on this thread
+        last = conn.execute("select coalesce(max(seq), 0) from thread_messages where thread_id = %s",
+                            (thread_id,)).fetchone()[0]
+        with conn.cursor() as cur:
+            cur.executemany("insert into thread_messages (thread_id, seq, turn, message) "
+                            "values (%s, %s, %s, %s::jsonb)", [(thread_id, last + i, turn, row)
+                                                               for i, row in enumerate(rows, 1)])
+        conn.execute("update threads set turns = %s, updated_at = now() where thread_id = %s", (turn, thread_id))
+    log.debug("thread %s turn %d: %s", thread_id, turn, rows)
+    return turn
+
+
+def load_messages(conn, thread_id: str, *, last: int | None = None) -> list[dict]:
+    """The thread's messages, oldest first. `last`: only the last N, minus leading tool results (their
+    assistant message fell outside the window, and chat APIs reject an orphan tool result)."""
+    _check_id(thread_id, "thread id")
+    if last is None:
+        cur = conn.execute("select message from thread_messages where thread_id = %s order by seq", (thread_id,))
+        return [row[0] for row in cur]
+    if not isinstance(last, int) or last < 0:
+        raise ValueError(f"last must be an int >= 0, got {last!r}")
+    cur = conn.execute("select message from (select seq, message from thread_messages where thread_id = %s "
+                       "order by seq desc limit %s) as window_ order by seq", (thread_id, last))
+    messages = [row[0] for row in cur]
+    while messages and messages[0].get("role") == "tool":
+        messages.pop(0)
+    return messages
+
+
+def thread_turns(conn, thread_id: str) -> int:
+    """Completed turns of the thread so far (0 for an unknown thread)."""
+    cur = conn.execute("select turns from threads where thread_id = %s", (_check_id(thread_id, "thread id"),))
+    return (cur.fetchone() or (0,))[0]
+
+
+def thread_owner(conn, thread_id: str):
+    """The thread's owner: a user id, None for an anonymous thread, or NO_THREAD if there is no such thread."""
+    cur = conn.execute("select owner from threads where thread_id = %s", (_check_id(thread_id, "thread id"),))
+    return (cur.fetchone() or (NO_THREAD,))[0]
+
+
+def list_threads(conn, *, owner: str | None = None, limit: int = 50) -> list[dict]:
+    """Threads {thread_id, owner, turns, created_at, updated_at}, latest updated first; only `owner`'s if given."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("select thread_id, owner, turns, created_at, updated_at from threads "
+                           "where %s::text is null or owner = %s order by updated_at desc limit %s",
+                           (owner, owner, limit)).fetchall()
+
+
+# Messages and runs go by cascade; the runs' step logs (keyed by run id alone) are deleted alongside.
+_DELETE_THREADS = """with gone as (delete from threads where {} returning thread_id),
+  logs as (delete from task_logs where run_id in (select run_id from thread_runs
+                                                  where thread_id in (select thread_id from gone)))
+select count(*) from gone"""
+
+
+def delete_thread(conn, thread_id: str) -> bool:
+    """Delete a thread with its messages, runs and their step logs; False if there was no such thread."""
+    query = sql.SQL(_DELETE_THREADS).format(sql.SQL("thread_id = %s"))
+    return conn.execute(query, (_check_id(thread_id, "thread id"),)).fetchone()[0] == 1
+
+
+def prune_threads(conn, older_than: timedelta) -> int:
+    """Delete the threads not updated for `older_than`, as delete_thread does; returns how many."""
+    if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
+        raise ValueError(f"older_than must be a positive timedelta, got {older_than!r}")
+    query = sql.SQL(_DELETE_THREADS).format(sql.SQL("updated_at < now() - %s"))
+    return conn.execute(query, (older_than,)).fetchone()[0]
+
+
+# ------------------------------------------------------------------ runs
+
+_RUN_COLUMNS = "thread_id, run_id, idempotency_key, request, created_at"
+
+
+def record_run(conn, thread_id: str, run_id: str, idempotency_key: str, request: str, *,
+               owner: str | None = None) -> dict:
+    """Record that the thread started job run `run_id` (creating the thread if new). Returns the run holding
+    `idempotency_key`: this one, or an earlier one (then the caller started a duplicate: cancel it)."""
+    _check_id(thread_id, "thread id")
+    _check_id(run_id, "run id")
+    if not isinstance(idempotency_key, str) or not idempotency_key:
+        raise ValueError("idempotency_key must be a non-empty string")
+    request = _storable(request, f"run {run_id} request")
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        _claim_thread(conn, thread_id, owner)
+        conn.execute("update threads set updated_at = now() where thread_id = %s", (thread_id,))
+        new = cur.execute(f"insert into thread_runs (thread_id, run_id, idempotency_key, request) values "
+                          f"(%s, %s, %s, %s) on conflict do nothing returning {_RUN_COLUMNS}",
+                          (thread_id, run_id, idempotency_key, request)).fetchone()
+    held = new or find_run(conn, thread_id, idempotency_key=idempotency_key)
+    if held is None:
+        raise ValueError(f"run {run_id} is already recorded for thread {thread_id} with another idempotency key")
+    return held
+
+
+def find_run(conn, thread_id: str, *, run_id: str | None = None, idempotency_key: str | None = None) -> dict | None:
+    """The thread's run with this run id or this idempotency key (give exactly one), or None."""
+    _check_id(thread_id, "thread id")
+    if (run_id is None) == (idempotency_key is None):
+        raise ValueError("find_run needs exactly one of run_id or idempotency_key")
+    column = "run_id" if run_id is not None else "idempotency_key"
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(f"select {_RUN_COLUMNS} from thread_runs where thread_id = %s and {column} = %s",
+                           (thread_id, run_id if run_id is not None else idempotency_key)).fetchone()
+
+
+def list_runs(conn, thread_id: str) -> list[dict]:
+    """The thread's runs {thread_id, run_id, idempotency_key, request, created_at}, oldest first."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(f"select {_RUN_COLUMNS} from thread_runs where thread_id = %s order by created_at, "
+                           f"run_id", (_check_id(thread_id, "thread id"),)).fetchall()
+
+
+# ------------------------------------------------------------------ step log
+
+def log_step(conn, run_id: str, status: str, payload: dict) -> int:
+    """Append a step to the run's log, committed at once so pollers see it; returns its number (1, 2, ...)."""
+    _check_id(run_id, "run id")
+    if status not in STATUSES:
+        raise ValueError(f"invalid step status {status!r}: one of {', '.join(STATUSES)}")
+    if not isinstance(payload, dict):
+        raise ValueError(f"a step payload is a dict, got {type(payload).__name__}")
+    text = _storable(payload, f"run {run_id} {status} payload")
+    with conn.transaction():
+        # writers of one run take turns, so max(step) + 1 is unique (the primary key would refuse a duplicate)
+        conn.execute("select pg_advisory_xact_lock(%s::int, hashtext(%s))", (_LOCK_RUN, run_id))
+        step = conn.execute("insert into task_logs (run_id, step, status, payload) select %s, coalesce(max(step), "
+                            "0) + 1, %s, %s::jsonb from task_logs where run_id = %s returning step",
+                            (run_id, status, text, run_id)).fetchone()[0]
+    log.debug("run %s step %d %s: %s", run_id, step, status, text)
+    return step
+
+
+def read_steps(conn, run_id: str, *, after: int = 0, limit: int = 500) -> list[dict]:
+    """The run's steps numbered above `after`, in order, at most `limit`: {step, status, payload, created_at}."""
+    _check_id(run_id, "run id")
+    if not isinstance(after, int) or after < 0 or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"after must be an int >= 0 and limit an int >= 1, got {after!r} and {limit!r}")
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("select step, status, payload, created_at from task_logs where run_id = %s "
+                           "and step > %s order by step limit %s", (run_id, after, limit)).fetchall()

@@ -1,0 +1,299 @@
+"""Chat client for the OpenAI-compatible chat-completions protocol, and the one tool loop both agents use.
+
+`databricks_chat(endpoint)` talks to a Databricks serving endpoint (`{host}/serving-endpoints/{name}/invocations`,
+auth headers from the SDK's `Config.authenticate()` on every request, so every auth method and token refresh
+works); `openai_chat(base_url, model)` talks to any OpenAI-compatible server (vLLM, Ollama, a proxy).
+`ChatClient.complete()` returns the assistant message normalised, ready to append to the message list.
+
+`run_tools()` is the bounded tool loop. What the model can fix (unknown tool, bad arguments, a tool that
+raises) goes back to it as an "Error: ..." tool message; what it can't (LLMError, the caller's `fatal` types)
+is raised. The loop ends in one of three ways: it returns the model's text answer, or re-raises the `EndTurn`
+a tool raised, or raises `LimitReached`.
+"""
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import requests
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUSES = {429, 502, 503, 504}  # 500 is not retried: a model that fails on a request fails again
+
+
+class LLMError(Exception):
+    """The chat model can't be used (network, auth, server, bad reply): raised to the caller, never to the model."""
+
+
+class LLMHTTPError(LLMError):
+    """The endpoint answered with an HTTP error (a 4xx, or a 429/5xx still failing when the retry budget ran out)."""
+
+    def __init__(self, status: int, message: str, url: str = ""):
+        self.status, self.message, self.url = status, message, url
+        super().__init__(f"POST {url} failed with HTTP {status}: {message}")
+
+
+class LLMResponseError(LLMError):
+    """The endpoint answered 2xx with a body that is not a chat completion."""
+
+
+@dataclass
+class ChatClient:
+    url: str  # the full chat-completions URL
+    model: str | None = None  # sent as "model" in the body when set (OpenAI-compatible servers need it)
+    headers: Callable[[], dict] = dict  # called before every request, so refreshed tokens are picked up
+    timeout: tuple[float, float] = (10.0, 300.0)  # connect, read seconds; serving endpoints stop at ~297 s
+    retry_seconds: float = 60.0  # no retry starts later than this after the first try (+ one timeout in total)
+    backoff: float = 1.0  # first wait before a retry without Retry-After; doubles each time
+    max_backoff: float = 20.0
+    session: requests.Session = field(default_factory=requests.Session, repr=False)
+
+    def complete(self, messages, *, tools=None, tool_choice=None, max_tokens=None, temperature=None) -> dict:
+        """One chat completion: {"role": "assistant", "content": str | None, "tool_calls": [...] (only if any)}."""
+        body = {"model": self.model, "messages": messages, "tools": tools, "tool_choice": tool_choice,
+                "max_tokens": max_tokens, "temperature": temperature}
+        body = {key: value for key, value in body.items() if value is not None}
+        log.debug("POST %s %s", self.url, json.dumps(body, default=str))
+        started = time.monotonic()
+        response = self._post(body)
+        message = _parse_completion(response, self.url)
+        log.info("chat completion from %s in %.1f s (%d tool calls)", self.url, time.monotonic() - started,
+                 len(message.get("tool_calls", [])))
+        return message
+
+    def _post(self, body) -> requests.Response:
+        """POST with retries on 429/502/503/504 and connection errors, honouring Retry-After, within the budget."""
+        started = time.monotonic()
+        for attempt in itertools.count(1):
+            try:
+                headers = self.headers()
+            except Exception as e:  # the SDK's credential refresh: the person must fix their auth
+                raise LLMError(f"could not get auth headers for {self.url}: {e}") from e
+            status = error = wait = None
+            try:
+                response = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as e:
+                error, problem = e, f"{type(e).__name__}: {e}"
+            except requests.RequestException as e:
+                raise LLMError(f"POST {self.url} failed: {e}") from e
+            else:
+                if response.status_code < 400:
+                    return response
+                status, problem = response.status_code, _error_message(response)
+                if status not in RETRY_STATUSES:
+                    raise LLMHTTPError(status, problem, self.url)
+                wait = _retry_after(response)
+            if wait is None:
+                wait = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
+            elapsed = time.monotonic() - started
+            if elapsed + wait > self.retry_seconds:
+                gave_up = f"gave up after {attempt} attempts in {elapsed:.1f} s"
+                if status is not None:
+                    raise LLMHTTPError(status, f"{problem} ({gave_up})", self.url)
+                raise LLMError(f"POST {self.url} failed: {problem} ({gave_up})") from error
+            log.warning("POST %s: %s; retrying in %.1f s (attempt %d)", self.url,
+                        f"HTTP {status}" if status else problem, wait, attempt)
+            time.sleep(wait)
+
+
+def databricks_chat(endpoint: str, config=None, **client_kw) -> ChatClient:
+    """A client for a Databricks serving endpoint. `config` is an SDK `Config` (e.g. `w.config`); default `Config()`."""
+    if config is None:
+        from databricks.sdk.core import Config  # here, not at the top: importing the SDK takes seconds
+        config = Config()
+    url = f"{config.host.rstrip('/')}/serving-endpoints/{endpoint}/invocations"
+    return ChatClient(url=url, headers=config.authenticate, **client_kw)
+
+
+def openai_chat(base_url: str, model: str, api_key: str | None = None, **client_kw) -> ChatClient:
+    """A client for any OpenAI-compatible server, e.g. `openai_chat("http://127.0.0.1:11434/v1", "qwen3")`."""
+    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = f"{base_url.rstrip('/')}/chat/completions"
+    return ChatClient(url=url, model=model, headers=lambda: dict(auth), **client_kw)
+
+
+def _retry_after(response) -> float | None:
+    try:
+        return max(0.0, float(response.headers["Retry-After"]))
+    except (KeyError, ValueError):  # absent, or an HTTP date: use our own backoff
+        return None
+
+
+def _error_message(response) -> str:
+    """The endpoint's own message: Databricks {"error_code","message"}, OpenAI {"error":{"message"}}, or text."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        message = body.get("message") or error or body.get("detail")
+        if message:
+            return f"{body['error_code']}: {message}" if body.get("error_code") else str(message)
+    return response.text.strip()[:500] or response.reason or "(empty body)"
+
+
+def _parse_completion(response, url) -> dict:
+    try:
+        data = response.json()
+    except ValueError:
+        raise LLMResponseError(f"{url} answered with a body that is not JSON: {response.text[:200]!r}") from None
+    log.debug("reply from %s: %s", url, json.dumps(data))
+    try:
+        choice = data["choices"][0]
+        message = choice["message"]
+    except (KeyError, IndexError, TypeError):
+        message = None
+    if not isinstance(message, dict):
+        raise LLMResponseError(f"{url} answered without choices[0].message: {response.text[:200]!r}")
+    if choice.get("finish_reason") == "length":
+        log.warning("the reply from %s was cut at max_tokens", url)
+    out = {"role": "assistant", "content": _content(message.get("content"), url)}
+    calls = message.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise LLMResponseError(f"{url} answered with tool_calls that is not a list: {calls!r}")
+    if calls:
+        out["tool_calls"] = [_tool_call(call, url) for call in calls]
+    return out
+
+
+def _content(content, url) -> str | None:
+    """A string, null, or a list of parts (text, reasoning...): the text parts joined, reasoning dropped."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = [part["text"] for part in content
+                 if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)]
+        return "".join(texts) if texts else None
+    raise LLMResponseError(f"{url} answered with content that is neither a string nor a list: {content!r}")
+
+
+def _tool_call(call, url) -> dict:
+    try:
+        call_id, name, arguments = call["id"], call["function"]["name"], call["function"]["arguments"]
+    except (KeyError, TypeError):
+        raise LLMResponseError(f"{url} answered with a malformed tool call: {call!r}") from None
+    if not all(isinstance(value, str) for value in (call_id, name, arguments)):
+        raise LLMResponseError(f"{url} answered with a tool call with id, name or arguments not a string: {call!r}")
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+# The tool loop
+
+@dataclass
+class Tool:
+    name: str
+    description: str  # what the model reads to decide when to call it
+    parameters: dict  # JSON schema of the arguments object, a description for each property
+    fn: Callable[..., str]  # called with the arguments as keywords; returns the text the model sees
+
+    def schema(self) -> dict:
+        return {"type": "function",
+                "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+
+
+class ToolError(Exception):
+    """Raised by a tool (or the loop) for a failure the model can act on: sent to it as "Error: <message>"."""
+
+
+class EndTurn(Exception):
+    """Raised by a tool: `content` is its result; the loop appends the results of all calls, then re-raises it."""
+
+    def __init__(self, content: str):
+        super().__init__(content)
+        self.content = content
+
+
+class LimitReached(Exception):
+    """The loop made `max_calls` model calls without a text answer. `messages` is the (paired) transcript."""
+
+    def __init__(self, messages: list, max_calls: int):
+        super().__init__(f"no final answer after {max_calls} model calls")
+        self.messages, self.max_calls = messages, max_calls
+
+
+def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, fatal=(), **complete_kw) -> str:
+    """Run the tool loop on `messages` (appended in place, never rewritten) and return the model's text answer.
+
+    1. call the model with the tools (at most `max_calls` times, then raise LimitReached)
+    2. append its message; on_message(message, {"duration_s"})
+    3. no tool calls? return its text
+    4. run each tool call; a model-caused failure becomes the result "Error: ..."
+    5. append each result; on_message(message, {"call_id", "name", "arguments", "duration_s", "error", "end_turn"})
+    6. a tool raised EndTurn? re-raise it now that every call has its result; else back to 1
+    LLMError and exceptions of the types in `fatal` propagate as they are.
+    """
+    by_name = {tool.name: tool for tool in tools}
+    schemas = [tool.schema() for tool in by_name.values()] or None
+    hook = on_message or (lambda message, info: None)
+    for _ in range(max_calls):
+        started = time.monotonic()
+        reply = client.complete(messages, tools=schemas, **complete_kw)
+        messages.append(reply)
+        hook(reply, {"duration_s": time.monotonic() - started})
+        if "tool_calls" not in reply:
+            return reply["content"] or ""
+        end_turn = None
+        for call in reply["tool_calls"]:
+            content, info = _run_call(call, by_name, tuple(fatal))
+            result = {"role": "tool", "tool_call_id": call["id"], "content": content}
+            messages.append(result)
+            hook(result, info)
+            end_turn = end_turn or info["end_turn"]
+        if end_turn:
+            raise end_turn
+    raise LimitReached(messages, max_calls)
+
+
+def _run_call(call, tools: dict, fatal: tuple) -> tuple[str, dict]:
+    """Check and run one tool call: (the content the model sees, info for on_message)."""
+    name, arguments = call["function"]["name"], call["function"]["arguments"]
+    info = {"call_id": call["id"], "name": name, "arguments": arguments, "error": None, "end_turn": None}
+    started = time.monotonic()
+    try:
+        tool = tools.get(name)
+        if tool is None:
+            raise ToolError(f"there is no tool named {name!r}. Use one of: {', '.join(tools) or '(none)'}.")
+        info["arguments"] = kwargs = _parse_arguments(tool.name, arguments)
+        _check_arguments(tool, kwargs)
+        content = tool.fn(**kwargs)
+        content = content if isinstance(content, str) else json.dumps(content, default=str)
+    except EndTurn as e:
+        content, info["end_turn"] = e.content, e
+    except (LLMError, *fatal):
+        raise
+    except ToolError as e:
+        content, info["error"] = f"Error: {e}", e
+    except Exception as e:
+        log.warning("tool %s raised", name, exc_info=True)
+        hint = "Check the arguments, or answer without this tool."
+        content, info["error"] = f"Error: {name} failed: {type(e).__name__}: {e}. {hint}", e
+    info["duration_s"] = time.monotonic() - started
+    return content, info
+
+
+def _parse_arguments(name: str, arguments: str) -> dict:
+    try:
+        kwargs = json.loads(arguments) if arguments.strip() else {}  # some models send "" for no arguments
+    except ValueError as e:
+        raise ToolError(f"the arguments for {name} are not valid JSON ({e}). Send one JSON object.") from e
+    if not isinstance(kwargs, dict):
+        raise ToolError(f"the arguments for {name} must be a JSON object, not {type(kwargs).__name__}.")
+    return kwargs
+
+
+def _check_arguments(tool: Tool, kwargs: dict):
+    """Check against the schema's `required` and `properties` before the call, to tell the model what is wrong."""
+    properties = tool.parameters.get("properties", {})
+    missing = [key for key in tool.parameters.get("required", []) if key not in kwargs]
+    unexpected = [key for key in kwargs if key not in properties]
+    problems = [f"{what} {', '.join(keys)}" for what, keys in
+                (("missing required argument(s)", missing), ("unexpected argument(s)", unexpected)) if keys]
+    if problems:
+        raise ToolError(f"{tool.name} got {' and '.join(problems)}. "
+                        f"Its arguments are: {', '.join(properties) or '(none)'}.")
