@@ -1,0 +1,509 @@
+"""Offline stand-ins for local mode (no Databricks account): the sample dataset, a Genie answerer and a chat model.
+
+`load_sample(conn)` loads `sample_data/*.csv` into Postgres schema `sample` (once; safe from two processes).
+`GenieAnswerer(dsn).answer(question, history)` answers the questions below over it with SQL it builds from
+fixed pieces (no text of the question goes into SQL); given a `chat` client it asks that model for the SQL
+instead. `stand_in_reply(body)` answers an OpenAI chat-completions request by fixed rules, for the primary
+agent (start / poll / cancel jobs) and the worker (ask Genie, then restate its answer). Nothing is random
+and nothing is a real model.
+
+Question shapes the offline Genie answers (orders 2024-01-01 .. 2025-12-31; cancelled and returned
+orders are left out; metrics: revenue (or sales), orders, units, customers, average order value):
+- totals: "total revenue in 2025", "how many orders?", "how many customers in 2024?", "average order value"
+- top-N: "top 5 products by revenue", "top 3 customers by orders in 2025", "which region has the most
+  sales?", "best-selling categories", "which month had the lowest revenue?"
+- breakdowns by month / quarter / year / region / segment / category / product / customer:
+  "revenue by month in 2025", "orders per quarter", "monthly sales", "customers by segment"
+- growth: "revenue growth year over year", "month-over-month order growth in 2025", "2025 vs 2024 sales",
+  "which region grew fastest?", "revenue growth by category"
+- follow-ups in the same conversation reuse the previous question: "and by month?", "what about 2024?",
+  "and orders?", "for all years?"
+The only filter is a year. A question that narrows to anything else (a month or quarter, a region, segment or
+category, a status, "last year") is refused, not answered for all the data.
+"""
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field, replace
+from datetime import date
+from pathlib import Path
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).parent / "sample_data"
+MARKER = "offline sample data"  # schema comment prefix: the schema is ours to reload
+MAX_ROWS = 5000  # Genie's row limit
+YEARS = (2024, 2025)
+SCHEMA = """\
+create table sample.customers (customer_id int primary key, name text not null unique, region text not null,
+    segment text not null, signup_date date not null);
+create table sample.products (product_id int primary key, name text not null unique, category text not null,
+    unit_price numeric(10,2) not null check (unit_price > 0));
+create table sample.orders (order_id int primary key,
+    customer_id int not null references sample.customers, product_id int not null references sample.products,
+    order_date date not null, quantity int not null check (quantity > 0), amount numeric(12,2) not null,
+    status text not null check (status in ('completed', 'shipped', 'cancelled', 'returned')));
+create index on sample.orders (order_date);"""
+TABLES = {"customers": "customer_id, name, region, segment, signup_date",
+          "products": "product_id, name, category, unit_price",
+          "orders": "order_id, customer_id, product_id, order_date, quantity, amount, status"}
+HELP = ("I can answer questions about the sample sales data (orders 2024-2025): totals (\"total revenue in 2025\", "
+        "\"how many orders?\", \"average order value\"), top-N (\"top 5 products by revenue\", \"which region has "
+        "the most sales?\"), breakdowns by month, quarter, year, region, segment, category, product or customer "
+        "(\"revenue by month in 2025\"), growth (\"revenue growth year over year\", \"month-over-month order "
+        "growth\", \"which region grew fastest?\") and follow-ups (\"and by month?\", \"what about 2024?\") "
+        "(metrics: revenue or sales, orders, units, customers, average order value)")
+# Postgres type oid -> Databricks ColumnInfoTypeName
+TYPES = {16: "BOOLEAN", 20: "LONG", 21: "INT", 23: "INT", 700: "DOUBLE", 701: "DOUBLE", 1700: "DECIMAL",
+         1082: "DATE", 1114: "TIMESTAMP", 1184: "TIMESTAMP"}
+
+
+class CannotAnswer(Exception):
+    """The question is outside what this answerer can do; the message says what it can do."""
+
+
+@dataclass
+class GenieResult:
+    text: str  # one sentence with the headline number
+    sql: str  # as run, values inlined for reading
+    columns: list = field(default_factory=list)  # [{"name", "type_name"}]
+    rows: list = field(default_factory=list)  # [[str | None]], like Databricks JSON_ARRAY results
+    truncated: bool = False  # more than MAX_ROWS rows
+
+
+# ---------------------------------------------------------------- the sample dataset
+
+def load_sample(conn, data_dir=DATA_DIR) -> bool:
+    """Create schema `sample` and load the CSVs unless this exact data is there; True if it loaded now."""
+    files = {t: (Path(data_dir) / f"{t}.csv").read_bytes() for t in TABLES}
+    marker = f"{MARKER} {hashlib.sha256(b''.join(files.values())).hexdigest()[:16]}"
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext('offline.load_sample'))")  # a second loader waits
+        row = conn.execute("select obj_description(oid, 'pg_namespace') from pg_namespace "
+                           "where nspname = 'sample'").fetchone()
+        if row and row[0] == marker:
+            return False
+        if row and not (row[0] or "").startswith(MARKER):
+            raise RuntimeError("schema 'sample' exists and was not made by offline.load_sample; "
+                               "drop or rename it, or use another database")
+        if row:
+            log.info("sample data changed: reloading schema sample")
+            conn.execute("drop schema sample cascade")
+        conn.execute("create schema sample")
+        for statement in SCHEMA.split(";\n"):
+            conn.execute(statement)
+        with conn.cursor() as cur:
+            for table, columns in TABLES.items():  # parents first, for the foreign keys
+                with cur.copy(f"copy sample.{table} ({columns}) from stdin with (format csv, header true)") as copy:
+                    copy.write(files[table])
+        conn.execute(psycopg.sql.SQL("comment on schema sample is {}").format(psycopg.sql.Literal(marker)))
+    log.info("loaded the sample data into schema sample")
+    return True
+
+
+# ---------------------------------------------------------------- the Genie answerer
+
+FULFILLED = "o.status in ('completed', 'shipped')"
+METRICS = {  # key: (aggregate, with {f} for a FILTER clause; column; label; money?; words that ask for it)
+    "aov": ("round(avg(o.amount){f}, 2)", "avg_order_value", "average order value", True,
+            r"average order|avg order|aov|order value|basket size"),
+    "quantity": ("sum(o.quantity){f}", "units", "units sold", False, r"units?|quantity|quantities|items|sold|volume"),
+    "customers": ("count(distinct o.customer_id){f}", "customers", "active customers", False,
+                  r"customers?|buyers|clients"),
+    "orders": ("count(*){f}", "orders", "orders", False, r"orders?|purchases|transactions"),
+    "revenue": ("sum(o.amount){f}", "revenue", "revenue", True,
+                r"revenue|sales|income|turnover|money|earn(?:ed|ings)?|amount|spend|spent|gmv"),
+}
+DIMS = {  # key: (expression, column, table it needs, words)
+    "month": ("to_char(o.order_date, 'YYYY-MM')", "month", "", r"months?|monthly"),
+    "quarter": ("to_char(o.order_date, 'YYYY-\"Q\"Q')", "quarter", "", r"quarters?|quarterly"),
+    "year": ("extract(year from o.order_date)::int", "year", "", r"years?|yearly|annual(?:ly)?"),
+    "region": ("c.region", "region", "c", r"regions?|regional"),
+    "segment": ("c.segment", "segment", "c", r"segments?"),
+    "category": ("p.category", "category", "p", r"categor(?:y|ies)"),
+    "product": ("p.name", "product", "p", r"products?"),
+    "customer": ("c.name", "customer", "c", r"customers?"),
+}
+JOINS = {"c": "\njoin sample.customers c on c.customer_id = o.customer_id",
+         "p": "\njoin sample.products p on p.product_id = o.product_id"}
+ENTITY = "|".join(d[3] for d in DIMS.values())
+NUMBERS = {w: i for i, w in enumerate("one two three four five six seven eight nine ten".split(), 1)}
+TOP = re.compile(rf"\b(?:top|bottom|best|worst|biggest|largest|smallest|leading|(?:most|least) popular)"
+                 rf"(?:[- ]selling)?\s+(\d+|{'|'.join(NUMBERS)})?\s*({ENTITY})\b|\b(?:which|what)\s+({ENTITY})\b"
+                 rf"|\b({ENTITY})\s+with\s+the\s+(?:most|highest|lowest|fewest|least|biggest)"
+                 rf"|\b(?:fastest|slowest)[- ]growing\s+({ENTITY})\b")
+BY = re.compile(rf"\b(?:by|per|each|every|across|split by|broken down by)\s+(?:the\s+)?({ENTITY})\b"
+                r"|\b(monthly|quarterly|yearly|annual|annually)\b")
+GROWTH = re.compile(r"\b(?:grow|grew|grown|growth|growing|increased?|decreased?|declined?|changed?|trends?|"
+                    r"compared?|comparison|vs\.?|versus|yoy|mom)\b|(?:year|month)[- ](?:over|on)[- ](?:year|month)")
+UNSUPPORTED = re.compile(  # filters the rules can't apply: refuse rather than answer another question
+    r"\b(?:january|february|march|april|june|july|august|september|october|november|december|q[1-4]|"
+    r"(?:last|this|previous|next|past) (?:year|quarter|month|week)|cancel\w*|returned|returns|shipped|"
+    r"sign(?:ed)?[- ]?ups?|(?:north|south)?(?:east|west)|midwest|consumers?|small business|enterprises?|"
+    r"electronics|home|office|outdoor|apparel)\b")
+ASCENDING = re.compile(r"\b(?:bottom|worst|lowest|least|smallest|fewest|slowest)\b")
+FOLLOW_UP = re.compile(r"^\W*(?:and|what about|how about|same|now|also|then|only|just|but|for)\b")
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What a question asks for; None = not said (a follow-up takes it from the previous question)."""
+    metric: str | None = None
+    dim: str | None = None  # breakdown or top-N dimension
+    top: int | None = None
+    growth: str | None = None  # "yoy" | "mom"
+    year: int | None = None  # 0 = all years, said explicitly
+    ascending: bool = False
+
+
+def _dim(word):
+    return next(k for k, d in DIMS.items() if re.fullmatch(d[3], word))
+
+
+def parse(question: str) -> Ask:
+    """The Ask of one question on its own (see the module docstring for the shapes)."""
+    text = " " + question.lower().replace("’", "'") + " "
+    text = re.sub(r"\b(?:product|customer)s? (categor(?:y|ies)|segments?|regions?)\b", r"\1", text)
+    ascending = bool(ASCENDING.search(text))
+    years = [int(y) for y in re.findall(r"\b(20\d\d)\b", text)]
+    year = max(years) if years else 0 if re.search(r"\ball[- ](?:years|time)|\boverall\b", text) else None
+    growth = "yoy" if GROWTH.search(text) or len(set(years)) > 1 else None
+    dim = top = None
+    if m := TOP.search(text):
+        word = next(g for g in m.groups()[1:] if g)
+        dim, number = _dim(word), m.group(1)
+        plural = word.endswith("s") and not word.endswith("ss")
+        top = int(NUMBERS.get(number, number or 0)) or (5 if plural else 1)
+        text = text[:m.start()] + " " + text[m.end():]
+        if "selling" in m.group(0):
+            text += " units"
+        if "popular" in m.group(0):
+            text += " orders"
+    elif m := BY.search(text):
+        word = m.group(1) or {"monthly": "month", "quarterly": "quarter"}.get(m.group(2), "year")
+        dim = _dim(word)
+        text = text[:m.start()] + " " + text[m.end():]
+    found = [(m.start(), i, key) for i, (key, spec) in enumerate(METRICS.items())
+             if (m := re.search(rf"\b(?:{spec[4]})\b", text))]
+    metric = min(found)[2] if found else None
+    if growth and (dim == "month" or re.search(r"month[- ](?:over|on)[- ]month|\bmom\b", text)):
+        growth, dim, top = "mom", None, None
+    elif growth and dim in ("year", "quarter"):
+        dim, top = None, None
+    return Ask(metric, dim, top, growth, year, ascending)
+
+
+def resolve(question: str, history=()) -> Ask:
+    """The Ask of `question` in its conversation: a follow-up takes what it leaves out from the previous one."""
+    if m := UNSUPPORTED.search(question.lower()):
+        raise CannotAnswer(f"I can't narrow the data to {m.group(0)!r}: the only filter I apply is a year. {HELP}")
+    ask = parse(question)
+    earlier = [h if isinstance(h, str) else h.get("question") or "" for h in history]
+    said = ask != Ask(ascending=ask.ascending)  # something recognised, to follow up with
+    if said and earlier and (ask.metric is None or FOLLOW_UP.search(question.lower())):
+        prev = resolve(earlier[-1], earlier[:-1])
+        shape = ask if (ask.dim or ask.growth) else prev
+        ask = Ask(ask.metric or prev.metric, shape.dim, shape.top, shape.growth,
+                  prev.year if ask.year is None else ask.year, shape.ascending)
+    if ask.metric is None and not (ask.dim or ask.growth):
+        raise CannotAnswer(f"I don't know how to answer {question!r}. {HELP}")
+    return replace(ask, metric=ask.metric or "revenue", year=ask.year or None)
+
+
+def build(ask: Ask) -> tuple[str, list]:
+    """SQL and parameters for an Ask, from the constant pieces above only."""
+    agg, col = METRICS[ask.metric][:2]
+    expr, dcol, table, _ = DIMS[ask.dim or "year"]
+    source = "from sample.orders o" + JOINS.get(table, "")
+    inner = source.replace("\n", "\n  ")  # inside a WITH
+    where, params = f"where {FULFILLED}", []
+    if ask.growth == "yoy" and ask.dim:  # per dimension: this year against the one before
+        y = ask.year or YEARS[-1]
+        sql = (f"with t as (\n  select {expr} as {dcol},\n"
+               f"    {agg.format(f=' filter (where o.order_date < %s)')} as previous,\n"
+               f"    {agg.format(f=' filter (where o.order_date >= %s)')} as value\n  {inner}\n"
+               f"  {where} and o.order_date >= %s and o.order_date < %s\n  group by 1)\n"
+               f"select {dcol}, previous as {col}_{y - 1}, value as {col}_{y},\n"
+               f"  round(100.0 * (value - previous) / nullif(previous, 0), 1) as growth_pct\nfrom t\n"
+               f"order by growth_pct {'asc' if ask.ascending else 'desc'} nulls last, 1")
+        params = [date(y, 1, 1), date(y, 1, 1), date(y - 1, 1, 1), date(y + 1, 1, 1)]
+    elif ask.growth:  # over time: each period against the one before, the filter applied after lag()
+        expr, dcol = DIMS["month" if ask.growth == "mom" else "year"][:2]
+        sql = (f"with t as (\n  select {expr} as {dcol}, {agg.format(f='')} as value\n  {inner}\n  {where}\n"
+               f"  group by 1),\ng as (select {dcol}, value, lag(value) over (order by {dcol}) as previous from t)\n"
+               f"select {dcol}, value as {col}, previous as previous_{col},\n"
+               f"  round(100.0 * (value - previous) / nullif(previous, 0), 1) as growth_pct\nfrom g")
+        if ask.year:
+            sql, params = sql + f"\nwhere left({dcol}::text, 4) = %s", [str(ask.year)]
+        sql += "\norder by 1"
+    else:
+        if ask.year:
+            where, params = where + " and o.order_date >= %s and o.order_date < %s", [
+                date(ask.year, 1, 1), date(ask.year + 1, 1, 1)]
+        if not ask.dim:
+            return f"select {agg.format(f='')} as {col}\n{source}\n{where}", params
+        order = "1" if ask.dim in ("month", "quarter", "year") and not ask.top else \
+            f"2 {'asc' if ask.ascending else 'desc'}, 1"
+        sql = f"select {expr} as {dcol}, {agg.format(f='')} as {col}\n{source}\n{where}\ngroup by 1\norder by {order}"
+    if ask.top:
+        sql, params = sql + "\nlimit %s", params + [ask.top]
+    return sql, params
+
+
+def headline(ask: Ask, rows) -> str:
+    """One sentence with the headline number of a result."""
+    _, _, label, money, _ = METRICS[ask.metric]
+    fmt = (lambda v: f"${v:,.2f}") if money else (lambda v: f"{v:,}")
+    scope = f" in {ask.year}" if ask.year else f" in {YEARS[0]}-{YEARS[-1]}"
+    if not rows or rows[0][-1] is None and len(rows) == 1 and not ask.growth:
+        return f"There is no data{scope}: the orders run from {YEARS[0]}-01-01 to {YEARS[-1]}-12-31."
+    if ask.growth and ask.dim:  # rows come sorted by growth, in the direction asked
+        key, prev, value, pct = rows[0]
+        y = ask.year or YEARS[-1]
+        if pct is None:
+            return f"There is no {label} in {y - 1} to compare {y} with."
+        return (f"By {ask.dim}, {label} grew {'slowest' if ask.ascending else 'fastest'} for {key}: {pct}% "
+                f"from {fmt(prev)} in {y - 1} to {fmt(value)} in {y}.")
+    if ask.growth:
+        period, value, prev, pct = rows[-1]
+        unit = "month" if ask.growth == "mom" else "year"
+        if prev is None:
+            return f"{label.capitalize()} in {period}: {fmt(value)}; there is no earlier {unit} to compare."
+        return (f"{label.capitalize()} in {period}: {fmt(value)}, {'up' if pct >= 0 else 'down'} "
+                f"{abs(pct)}% from {fmt(prev)} the {unit} before.")
+    if not ask.dim:
+        return f"{'Average order value' if ask.metric == 'aov' else 'Total ' + label}{scope}: " \
+               f"{fmt(rows[0][0])}."
+    key, value = rows[0]
+    if ask.top == 1:
+        return f"The {ask.dim} with the {'lowest' if ask.ascending else 'highest'} {label}{scope} is {key}, " \
+               f"with {fmt(value)}."
+    if ask.top:
+        plural = ask.dim[:-1] + "ies" if ask.dim.endswith("y") else ask.dim + "s"
+        return (f"{'Bottom' if ask.ascending else 'Top'} {len(rows)} {plural} by {label}{scope}: {key} "
+                f"{'trails' if ask.ascending else 'leads'} with {fmt(value)}.")
+    best = min(rows, key=lambda r: r[1]) if ask.ascending else max(rows, key=lambda r: r[1] or 0)
+    return f"{label.capitalize()} by {ask.dim}{scope}: {len(rows)} rows; the " \
+           f"{'lowest' if ask.ascending else 'highest'} is {best[0]} with {fmt(best[1])}."
+
+
+def _cell(value):
+    return None if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class GenieAnswerer:
+    """Answers Genie questions over schema `sample`: by fixed rules, or with SQL written by `chat` if given."""
+
+    def __init__(self, dsn: str, chat=None, *, timeout_ms: int = 10_000, max_rows: int = MAX_ROWS):
+        self.dsn, self.chat, self.timeout_ms, self.max_rows = dsn, chat, timeout_ms, max_rows
+
+    def answer(self, question: str, history=()) -> GenieResult:
+        """history: the earlier questions of the conversation (strings, or dicts with "question")."""
+        if self.chat is not None:
+            return self._answer_with_model(question, history)
+        ask = resolve(question, history)
+        log.debug("question %r -> %s", question, ask)
+        sql, params = build(ask)
+        result, raw = self.run(sql, params)
+        result.text = headline(ask, raw)
+        return result
+
+    def run(self, query: str, params=None) -> tuple[GenieResult, list]:
+        """Run one query read-only with a timeout; a server-side cursor fetches at most max_rows + 1 rows.
+        (DECLARE ... CURSOR also refuses anything but a SELECT or VALUES.)"""
+        with psycopg.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+            conn.execute("set transaction read only")
+            conn.execute("select set_config('statement_timeout', %s, true), "
+                         "set_config('search_path', 'sample', true)", [str(self.timeout_ms)])
+            shown = psycopg.ClientCursor(conn).mogrify(query, params) if params else query
+            with conn.cursor(name="genie") as cur:
+                cur.execute(query, params or None)
+                raw = cur.fetchmany(self.max_rows + 1)
+                columns = [{"name": c.name, "type_name": TYPES.get(c.type_code, "STRING")} for c in cur.description]
+        rows = [[_cell(v) for v in row] for row in raw[:self.max_rows]]
+        return GenieResult("", shown, columns, rows, len(raw) > self.max_rows), raw[:self.max_rows]
+
+    def _answer_with_model(self, question, history):
+        earlier = [h if isinstance(h, str) else f"{h.get('question')}\n  (SQL: {h.get('sql')})" for h in history]
+        prompt = "\n".join(["Earlier questions in this conversation:", *(f"- {q}" for q in earlier), ""]
+                           if earlier else []) + f"Question: {question}"
+        reply = self.chat.complete([{"role": "system", "content": SQL_PROMPT}, {"role": "user", "content": prompt}],
+                                   temperature=0)
+        query = extract_select(reply.get("content") or "")
+        try:
+            result, raw = self.run(query)
+        except psycopg.errors.QueryCanceled as e:
+            raise CannotAnswer(f"the query took longer than {self.timeout_ms} ms and was stopped: {e}") from e
+        except psycopg.Error as e:
+            if isinstance(e, psycopg.OperationalError) and e.sqlstate is None:
+                raise  # the database is unreachable: not the question's fault
+            raise CannotAnswer(f"the query failed: {e.diag.message_primary or e}") from e
+        count = f"{len(result.rows):,} rows" + (f" (the first {self.max_rows:,})" if result.truncated else "")
+        value = f": {raw[0][0]}" if len(raw) == 1 and len(raw[0]) == 1 else ""
+        result.text = f"Answered {question!r} with one query, {count}{value}."
+        return result
+
+
+SQL_PROMPT = f"""You write one PostgreSQL SELECT query that answers the user's question over this schema:
+
+{SCHEMA}
+
+Revenue is sum(amount) over orders with status in ('completed', 'shipped'); count orders the same way.
+Qualify tables with the schema (sample.orders). Reply with the SQL only: one SELECT (or WITH ... SELECT)
+statement, no explanation. If the question is a follow-up, reuse the earlier question's meaning."""
+
+
+def extract_select(text: str) -> str:
+    """The single SELECT/WITH statement in a model reply (code fences and a final ';' removed), or CannotAnswer."""
+    fenced = re.search(r"```[a-zA-Z]*\s*(.*?)```", text, re.S)
+    query = (fenced.group(1) if fenced else text).strip()
+    query = re.sub(r"^(?:\s*--[^\n]*\n)+", "", query).strip().rstrip(";").strip()
+    if not re.match(r"(?i)(select|with)\b", query) or ";" in query:
+        raise CannotAnswer(f"the model did not write a single SELECT statement: {text[:300]!r}")
+    return query
+
+
+# ---------------------------------------------------------------- the stand-in chat model
+
+MODEL = "offline-stand-in"
+ABOUT = ("I am the offline stand-in model of the local workspace, not a real language model: I follow a few "
+         "fixed rules. Ask me about the sample sales data (for example \"What was the revenue growth in 2025?\") "
+         "and I will start a Databricks job to answer it; then ask \"is it done?\" to see its progress, or say "
+         "\"cancel\" to stop it.")
+CLARIFY = ("I'm the offline stand-in model and only follow a few rules: ask a question about the sample sales "
+           "data (revenue, orders, customers, products, regions...), ask \"is it done?\" about a job, or say "
+           "\"cancel\". What would you like to know?")
+GREETING = re.compile(r"\b(?:hi|hello|hey|hiya|good (?:morning|afternoon|evening)|help|what can you do|"
+                      r"who are you|thanks?|thank you|cheers)\b")
+CANCEL = re.compile(r"\b(?:cancel|stop|terminate|abort|kill)\b")
+STATUS = re.compile(r"\b(?:is it done|done yet|finished|status|progress|any updates?|how is it going)\b")
+MAYBE_STATUS = re.compile(r"\b(?:done|check|results?|ready|update|answer)\b")
+DATA = re.compile(r"\b(?:revenue|sales|sold|selling|orders?|customers?|products?|categor(?:y|ies)|regions?|"
+                  r"segments?|units|quantity|total|top|how (?:many|much)|average|growth|grow|grew|trend|"
+                  r"monthly|quarterly|by (?:month|quarter|year)|compare|20\d\d)\b")
+RUN_ID = r"(local-[0-9a-f-]+|\d+)"
+RUN_MENTION = re.compile(rf'"run_id"\s*:\s*"?{RUN_ID}|\brun(?:\s+id)?\s*[:#]?\s*{RUN_ID}', re.I)
+
+
+def stand_in_reply(body: dict) -> dict:
+    """A full chat.completion response to an OpenAI chat-completions request body, by fixed rules."""
+    messages = body.get("messages") or []
+    tools = {(t.get("function") or {}).get("name") for t in body.get("tools") or []}
+    if "query_genie" in tools:
+        content, calls = _worker_turn(messages)
+    elif "start_databricks_job" in tools:
+        content, calls = _primary_turn(messages)
+    else:
+        content, calls = f"(offline stand-in model) You said: {_last_user(messages)[:200]}", []
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [{"id": f"call_{digest[:20]}{i}", "type": "function",
+                                  "function": {"name": name, "arguments": json.dumps(args)}}
+                                 for i, (name, args) in enumerate(calls)]
+    prompt = sum(len(_text(m.get("content"))) for m in messages) // 4 + 1
+    completion = len(json.dumps(message)) // 4
+    return {"id": f"chatcmpl-{digest[:24]}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model") or MODEL,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "tool_calls" if calls else "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
+
+
+def _text(content) -> str:
+    if isinstance(content, list):  # content parts
+        return " ".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return content or ""
+
+
+def _last_user(messages) -> str:
+    return next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "").strip()
+
+
+def _tool_results(messages) -> list[tuple[str, str]]:
+    """(tool name, content) of the tool messages at the end of the conversation, oldest first."""
+    names = {c.get("id"): c["function"]["name"] for m in messages for c in m.get("tool_calls") or []}
+    tail = []
+    for m in reversed(messages):
+        if m.get("role") != "tool":
+            break
+        tail.append((names.get(m.get("tool_call_id"), "tool"), _text(m.get("content"))))
+    return tail[::-1]
+
+
+def _worker_turn(messages):
+    results = _tool_results(messages)
+    if results:
+        return "\n\n".join(_restate(output) for _, output in results), []
+    request = _last_user(messages)
+    if not request:
+        return "There is no request to answer.", []
+    parts = [p.strip(" ?.") + "?" for p in re.split(r"(?i)\s+and also\s+", request) if p.strip(" ?.")]
+    return None, [("query_genie", {"question": p if len(parts) > 1 else request}) for p in parts]
+
+
+def _restate(output: str) -> str:
+    """A final answer from one query_genie result: Genie's answer and its rows, or why there is none."""
+    if output.startswith("Error:"):
+        return f"I could not get the data: {output[len('Error:'):].strip()}"
+    answer = re.search(r"^Genie: (.*?)(?:\n\n|\Z)", output, re.S)
+    rows = re.search(r"^Rows \(.*", output, re.S | re.M)
+    text = answer.group(1).strip() if answer else output.strip()
+    return f"{text}\n\n{rows.group(0).strip()}" if rows else text
+
+
+def _primary_turn(messages):
+    results = _tool_results(messages)
+    if results:
+        return "\n\n".join(_relay(name, output) for name, output in results), []
+    text = _last_user(messages)
+    low = text.lower()
+    if CANCEL.search(low):
+        return _about_run(messages, text, "terminate_databricks_job", "cancel")
+    if STATUS.search(low) or (MAYBE_STATUS.search(low) and not DATA.search(low)):
+        return _about_run(messages, text, "poll_databricks_job", "check on")
+    if DATA.search(low):
+        return None, [("start_databricks_job", {"request": text})]
+    if GREETING.search(low):
+        return ("You're welcome! " if re.search(r"\bthank|\bcheers", low) else "Hello! ") + ABOUT, []
+    return CLARIFY, []
+
+
+def _about_run(messages, text, tool, verb):
+    """Call `tool` on the run the user names, else on the latest run mentioned earlier; or ask which run."""
+    earlier = [m for msg in messages[:-1] if msg.get("role") != "system" for m in RUN_MENTION.finditer(
+        _text(msg.get("content")) + " ".join(c["function"]["arguments"] for c in msg.get("tool_calls") or []))]
+    said = RUN_MENTION.search(text) or re.search(rf"\b(?!20\d\d\b){RUN_ID}\b", text)  # a number, not a year
+    found = said or (earlier[-1] if earlier else None)
+    if found is None:
+        return f"Which run should I {verb}? Tell me its run id, for example \"run 123\".", []
+    return None, [(tool, {"run_id": next(g for g in found.groups() if g)})]
+
+
+def _relay(name: str, output: str) -> str:
+    """A tool result in plain words: the run id, state, steps and the answer or error of a job run."""
+    if output.startswith("Error:"):
+        return f"That did not work: {output[len('Error:'):].strip()}"
+    try:
+        data = json.loads(output)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return output
+    run = data.get("run_id", "?")
+    if name == "start_databricks_job":
+        return f"I started a job to answer that: run {run}. Ask me \"is it done?\" in a moment to see how it goes."
+    steps = data.get("steps")
+    count = len(steps) if isinstance(steps, list) else steps
+    lead = f"I asked to cancel run {run}; it is now" if name == "terminate_databricks_job" else f"Run {run} is"
+    parts = [f"{lead} {data.get('state') or 'in an unknown state'}"
+             + (f", with {count} steps logged." if count is not None else ".")]
+    for key, title in (("answer", "Answer:\n"), ("error", "Error: "), ("cancelled", "Cancelled: "),
+                       ("state_message", "Details: ")):
+        if data.get(key):
+            parts.append(f"{title}{data[key]}")
+    return "\n\n".join(parts)

@@ -1,0 +1,594 @@
+"""lakebase.py against real Postgres: schema, threads, runs, step log, sanitising, connecting (errors, restarts,
+short-lived passwords) and the instance/endpoint modes through the real SDK and the local emulator."""
+import json
+import logging
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+import lakebase
+import pg_fixture
+from lakebase import LakebaseConfig, LakebaseError, Login
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def conn(pg_dsn):
+    with lakebase.connect(LakebaseConfig(dsn=pg_dsn)) as conn:
+        lakebase.migrate(conn)
+        yield conn
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def run_threads(target, args_list, timeout=60):
+    """Run target(*args) in threads, all at once; re-raise the first error; bounded."""
+    errors, start = [], threading.Barrier(len(args_list))
+
+    def body(*args):
+        try:
+            start.wait(timeout=10)
+            target(*args)
+        except Exception as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=args, daemon=True) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a worker thread hung"
+    if errors:
+        raise errors[0]
+
+
+# ------------------------------------------------------------------ schema
+
+def test_migrate_applies_once_in_order(pg_dsn):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        assert lakebase.migrate(conn) == [1, 2, 3]
+        assert lakebase.migrate(conn) == []
+        assert [r[0] for r in conn.execute("select version from schema_migrations order by version")] == [1, 2, 3]
+        tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
+        assert tables == {"schema_migrations", "threads", "thread_messages", "thread_runs", "task_logs"}
+
+
+def test_migrate_from_two_processes_at_once(pg_dsn):
+    child = ("import json, sys, psycopg, lakebase; "
+             "print(json.dumps(lakebase.migrate(psycopg.connect(sys.argv[1], autocommit=True))))")
+    with psycopg.connect(pg_dsn, autocommit=True) as holder:
+        # hold the migration lock so both children are surely waiting on it, then let them race
+        holder.execute("select pg_advisory_lock(%s::bigint)", (lakebase._LOCK_MIGRATE,))
+        procs = [subprocess.Popen([sys.executable, "-c", child, pg_dsn], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        deadline = time.monotonic() + 30
+        while holder.execute("select count(*) from pg_locks where locktype = 'advisory' and not granted"
+                             ).fetchone()[0] < 2:
+            assert time.monotonic() < deadline, "the children never reached the lock"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.05)
+        holder.execute("select pg_advisory_unlock(%s::bigint)", (lakebase._LOCK_MIGRATE,))
+        results = []
+        for p in procs:
+            out, err = p.communicate(timeout=30)
+            assert p.returncode == 0, err
+            results.append(json.loads(out))
+    assert sorted(results) == [[], [1, 2, 3]]
+
+
+# ------------------------------------------------------------------ threads
+
+def test_append_and_load_a_thread(conn):
+    assert lakebase.thread_turns(conn, "t1") == 0
+    assert lakebase.load_messages(conn, "t1") == []
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "start_run", "arguments": '{"q": "x"}'}}]}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "run 42 started"}
+    assert lakebase.append_turn(conn, "t1", [user("hi"), assistant("hello")]) == 1
+    assert lakebase.append_turn(conn, "t1", [user("revenue?"), call, result, assistant("started run 42")]) == 2
+    assert lakebase.append_turn(conn, "other", [user("elsewhere")]) == 1
+    assert lakebase.load_messages(conn, "t1") == [user("hi"), assistant("hello"), user("revenue?"), call, result,
+                                                  assistant("started run 42")]
+    assert lakebase.thread_turns(conn, "t1") == 2
+    assert conn.execute("select seq, turn from thread_messages where thread_id = 't1' order by seq").fetchall() == [
+        (1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (6, 2)]
+
+
+def test_window_of_last_messages_never_starts_with_a_tool_result(conn):
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "ok"}
+    lakebase.append_turn(conn, "t", [user("one"), assistant("1")])
+    lakebase.append_turn(conn, "t", [user("two"), call, result, assistant("2")])
+    assert lakebase.load_messages(conn, "t", last=3) == [call, result, assistant("2")]
+    assert lakebase.load_messages(conn, "t", last=2) == [assistant("2")]  # its tool call fell outside
+    assert lakebase.load_messages(conn, "t", last=100) == lakebase.load_messages(conn, "t")
+    assert lakebase.load_messages(conn, "t", last=0) == []
+
+
+def test_a_turn_writes_only_its_own_rows_and_storage_stays_near_the_raw_size(conn):
+    answer = {"role": "assistant", "content": "The revenue by region was: " + ", ".join(
+        f"region {i}: {i * 1234.5:.2f}" for i in range(40))}
+    raw = 0
+    for turn in range(1, 401):
+        messages = [user(f"question number {turn}: what about region {turn % 40}?"), answer]
+        raw += sum(len(json.dumps(m)) for m in messages)
+        assert lakebase.append_turn(conn, "long", messages) == turn
+        if turn == 1:
+            first = conn.execute("select ctid, xmin::text from thread_messages where thread_id = 'long'").fetchall()
+    # the first turn's rows were never rewritten by the 399 turns after it
+    assert conn.execute("select ctid, xmin::text from thread_messages where thread_id = 'long' and turn = 1"
+                        ).fetchall() == first
+    assert conn.execute("select count(*) from thread_messages").fetchone()[0] == 800
+    size = conn.execute("select pg_total_relation_size('thread_messages')").fetchone()[0]
+    assert size < 2 * raw, (size, raw)  # the checkpointer this replaces stored ~100x more (1.4x measured)
+
+
+def test_concurrent_turns_on_one_thread_stay_whole(pg_dsn, conn):
+    writers, turns, parts = 6, 25, 3
+
+    def write(writer):
+        with lakebase.connect(LakebaseConfig(dsn=pg_dsn)) as own:
+            for t in range(turns):
+                lakebase.append_turn(own, "busy", [user(f"{writer}/{t}/{p}") for p in range(parts)])
+
+    run_threads(write, [(w,) for w in range(writers)])
+    rows = conn.execute("select seq, turn, message->>'content' from thread_messages where thread_id = 'busy' "
+                        "order by seq").fetchall()
+    assert [r[0] for r in rows] == list(range(1, writers * turns * parts + 1))  # none lost, no gaps
+    by_turn = {}
+    for _, turn, content in rows:
+        by_turn.setdefault(turn, []).append(content.split("/"))
+    assert sorted(by_turn) == list(range(1, writers * turns + 1))
+    for turn, contents in by_turn.items():  # each turn: one writer's messages, whole and in order
+        assert len({(w, t) for w, t, _ in contents}) == 1 and [p for *_, p in contents] == ["0", "1", "2"], turn
+    for w in range(writers):  # each writer's turns in the order it wrote them
+        mine = [int(c[0][1]) for _, c in sorted(by_turn.items()) if c[0][0] == str(w)]
+        assert mine == list(range(turns))
+    assert lakebase.thread_turns(conn, "busy") == writers * turns
+
+
+def test_thread_owner_is_enforced(conn):
+    assert lakebase.thread_owner(conn, "t") is lakebase.NO_THREAD
+    lakebase.append_turn(conn, "t", [user("mine")], owner="alice")
+    lakebase.append_turn(conn, "anon", [user("nobody's")])
+    assert lakebase.thread_owner(conn, "t") == "alice"
+    assert lakebase.thread_owner(conn, "anon") is None
+    with pytest.raises(PermissionError, match="another user"):
+        lakebase.append_turn(conn, "t", [user("forged")], owner="mallory")
+    with pytest.raises(PermissionError):
+        lakebase.append_turn(conn, "anon", [user("claim")], owner="mallory")
+    with pytest.raises(PermissionError):
+        lakebase.record_run(conn, "t", "9", "k", "forged", owner="mallory")
+    assert lakebase.append_turn(conn, "t", [user("again")], owner="alice") == 2
+    assert lakebase.load_messages(conn, "t") == [user("mine"), user("again")]
+    assert lakebase.list_runs(conn, "t") == []
+
+
+def test_a_failed_turn_leaves_no_trace(conn):
+    with pytest.raises(TypeError):  # not JSON-serialisable: found before anything is written
+        lakebase.append_turn(conn, "t", [user("ok"), {"role": "user", "content": object()}])
+    assert lakebase.thread_owner(conn, "t") is lakebase.NO_THREAD
+
+
+# ------------------------------------------------------------------ runs
+
+def test_runs_and_idempotency_keys(conn):
+    first = lakebase.record_run(conn, "t", "101", "key-a", "revenue by region", owner="alice")
+    assert (first["run_id"], first["idempotency_key"], first["request"]) == ("101", "key-a", "revenue by region")
+    assert lakebase.thread_owner(conn, "t") == "alice"  # recording a run creates the thread
+    lakebase.record_run(conn, "t", "102", "key-b", "margin by product")
+    # the same key again (a retried request that started a duplicate job): the earlier run wins
+    assert lakebase.record_run(conn, "t", "103", "key-a", "revenue by region") == first
+    assert lakebase.record_run(conn, "t", "101", "key-a", "revenue by region") == first
+    with pytest.raises(ValueError, match="another idempotency key"):
+        lakebase.record_run(conn, "t", "101", "key-c", "x")
+    assert lakebase.find_run(conn, "t", run_id="101") == first
+    assert lakebase.find_run(conn, "t", idempotency_key="key-b")["run_id"] == "102"
+    assert lakebase.find_run(conn, "t", run_id="103") is None
+    assert lakebase.find_run(conn, "other", run_id="101") is None
+    assert [r["run_id"] for r in lakebase.list_runs(conn, "t")] == ["101", "102"]
+    with pytest.raises(psycopg.errors.UniqueViolation):  # the schema itself refuses a second key holder
+        conn.execute("insert into thread_runs (thread_id, run_id, idempotency_key, request) "
+                     "values ('t', '104', 'key-b', 'x')")
+    with pytest.raises(ValueError, match="exactly one"):
+        lakebase.find_run(conn, "t")
+
+
+# ------------------------------------------------------------------ step log
+
+def test_log_steps_and_read_them_with_a_cursor(pg_dsn, conn):
+    assert lakebase.log_step(conn, "777", "started", {"request": "q", "thread_id": None}) == 1
+    assert lakebase.log_step(conn, "777", "tool_call", {"call_id": "c", "name": "query_genie", "arguments": {}}) == 2
+    assert lakebase.log_step(conn, "other", "started", {"request": "r", "thread_id": "t"}) == 1
+    assert lakebase.log_step(conn, "777", "completed", {"answer": "42"}) == 3
+    with psycopg.connect(pg_dsn, autocommit=True) as poller:  # committed at once: another session sees it
+        steps = lakebase.read_steps(poller, "777")
+    assert [(s["step"], s["status"]) for s in steps] == [(1, "started"), (2, "tool_call"), (3, "completed")]
+    assert steps[2]["payload"] == {"answer": "42"} and steps[0]["created_at"] <= steps[2]["created_at"]
+    assert [s["step"] for s in lakebase.read_steps(conn, "777", after=1)] == [2, 3]
+    assert [s["step"] for s in lakebase.read_steps(conn, "777", after=1, limit=1)] == [2]
+    assert lakebase.read_steps(conn, "777", after=3) == []
+    plan = " ".join(r[0] for r in conn.execute(
+        "explain select * from task_logs where run_id = '777' and step > 1 order by step limit 10"))
+    assert "task_logs_pkey" in plan
+
+
+def test_concurrent_writers_of_one_run_get_unique_steps(pg_dsn, conn):
+    def write(writer):
+        with lakebase.connect(LakebaseConfig(dsn=pg_dsn)) as own:
+            for i in range(30):
+                lakebase.log_step(own, "shared", "tool_result", {"writer": writer, "i": i})
+
+    run_threads(write, [(w,) for w in range(4)])
+    steps = lakebase.read_steps(conn, "shared", limit=1000)
+    assert [s["step"] for s in steps] == list(range(1, 121))
+    assert sorted((s["payload"]["writer"], s["payload"]["i"]) for s in steps) == [
+        (w, i) for w in range(4) for i in range(30)]
+
+
+# ------------------------------------------------------------------ sanitising
+
+BAD = {"text\x00key": ["nul \x00 here", {"lone": "surrogate \ud800 and \udfff"}], "fine": "ok \U0001f600", "n": 1}
+CLEAN = {"text\ufffdkey": ["nul \ufffd here", {"lone": "surrogate \ufffd and \ufffd"}], "fine": "ok \U0001f600",
+         "n": 1}
+
+
+def test_a_step_with_unstorable_characters_is_stored_sanitised(conn, caplog):
+    with caplog.at_level(logging.WARNING, logger="lakebase"):
+        assert lakebase.log_step(conn, "r1", "tool_result", BAD) == 1
+    assert lakebase.read_steps(conn, "r1")[0]["payload"] == CLEAN
+    assert "U+FFFD" in caplog.text and "\x00" not in caplog.text
+
+
+def test_a_message_with_unstorable_characters_is_stored_sanitised(conn, caplog):
+    with caplog.at_level(logging.WARNING, logger="lakebase"):
+        lakebase.append_turn(conn, "t", [user("a\x00b \ud83d"), {"role": "tool", "tool_call_id": "c", **BAD}])
+        lakebase.record_run(conn, "t", "5", "k", "request \x00 text")
+    assert lakebase.load_messages(conn, "t") == [user("a\ufffdb \ufffd"), {"role": "tool", "tool_call_id": "c",
+                                                                            **CLEAN}]
+    assert lakebase.find_run(conn, "t", run_id="5")["request"] == "request \ufffd text"
+    assert caplog.text.count("U+FFFD") == 3  # one warning per sanitised message or field
+
+
+# ------------------------------------------------------------------ list, delete, prune
+
+def test_list_delete_and_prune(conn):
+    for name, owner in [("old", "alice"), ("mid", "bob"), ("new", "alice")]:
+        lakebase.append_turn(conn, name, [user(name)], owner=owner)
+        lakebase.record_run(conn, name, f"run-{name}", "k", "q")
+        lakebase.log_step(conn, f"run-{name}", "started", {"request": "q", "thread_id": name})
+    lakebase.log_step(conn, "run-unrelated", "started", {"request": "q", "thread_id": None})
+    conn.execute("update threads set updated_at = now() - interval '40 days' where thread_id = 'old'")
+    conn.execute("update threads set updated_at = now() - interval '5 days' where thread_id = 'mid'")
+    assert [t["thread_id"] for t in lakebase.list_threads(conn)] == ["new", "mid", "old"]
+    assert [t["thread_id"] for t in lakebase.list_threads(conn, owner="alice")] == ["new", "old"]
+    assert [t["thread_id"] for t in lakebase.list_threads(conn, limit=1)] == ["new"]
+    assert lakebase.list_threads(conn)[0]["turns"] == 1
+
+    assert lakebase.prune_threads(conn, timedelta(days=30)) == 1
+    assert [t["thread_id"] for t in lakebase.list_threads(conn)] == ["new", "mid"]
+    assert lakebase.delete_thread(conn, "mid") is True
+    assert lakebase.delete_thread(conn, "mid") is False
+    assert [t["thread_id"] for t in lakebase.list_threads(conn)] == ["new"]
+    # their messages, runs and the runs' step logs went with them; the rest stayed
+    assert conn.execute("select thread_id from thread_messages").fetchall() == [("new",)]
+    assert conn.execute("select run_id from thread_runs").fetchall() == [("run-new",)]
+    assert sorted(r[0] for r in conn.execute("select run_id from task_logs")) == ["run-new", "run-unrelated"]
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("call", [
+    lambda c: lakebase.append_turn(c, "", [user("x")]),
+    lambda c: lakebase.append_turn(c, "-starts-with-dash", [user("x")]),
+    lambda c: lakebase.append_turn(c, "has space", [user("x")]),
+    lambda c: lakebase.append_turn(c, "x" * 129, [user("x")]),
+    lambda c: lakebase.append_turn(c, "t'; drop table threads; --", [user("x")]),
+    lambda c: lakebase.append_turn(c, None, [user("x")]),
+    lambda c: lakebase.append_turn(c, "t", []),
+    lambda c: lakebase.append_turn(c, "t", [{"content": "no role"}]),
+    lambda c: lakebase.append_turn(c, "t", "not a list of dicts"),
+    lambda c: lakebase.load_messages(c, "t", last=-1),
+    lambda c: lakebase.log_step(c, "r", "finished", {}),
+    lambda c: lakebase.log_step(c, "r", "STARTED", {}),
+    lambda c: lakebase.log_step(c, "r", "started", ["not", "a", "dict"]),
+    lambda c: lakebase.log_step(c, "r/1", "started", {}),
+    lambda c: lakebase.read_steps(c, "r", after=-1),
+    lambda c: lakebase.read_steps(c, "r", limit=0),
+    lambda c: lakebase.record_run(c, "t", "1", "", "q"),
+    lambda c: lakebase.prune_threads(c, timedelta(0)),
+    lambda c: lakebase.prune_threads(c, 30),
+])
+def test_bad_input_is_refused_with_a_value_error(conn, call):
+    with pytest.raises(ValueError):
+        call(conn)
+    assert conn.execute("select (select count(*) from threads) + (select count(*) from task_logs)").fetchone()[0] == 0
+
+
+def test_valid_ids_are_accepted(conn):
+    for thread_id in ["a", "A-1_b.c:d", "x" * 128, "9f1c2d3e-0000-4000-8000-000000000000"]:
+        assert lakebase.append_turn(conn, thread_id, [user("x")]) == 1
+    assert lakebase.log_step(conn, "local-9f1c2d3e-0000-4000-8000-000000000000", "started", {}) == 1
+
+
+# ------------------------------------------------------------------ configuration and connecting
+
+def test_config_from_env():
+    env = {"LAKEBASE_DSN": "", "LAKEBASE_INSTANCE": "db1", "LAKEBASE_USER": "sp-uuid", "OTHER": "x"}
+    assert LakebaseConfig.from_env(env) == LakebaseConfig(instance="db1", user="sp-uuid",
+                                                         database="databricks_postgres")
+    env = {"LAKEBASE_ENDPOINT": "projects/p/branches/b/endpoints/e", "LAKEBASE_DATABASE": "app"}
+    assert (LakebaseConfig.from_env(env).endpoint, LakebaseConfig.from_env(env).database) == (
+        "projects/p/branches/b/endpoints/e", "app")
+    assert LakebaseConfig.from_env({}) == LakebaseConfig()
+
+
+@pytest.mark.parametrize("config, says", [
+    (LakebaseConfig(), "no database configured"),
+    (LakebaseConfig(dsn="host=/tmp", instance="db1"), "keep only one"),
+    (LakebaseConfig(instance="db1", endpoint="projects/p/branches/b/endpoints/e"), "keep only one"),
+    (LakebaseConfig(endpoint="db1"), "projects/P/branches/B/endpoints/E"),
+    (LakebaseConfig(dsn="host=x password=se cret"), "not a valid"),
+])
+def test_configuration_errors_say_what_to_fix(monkeypatch, config, says):
+    for var in lakebase.PG_VARS:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(LakebaseError, match=says) as info:
+        lakebase.connect(config, workspace=object())  # the workspace is never used: it fails before
+    assert "\n" not in str(info.value) and "cret" not in str(info.value)
+
+
+def test_pg_variables_are_a_configuration(monkeypatch, pg_dsn):
+    params = psycopg.conninfo.conninfo_to_dict(pg_dsn)
+    monkeypatch.setenv("PGHOST", params["host"])
+    monkeypatch.setenv("PGDATABASE", params["dbname"])
+    monkeypatch.setenv("PGUSER", params["user"])
+    with lakebase.connect(LakebaseConfig()) as conn:
+        assert conn.execute("select current_database()").fetchone()[0] == params["dbname"]
+
+
+def test_connections_are_autocommit_with_keepalives(pg_dsn):
+    with lakebase.connect(LakebaseConfig(dsn=pg_dsn)) as conn:
+        params = conn.info.get_parameters()
+        assert conn.autocommit is True
+        assert (params["keepalives"], params["keepalives_idle"], params["application_name"]) == (
+            "1", "30", "async-agent")
+
+
+def test_unreachable_server_fails_in_bounded_time():
+    started = time.monotonic()
+    with pytest.raises(LakebaseError, match="up and reachable"):
+        lakebase.connect(LakebaseConfig(dsn="host=/nonexistent-dir dbname=x", retry_seconds=1))
+    assert time.monotonic() - started < 5
+
+
+def test_the_dsn_mode_never_imports_the_sdk(pg_dsn):
+    child = ("import sys, lakebase; conn = lakebase.connect(lakebase.LakebaseConfig(dsn=sys.argv[1])); "
+             "lakebase.migrate(conn); lakebase.log_step(conn, 'r', 'started', {}); "
+             "print(sorted(m for m in sys.modules if m.startswith('databricks')))")
+    done = subprocess.run([sys.executable, "-c", child, pg_dsn], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"  # importing databricks.sdk costs 1-2.5 s
+
+
+def test_redact():
+    text = "password=hunter2 and PASSWORD = 'a b' postgresql://me:pa55@host/db eyJhbGciOi.eyJzdWIiOi.c2lnbmF0 user=me"
+    assert lakebase.redact(text) == "password=*** and PASSWORD = *** postgresql://me:***@host/db *** user=me"
+
+
+# ------------------------------------------------------------------ an own server: restarts, short-lived passwords
+
+ROLE = "tok_user"
+
+
+@pytest.fixture(scope="module")
+def own_server():
+    server = pg_fixture.start_embedded()
+    with psycopg.connect(server.base_dsn, autocommit=True) as admin:
+        admin.execute(f"create role {ROLE} login password 'initial-password'")
+    pg_fixture.allow_password_login(server, ROLE)
+    yield server
+    server.handle.cleanup()
+
+
+@pytest.fixture
+def own(own_server):
+    """A server of our own that tests may stop and start (running, even if an earlier test failed while it was
+    stopped), with a role ROLE that logs in with a password only."""
+    pg_fixture.start(own_server)
+    return own_server
+
+
+@pytest.fixture
+def own_dsn(own):
+    dsn = own.fresh_database()
+    yield dsn
+    own.drop_database(dsn)
+
+
+class ShortLivedPasswords:
+    """A stand-in for Lakebase credential minting: each mint sets a new password for ROLE, valid `valid_for` s."""
+
+    def __init__(self, server, valid_for=3.0):
+        self.server, self.valid_for, self.minted = server, valid_for, []
+        self.host = psycopg.conninfo.conninfo_to_dict(server.base_dsn)["host"]
+
+    def __call__(self) -> Login:
+        password = "tok-" + secrets.token_hex(16)
+        until = datetime.now(timezone.utc) + timedelta(seconds=self.valid_for)
+        with psycopg.connect(self.server.base_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("alter role {} password {} valid until {}").format(
+                sql.Identifier(ROLE), sql.Literal(password), sql.Literal(until.isoformat())))
+        self.minted.append(password)
+        return Login(host=self.host, user=ROLE, password=password, dbname="postgres")
+
+
+def backend(conn):
+    return conn.execute("select pg_backend_pid(), current_user").fetchone()
+
+
+def test_pool_hands_out_working_connections_after_a_restart(own, own_dsn):
+    config = LakebaseConfig(dsn=own_dsn)
+    with lakebase.open_pool(config, min_size=2, max_size=2, timeout=20) as pool:
+        with pool.connection() as conn:
+            before = backend(conn)[0]
+        pg_fixture.stop(own)
+        pg_fixture.start(own)
+        for _ in range(3):  # every pooled connection died with the server: each is checked and replaced
+            with pool.connection() as conn:
+                assert conn.execute("select 1").fetchone() == (1,) and backend(conn)[0] != before
+
+
+def test_single_connection_reconnects_after_a_restart(own, own_dsn):
+    config = LakebaseConfig(dsn=own_dsn, retry_seconds=30)
+    conn = lakebase.connect(config)
+    lakebase.migrate(conn)
+    lakebase.log_step(conn, "r", "started", {})
+    pg_fixture.stop(own)
+    restarted = threading.Timer(1.0, pg_fixture.start, args=(own,))
+    restarted.start()
+    try:
+        with pytest.raises(psycopg.OperationalError):  # what worker.StepLog catches to reconnect
+            lakebase.log_step(conn, "r", "tool_call", {})
+        started = time.monotonic()
+        conn = lakebase.connect(config)  # waits for the server to come back
+        assert time.monotonic() - started > 0.5
+        assert lakebase.log_step(conn, "r", "tool_call", {}) == 2
+    finally:
+        restarted.join(30)
+        conn.close()
+
+
+def test_each_connection_logs_in_with_a_fresh_enough_token(own):
+    mint = ShortLivedPasswords(own, valid_for=2.5)
+    login = lakebase.CachedLogin(mint, max_age=1.0)
+    config = LakebaseConfig(instance="stand-in")
+    first = lakebase.connect(config, login=login)
+    second = lakebase.connect(config, login=login)
+    assert len(mint.minted) == 1 and backend(first)[1] == ROLE  # a young token is reused
+    time.sleep(1.1)
+    third = lakebase.connect(config, login=login)
+    assert len(mint.minted) == 2
+    time.sleep(1.6)  # the first token has expired now
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(host=mint.host, user=ROLE, password=mint.minted[0], dbname="postgres")
+    for conn in (first, second, third):  # expiry is checked only at login: open connections carry on
+        assert backend(conn)[1] == ROLE
+        conn.close()
+    with lakebase.connect(config, login=login) as fourth:
+        assert backend(fourth)[1] == ROLE and len(mint.minted) == 3
+
+
+def test_pool_recycles_connections_with_fresh_tokens(own):
+    mint = ShortLivedPasswords(own, valid_for=2.0)
+    login = lakebase.CachedLogin(mint, max_age=0.5)
+    with lakebase.open_pool(LakebaseConfig(instance="stand-in"), login=login, min_size=1, max_size=1,
+                            max_lifetime=1.0, timeout=10) as pool:
+        pids = set()
+        deadline = time.monotonic() + 5  # well past the first tokens' expiry
+        while time.monotonic() < deadline:
+            with pool.connection() as conn:
+                pids.add(backend(conn)[0])
+            time.sleep(0.2)
+        with pool.connection() as conn:
+            assert backend(conn)[1] == ROLE
+    assert len(pids) >= 3 and len(mint.minted) >= 3
+
+
+def test_a_refused_login_says_what_to_fix_and_never_shows_the_token(own):
+    token = "tok-SECRET-" + secrets.token_hex(8)
+    host = psycopg.conninfo.conninfo_to_dict(own.base_dsn)["host"]
+    login = lakebase.CachedLogin(lambda: Login(host=host, user=ROLE, password=token, dbname="postgres"))
+    started = time.monotonic()
+    with pytest.raises(LakebaseError) as info:
+        lakebase.connect(LakebaseConfig(instance="stand-in"), login=login)
+    assert time.monotonic() - started < 5  # a refusal is final: not retried
+    error = info.value
+    assert "password authentication failed" in str(error) and f"role {ROLE!r}" in str(error)
+    assert "LAKEBASE_USER" in str(error) and "\n" not in str(error)
+    assert error.__cause__ is None and error.__context__ is None  # psycopg's error holds the password
+    assert token not in repr(error) and token not in str(error.args)
+
+
+def test_a_refused_dsn_login_never_shows_the_password(own):
+    host = psycopg.conninfo.conninfo_to_dict(own.base_dsn)["host"]
+    dsn = f"postgresql://{ROLE}:wrong-pa55word@/postgres?host={host}"
+    with pytest.raises(LakebaseError, match="LAKEBASE_DSN") as info:
+        lakebase.connect(LakebaseConfig(dsn=dsn))
+    assert "wrong-pa55word" not in str(info.value) and info.value.__context__ is None
+
+
+# ------------------------------------------------------------------ instance and endpoint modes: real SDK, emulator
+
+ENDPOINT = "projects/p/branches/main/endpoints/rw"
+
+
+@pytest.fixture
+def emulator(own):
+    """The local workspace emulator; its Lakebase hosts are our server's socket directory and every token it
+    mints becomes the password of its user's role, valid for an hour, as in Lakebase."""
+    import local
+
+    host = psycopg.conninfo.conninfo_to_dict(own.base_dsn)["host"]
+    with psycopg.connect(own.base_dsn, autocommit=True) as admin:
+        if not admin.execute("select 1 from pg_roles where rolname = %s", (local.DEFAULT_USER,)).fetchone():
+            admin.execute(sql.SQL("create role {} login").format(sql.Identifier(local.DEFAULT_USER)))
+        if not admin.execute("select 1 from pg_database where datname = 'databricks_postgres'").fetchone():
+            admin.execute("create database databricks_postgres")
+    pg_fixture.allow_password_login(own, local.DEFAULT_USER)
+    minted = []
+
+    def on_credential(user, token, expires_at):
+        with psycopg.connect(own.base_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("alter role {} password {} valid until {}").format(
+                sql.Identifier(user), sql.Literal(token), sql.Literal(expires_at.isoformat())))
+        minted.append(token)
+
+    with local.Emulator(database_instances={"db1": host}, postgres_endpoints={ENDPOINT: host},
+                        on_credential=on_credential) as emu:
+        from databricks.sdk import WorkspaceClient
+        from databricks.sdk.core import Config
+
+        emu.minted = minted
+        yield emu, WorkspaceClient(config=Config(host=emu.url, token=local.TOKEN, auth_type="pat",
+                                                 retry_timeout_seconds=5))
+
+
+@pytest.mark.parametrize("config", [LakebaseConfig(instance="db1"), LakebaseConfig(endpoint=ENDPOINT)])
+def test_lakebase_modes_log_in_with_a_minted_token_as_the_current_user(emulator, config):
+    import local
+
+    emu, workspace = emulator
+    with lakebase.connect(config, workspace) as conn:
+        assert conn.execute("select current_user, current_database()").fetchone() == (
+            local.DEFAULT_USER, "databricks_postgres")
+    assert len(emu.minted) == 1
+    paths = [r.path for r in emu.requests]
+    assert "/api/2.0/preview/scim/v2/Me" in paths
+    assert ("/api/2.0/database/credentials" if config.instance else "/api/2.0/postgres/credentials") in paths
+
+
+@pytest.mark.parametrize("config, says", [
+    (LakebaseConfig(instance="missing"), "Lakebase instance 'missing': .*does not exist.*check LAKEBASE_INSTANCE"),
+    (LakebaseConfig(endpoint="projects/p/branches/main/endpoints/nope"), "does not exist.*check LAKEBASE_ENDPOINT"),
+])
+def test_an_unknown_instance_or_endpoint_says_so(emulator, config, says):
+    with pytest.raises(LakebaseError, match=says) as info:
+        lakebase.connect(config, emulator[1])
+    assert "\n" not in str(info.value) and info.value.__context__ is None
