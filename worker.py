@@ -1,0 +1,216 @@
+"""The Databricks Job task: a standalone worker agent that answers one data request with Genie.
+
+The primary agent starts it through `w.jobs.run_now`, and job.yml turns the job parameters into the flags
+below; it also runs by hand: `python worker.py --request "total revenue in 2025"`. It runs a bounded
+tool loop with `query_genie` and logs every step to `task_logs` in Lakebase, each committed as it goes so
+a poller sees progress live: started, tool_call, tool_result, completed. A failure logs `failed` and a
+cancellation (SIGTERM, which is how Databricks cancels a run) logs `cancelled`; both exit non-zero, so the
+Job run shows the outcome too.
+"""
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import psycopg
+
+import lakebase
+from genie import Genie, GenieConfig, GenieUnavailable
+from llm import LimitReached, LLMError, databricks_chat, openai_chat, run_tools
+
+log = logging.getLogger("worker")
+
+DEFAULT_ENDPOINT = "databricks-claude-sonnet-4-5"
+MAX_REQUEST_CHARS = 20_000
+SYSTEM_PROMPT = """You are a data analyst. Answer the user's request with data from the query_genie tool, \
+which asks a Genie space questions in plain language and returns its answer, the SQL and the rows.
+Ask one focused question per call; ask follow-up questions when the first answer is not enough.
+When you have what you need, answer concisely: the key numbers first, then a small table if it helps.
+If the data cannot answer the request, say so and say what is missing. Never invent numbers."""
+
+
+class UsageError(Exception):
+    """A bad flag or setting: one line for the person who started the run."""
+
+
+class Cancelled(BaseException):
+    """SIGTERM arrived: the run was cancelled. A BaseException, so no tool error handler swallows it."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="worker.py", description="Answer one data request with Genie, logging each step to Lakebase.",
+        epilog="Environment: LAKEBASE_DSN (or PG* variables), LAKEBASE_INSTANCE, LAKEBASE_ENDPOINT, "
+               "GENIE_SPACE_ID, GENIE_DESCRIPTION, LLM_ENDPOINT_NAME (default %s), LLM_BASE_URL, "
+               "LLM_MODEL, LLM_API_KEY; Databricks auth as the SDK reads it (DATABRICKS_HOST, ...). "
+               "An empty flag value means 'not given'." % DEFAULT_ENDPOINT)
+    p.add_argument("--request", required=True, help="the user's data request, in plain language")
+    p.add_argument("--thread-id", default="", help="the primary agent's thread that asked (kept in the log)")
+    p.add_argument("--run-id", default="", help="the Databricks run id ({{job.run_id}}) that keys the step "
+                   "log; default: a new local-<uuid>, printed at start")
+    p.add_argument("--lakebase-instance", default="", help="Lakebase provisioned instance name "
+                   "(default: LAKEBASE_INSTANCE)")
+    p.add_argument("--lakebase-endpoint", default="", help="Lakebase autoscaling endpoint "
+                   "projects/P/branches/B/endpoints/E (default: LAKEBASE_ENDPOINT)")
+    p.add_argument("--genie-space-id", default="", help="Genie space to ask (default: GENIE_SPACE_ID)")
+    p.add_argument("--llm-endpoint", default="", help=f"chat model serving endpoint (default: "
+                   f"LLM_ENDPOINT_NAME or {DEFAULT_ENDPOINT})")
+    return p
+
+
+@dataclass
+class WorkerConfig:
+    request: str
+    run_id: str
+    thread_id: str = ""
+    genie_space_id: str = ""
+    genie_description: str = ""  # GENIE_DESCRIPTION overrides the tool description the model sees
+    llm_endpoint: str = DEFAULT_ENDPOINT
+    llm_base_url: str = ""  # LLM_BASE_URL: any OpenAI-compatible server instead of a serving endpoint
+    llm_model: str = ""  # LLM_MODEL: the model name for LLM_BASE_URL (default: the endpoint name)
+    llm_api_key: str = ""
+    db: lakebase.LakebaseConfig = dataclasses.field(default_factory=lakebase.LakebaseConfig)  # the step log
+    max_calls: int = 12  # model calls per run
+    retry_seconds: int = 120  # how long the SDK keeps retrying 429/503 (Genie allows ~5 questions a minute)
+
+    @classmethod
+    def from_args(cls, args, env=os.environ) -> "WorkerConfig":
+        db = lakebase.LakebaseConfig.from_env(env)
+        if args.lakebase_instance or args.lakebase_endpoint:  # a flag names the database instead of the env
+            db = dataclasses.replace(db, dsn="", instance=args.lakebase_instance, endpoint=args.lakebase_endpoint)
+        return cls(request=args.request, run_id=args.run_id or f"local-{uuid.uuid4()}", thread_id=args.thread_id,
+                   genie_space_id=args.genie_space_id or env.get("GENIE_SPACE_ID", ""),
+                   genie_description=env.get("GENIE_DESCRIPTION", ""),
+                   llm_endpoint=args.llm_endpoint or env.get("LLM_ENDPOINT_NAME") or DEFAULT_ENDPOINT,
+                   llm_base_url=env.get("LLM_BASE_URL", ""), llm_model=env.get("LLM_MODEL", ""),
+                   llm_api_key=env.get("LLM_API_KEY", ""), db=db)
+
+    def check(self):
+        request = self.request.strip()
+        if not request:
+            raise UsageError("the request is empty: pass the question with --request")
+        if len(request) > MAX_REQUEST_CHARS:
+            raise UsageError(f"the request is {len(request):,} characters; the limit is {MAX_REQUEST_CHARS:,}")
+        if not self.genie_space_id:
+            raise UsageError("no Genie space: set GENIE_SPACE_ID or pass --genie-space-id")
+        if not (self.llm_endpoint or self.llm_base_url):
+            raise UsageError("no chat model: set LLM_ENDPOINT_NAME or LLM_BASE_URL")
+
+
+class StepLog:
+    """Writes one run's steps to task_logs, reconnecting once if the connection was lost."""
+
+    def __init__(self, connect, run_id: str):
+        self.connect, self.run_id = connect, run_id
+        self.conn = connect()
+
+    def __call__(self, status: str, payload: dict) -> int:
+        try:
+            return lakebase.log_step(self.conn, self.run_id, status, payload)
+        except psycopg.OperationalError:
+            log.warning("lost the database connection; reconnecting to log %s", status)
+            self.conn = self.connect()
+            return lakebase.log_step(self.conn, self.run_id, status, payload)
+
+
+def run(config: WorkerConfig, chat, genie: Genie, step: StepLog) -> str:
+    """The agent: the request, the tool loop with query_genie, every step logged. Returns the answer."""
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": config.request}]
+
+    def on_message(message, info):
+        if message["role"] == "assistant":
+            for call in message.get("tool_calls", []):
+                step("tool_call", {"call_id": call["id"], "name": call["function"]["name"],
+                                   "arguments": call["function"]["arguments"]})
+        elif message["role"] == "tool":
+            detail = genie.last.as_dict() if info["name"] == "query_genie" and genie.last else {}
+            step("tool_result", {"call_id": info["call_id"], "name": info["name"], "output": message["content"],
+                                 "duration_ms": round(info["duration_s"] * 1000), "error": info["error"] is not None,
+                                 "detail": detail})
+
+    answer = run_tools(chat, messages, [genie.tool()], max_calls=config.max_calls, on_message=on_message,
+                       fatal=(psycopg.Error, GenieUnavailable))
+    step("completed", {"answer": answer})
+    return answer
+
+
+def workspace_client(config: WorkerConfig):
+    """The WorkspaceClient from the environment's Databricks auth (on a Job run: the run's own identity)."""
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.core import Config
+
+    return WorkspaceClient(config=Config(retry_timeout_seconds=config.retry_seconds))
+
+
+def clients(config: WorkerConfig, workspace):
+    """The chat client and the Genie settings."""
+    if config.llm_base_url:
+        chat = openai_chat(config.llm_base_url, config.llm_model or config.llm_endpoint, config.llm_api_key)
+    else:
+        chat = databricks_chat(config.llm_endpoint, workspace.config)
+    genie_config = GenieConfig(config.genie_space_id)
+    if config.genie_description:
+        genie_config.description = config.genie_description
+    return chat, genie_config
+
+
+def _cancel(signum, frame):
+    raise Cancelled(f"received {signal.Signals(signum).name}: the run was cancelled")
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = WorkerConfig.from_args(parser().parse_args(argv))
+    try:
+        # Lakebase mints its login tokens through the workspace; a plain DSN needs none
+        workspace = workspace_client(config) if config.db.instance or config.db.endpoint else None
+        connect = lambda: lakebase.connect(config.db, workspace)  # noqa: E731
+        step = StepLog(connect, config.run_id)
+        lakebase.migrate(step.conn)
+    except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:  # ValueError: the SDK's auth config
+        print(f"worker: cannot reach the step-log database: {lakebase.redact(str(e))}", file=sys.stderr)
+        return 3
+    signal.signal(signal.SIGTERM, _cancel)
+    print(f"worker: run {config.run_id}", file=sys.stderr)
+    started = time.monotonic()
+    try:
+        step("started", {"request": config.request[:MAX_REQUEST_CHARS], "thread_id": config.thread_id or None})
+        config.check()
+        workspace = workspace or workspace_client(config)
+        chat, genie_config = clients(config, workspace)
+        genie = Genie(workspace, genie_config)
+        answer = run(config, chat, genie, step)
+    except Cancelled as e:
+        step("cancelled", {"reason": str(e)})
+        print(f"worker: {e}", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        step("cancelled", {"reason": "interrupted (Ctrl-C)"})
+        return 130
+    except Exception as e:  # anything else ends the run: record why, then fail the Job run visibly
+        error = _describe(e, config.max_calls)
+        log.debug("run failed", exc_info=True)
+        step("failed", {"error": error, "kind": type(e).__name__})
+        print(f"worker: failed: {error}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    print(answer)
+    log.info("run %s completed in %.1f s", config.run_id, time.monotonic() - started)
+    return 0
+
+
+def _describe(e: Exception, max_calls: int) -> str:
+    if isinstance(e, LimitReached):
+        return f"no final answer after {max_calls} model calls; the request may need narrowing"
+    if isinstance(e, LLMError):
+        return f"the chat model failed: {e}"
+    return lakebase.redact(str(e)) or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
