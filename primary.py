@@ -1,0 +1,667 @@
+"""The primary agent users talk to: small talk answered directly, data questions delegated to a Databricks Job.
+
+`PrimaryAgent(chat, workspace, db, job_id).predict(request)` takes and returns MLflow ResponsesAgent shapes as
+plain dicts (serving.py wraps it for Model Serving). A turn is one bounded tool loop over the thread's recent
+messages with three tools built for that thread: start_databricks_job (ends the turn with the run id),
+poll_databricks_job (run state + the worker's steps and answer from task_logs) and terminate_databricks_job.
+The turn is stored in one append at its end; nothing of a failed turn is stored.
+
+`python primary.py` is a terminal chat on a workspace, or on the local stand-in workspace (see --help).
+"""
+import argparse
+import configparser
+import hashlib
+import itertools
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+import lakebase
+import llm
+
+log = logging.getLogger("primary")
+
+HERE = Path(__file__).resolve().parent
+MAX_CONTENT_CHARS = 32_000  # per input message; longer ones are refused (BadRequest)
+MAX_REQUEST_CHARS = 20_000  # a job's request: worker.py refuses longer ones
+DEFAULT_WINDOW = 40  # stored messages sent to the model as context
+DEFAULT_MAX_CALLS = 6  # model calls per turn
+DEFAULT_ENDPOINT = "databricks-claude-sonnet-4-5"
+RECENT_STEPS = 5  # steps of a run shown by poll
+MAX_ANSWER_CHARS = 8_000  # a worker answer longer than this is cut to a head and a tail for the model
+FINISHED = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}  # life cycle states of a run that has ended
+ROLES = ("user", "assistant", "system", "developer")
+TEXT_PARTS = ("input_text", "output_text", "text")
+SYSTEM_PROMPT = """You are the assistant people chat with about their company's data.
+Answer greetings, small talk and questions about this conversation yourself, briefly.
+For a question that needs data (numbers, tables, trends), call start_databricks_job with the request restated \
+completely: the job's worker does not see this conversation. The job runs in the background.
+When the user asks how a job is doing or for its answer, call poll_databricks_job with its run id and give them \
+the answer, or its state and progress, in plain words. To stop a job, call terminate_databricks_job.
+Never invent numbers. When a tool returns an error, say what went wrong and what to do about it."""
+PERMISSION_FIX = ("the caller needs CAN_MANAGE_RUN on the job; on Model Serving there is no automatic credential "
+                  "for Jobs: use on-behalf-of-user auth or a service principal's secret")
+RUN_SCHEMA = {"type": "object", "required": ["run_id"], "properties": {"run_id": {
+    "type": "string", "description": "the run id that start_databricks_job returned, e.g. \"123\""}}}
+START_SCHEMA = {"type": "object", "required": ["request"], "properties": {"request": {
+    "type": "string", "description": "the user's data question, restated so that it stands on its own"}}}
+
+
+class BadRequest(ValueError):
+    """The request can't be served as sent (shape, size, thread): the message names the problem."""
+
+
+class TurnFailed(RuntimeError):
+    """The chat model or the database failed: nothing of the turn was stored; the message says what to check."""
+
+
+@dataclass
+class Turn:
+    """What a request asks for, checked."""
+    thread_id: str
+    text: str  # the new user message
+    user_id: str | None = None  # context.user_id: the thread's owner
+    request_id: str | None = None  # custom_inputs.request_id: a client's retry of the same request
+    history: list = field(default_factory=list)  # earlier user/assistant messages, seeding a new thread
+
+
+def parse_request(request) -> Turn:
+    """Check a ResponsesAgent request dict; raise BadRequest naming the first problem."""
+    if not isinstance(request, dict):
+        raise BadRequest(f"the request must be an object with an 'input' list, not {type(request).__name__}")
+    items = request.get("input")
+    if items is None or items == []:
+        raise BadRequest("the request has no input: send 'input' as a list of messages ending with the user's")
+    if not isinstance(items, list):
+        raise BadRequest(f"'input' must be a list of messages, not {type(items).__name__}")
+    custom, context = _mapping(request, "custom_inputs"), _mapping(request, "context")
+    messages = [_message(f"input[{i}]", item) for i, item in enumerate(items)]
+    last = messages[-1]
+    if last is None or last["role"] != "user":
+        raise BadRequest(f"input[{len(items) - 1}], the last item, must be the user's message (role 'user')")
+    if not last["content"].strip():
+        raise BadRequest(f"input[{len(items) - 1}]: the user's message is empty")
+    thread_id = check_thread_id(custom.get("thread_id") or context.get("conversation_id") or uuid.uuid4().hex)
+    user_id, request_id = context.get("user_id") or None, custom.get("request_id") or None
+    for name, value in (("context.user_id", user_id), ("custom_inputs.request_id", request_id)):
+        if value is not None and (not isinstance(value, str) or len(value) > 256):
+            raise BadRequest(f"{name} must be a string of at most 256 characters")
+    history = [m for m in messages[:-1] if m and m["role"] in ("user", "assistant") and m["content"].strip()]
+    return Turn(thread_id, last["content"], user_id, request_id, history)
+
+
+def check_thread_id(thread_id) -> str:
+    if not isinstance(thread_id, str) or not lakebase.ID_PATTERN.fullmatch(thread_id):
+        raise BadRequest(f"invalid thread id {thread_id!r}: use 1-128 letters, digits or _.:- (starting with a "
+                         f"letter or digit)")
+    return thread_id
+
+
+def _mapping(request, key) -> dict:
+    value = request.get(key) or {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"'{key}' must be an object, not {type(value).__name__}")
+    return value
+
+
+def _message(where, item) -> dict | None:
+    """An input item as a chat message; None for the tool items of earlier turns (not replayed)."""
+    if not isinstance(item, dict):
+        raise BadRequest(f"{where} must be an object, not {type(item).__name__}")
+    kind = item.get("type", "message")
+    if kind in ("function_call", "function_call_output"):
+        return None
+    if kind != "message":
+        raise BadRequest(f"{where}: type {kind!r} is not supported: use message, function_call or "
+                         f"function_call_output")
+    role, content = item.get("role"), item.get("content")
+    if role not in ROLES:
+        raise BadRequest(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+    if isinstance(content, list):
+        bad = [p for p in content if not isinstance(p, dict) or p.get("type") not in TEXT_PARTS
+               or not isinstance(p.get("text"), str)]
+        if bad:
+            kind = bad[0].get("type") if isinstance(bad[0], dict) else type(bad[0]).__name__
+            raise BadRequest(f"{where}: content part {kind!r} is not supported: only text parts "
+                             f"({', '.join(TEXT_PARTS)}) with a string 'text'")
+        content = "\n".join(p["text"] for p in content)
+    elif not isinstance(content, str):
+        raise BadRequest(f"{where}: content must be a string or a list of text parts")
+    if len(content) > MAX_CONTENT_CHARS:
+        raise BadRequest(f"{where}: the message has {len(content):,} characters; the limit is "
+                         f"{MAX_CONTENT_CHARS:,} (MAX_CONTENT_CHARS)")
+    return {"role": role, "content": content}
+
+
+def _window(messages: list) -> list:
+    """Start the context at a user message: never with a tool result, nor a tool call whose results were cut."""
+    start = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
+    return messages[start:]
+
+
+class PrimaryAgent:
+    """The agent. `chat`: llm.ChatClient; `workspace`: databricks.sdk.WorkspaceClient; `db`: a
+    psycopg_pool.ConnectionPool (lakebase.open_pool, migrated); `job_id`: the worker job. Thread-safe."""
+
+    def __init__(self, chat, workspace, db, job_id, *, window=DEFAULT_WINDOW, max_calls=DEFAULT_MAX_CALLS,
+                 system_prompt=SYSTEM_PROMPT):
+        self.chat, self.workspace, self.db, self.job_id = chat, workspace, db, int(job_id)
+        self.window, self.max_calls, self.system_prompt = window, max_calls, system_prompt
+
+    def predict(self, request: dict) -> dict:
+        """One turn: {"output": [items], "custom_outputs": {"thread_id", "turn", "run_ids"}}."""
+        output = []
+        final, custom = self._turn(request, output.append)
+        return {"output": [*output, final], "custom_outputs": custom}
+
+    def predict_stream(self, request: dict) -> Iterator[dict]:
+        """One turn as ResponsesAgent stream events, as they happen; the last one carries custom_outputs."""
+        events = queue.Queue()
+
+        def work():
+            try:
+                final, custom = self._turn(request, lambda item: [events.put(e) for e in _events(item)])
+                for event in _events(final, custom):
+                    events.put(event)
+            except BaseException as e:  # handed to the consumer, which raises it
+                events.put(e)
+            events.put(None)
+
+        threading.Thread(target=work, name="primary-turn", daemon=True).start()
+        while (event := events.get()) is not None:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    # ---------------------------------------------------------------- the turn
+
+    def _turn(self, request, emit) -> tuple[dict, dict]:
+        """Check the request, run the loop (emit(item) for each tool call and result), store the turn."""
+        turn, started = parse_request(request), []
+        try:
+            with self.db.connection() as conn:
+                owner = lakebase.thread_owner(conn, turn.thread_id)
+                if owner is not lakebase.NO_THREAD and owner != turn.user_id:
+                    raise PermissionError(f"thread {turn.thread_id} belongs to someone else")
+                number = lakebase.thread_turns(conn, turn.thread_id) + 1
+                history = lakebase.load_messages(conn, turn.thread_id, last=self.window)
+            seed = turn.history if number == 1 else []
+            messages = [{"role": "system", "content": self.system_prompt},
+                        *_window((history + seed)[-self.window:]), {"role": "user", "content": turn.text}]
+            first = len(messages) - 1
+            final = self._loop(messages, self._tools(turn, number, started), started, emit)
+            with self.db.connection() as conn:
+                number = lakebase.append_turn(conn, turn.thread_id, seed + messages[first:], owner=turn.user_id)
+        except PermissionError as e:
+            raise BadRequest(f"{e}: start a new thread (no thread_id) or use one of yours") from None
+        except llm.LLMError as e:
+            raise TurnFailed(f"the chat model failed and nothing was stored: {e}. Check that the model "
+                             f"endpoint is up and reachable, then send the message again") from e
+        except (psycopg.Error, lakebase.LakebaseError) as e:
+            raise TurnFailed(f"the database failed and nothing was stored: {lakebase.redact(str(e))}. Check that "
+                             f"Postgres (Lakebase) is up and reachable, then send the message again") from e
+        custom = {"thread_id": turn.thread_id, "turn": number, "run_ids": [run["run_id"] for run in started]}
+        return _items(final, final=True)[0], custom
+
+    def _loop(self, messages, tools, started, emit) -> dict:
+        """The bounded tool loop; a job start or the bound ends it with our own final message."""
+        def on_message(message, info):
+            if message["role"] == "tool" or message.get("tool_calls"):
+                for item in _items(message):
+                    emit(item)
+
+        try:
+            llm.run_tools(self.chat, messages, tools, max_calls=self.max_calls, on_message=on_message,
+                          fatal=(psycopg.Error, lakebase.LakebaseError, PermissionError))
+        except llm.EndTurn:
+            messages.append({"role": "assistant", "content": _started_reply(started)})
+        except llm.LimitReached:
+            messages.append({"role": "assistant", "content": f"I could not finish this within {self.max_calls} "
+                             f"steps. Please ask again, perhaps more narrowly."})
+        return messages[-1]
+
+    # ---------------------------------------------------------------- tools
+
+    def _tools(self, turn: Turn, number: int, started: list) -> list:
+        def start_databricks_job(request):
+            return self._start(turn, number, started, request)
+
+        def poll_databricks_job(run_id):
+            return self._poll(turn, run_id)
+
+        def terminate_databricks_job(run_id):
+            return self._terminate(turn, run_id)
+
+        return [
+            llm.Tool("start_databricks_job", "Start a background job that answers a data question with the "
+                     "company's data. Use it for any question that needs numbers or tables. The turn ends once "
+                     "it has started; the user gets the run id.", START_SCHEMA, start_databricks_job),
+            llm.Tool("poll_databricks_job", "Get a job run's state, its progress (steps so far, the latest "
+                     "ones) and, once it has finished, its answer or error.", RUN_SCHEMA, poll_databricks_job),
+            llm.Tool("terminate_databricks_job", "Cancel a job run that is still queued or running.", RUN_SCHEMA,
+                     terminate_databricks_job)]
+
+    def _start(self, turn, number, started, request) -> str:
+        if not isinstance(request, str) or not request.strip():
+            raise llm.ToolError("request must be the user's data question, as a non-empty string")
+        request = request.strip()
+        if len(request) > MAX_REQUEST_CHARS:
+            raise llm.ToolError(f"the request has {len(request):,} characters; a job takes at most "
+                                f"{MAX_REQUEST_CHARS:,}: restate it more briefly")
+        # The same key for a retry of this request, so it never starts a second run (the Jobs API's
+        # idempotency token covers a crash between run_now and record_run).
+        basis = ([turn.thread_id, f"request {turn.request_id}", str(len(started))] if turn.request_id
+                 else [turn.thread_id, f"turn {number}", request])
+        key = hashlib.sha256("\x00".join(basis).encode()).hexdigest()
+        with self.db.connection() as conn:
+            known = lakebase.find_run(conn, turn.thread_id, idempotency_key=key)
+        if known:
+            run_id = known["run_id"]
+        else:
+            wait = self._jobs(f"starting job {self.job_id}", f"job {self.job_id} does not exist: check "
+                              f"DATABRICKS_JOB_ID", self.workspace.jobs.run_now, self.job_id,
+                              job_parameters={"request": request, "thread_id": turn.thread_id}, idempotency_token=key)
+            with self.db.connection() as conn:  # the run holding the key: this one, as run_now got the same token
+                run_id = lakebase.record_run(conn, turn.thread_id, str(wait.run_id), key, request,
+                                             owner=turn.user_id)["run_id"]
+        started.append({"run_id": run_id, "run_page_url": self._run_url(run_id)})
+        raise llm.EndTurn(json.dumps({**started[-1], "status": "started"}))
+
+    def _poll(self, turn, run_id) -> str:
+        run_id = self._own_run(turn, run_id)
+        run = self._get_run(run_id)
+        with self.db.connection() as conn:
+            steps = lakebase.read_steps(conn, run_id, limit=10_000)
+        report = {"run_id": run_id, "state": run_state(run), "state_message": run.state.state_message or None,
+                  "run_page_url": run.run_page_url, "steps": len(steps),
+                  "recent_steps": [describe_step(step) for step in steps[-RECENT_STEPS:]]}
+        for step in steps:
+            payload = step["payload"]
+            if step["status"] == "completed":
+                report["answer"] = _cut(str(payload.get("answer")), MAX_ANSWER_CHARS)
+            elif step["status"] == "failed":
+                report["error"] = payload.get("error")
+            elif step["status"] == "cancelled":
+                report["cancelled"] = payload.get("reason") or "cancelled"
+        return json.dumps({k: v for k, v in report.items() if v is not None}, ensure_ascii=False)
+
+    def _terminate(self, turn, run_id) -> str:
+        run_id = self._own_run(turn, run_id)
+        run = self._get_run(run_id)
+        state = run_state(run)
+        if state.split()[0] in FINISHED:
+            how = f": {run.state.state_message}" if run.state.state_message else ""
+            raise llm.ToolError(f"run {run_id} has already finished ({state}{how}); there is nothing to cancel")
+        if state != "TERMINATING":
+            self._jobs(f"cancelling run {run_id}", f"run {run_id} no longer exists", self.workspace.jobs.cancel_run,
+                       int(run_id))  # not waited on: the worker stops within seconds
+        return json.dumps({"run_id": run_id, "state": "TERMINATING", "was": state,
+                           "note": "cancellation requested; the run stops within seconds"})
+
+    def _own_run(self, turn, run_id) -> str:
+        """The run id as text, if this thread started that run; else a ToolError."""
+        text = str(run_id).strip() if isinstance(run_id, (str, int)) and not isinstance(run_id, bool) else ""
+        if not text.isdigit():
+            raise llm.ToolError(f"run_id must be the number start_databricks_job returned, e.g. \"123\"; got "
+                                f"{run_id!r}")
+        with self.db.connection() as conn:
+            if lakebase.find_run(conn, turn.thread_id, run_id=text):
+                return text
+            ours = [run["run_id"] for run in lakebase.list_runs(conn, turn.thread_id)]
+        raise llm.ToolError(f"run {text} was not started in this conversation, so it can't be read or cancelled "
+                            f"here. Runs started in this conversation: {', '.join(ours) or 'none'}")
+
+    def _get_run(self, run_id):
+        return self._jobs(f"reading run {run_id}", f"run {run_id} no longer exists in the workspace",
+                          self.workspace.jobs.get_run, int(run_id))
+
+    def _run_url(self, run_id) -> str | None:
+        from databricks.sdk.errors import DatabricksError
+
+        try:
+            return self.workspace.jobs.get_run(int(run_id)).run_page_url
+        except (DatabricksError, TimeoutError) as e:  # the run started; only its link is missing
+            log.warning("no run page URL for run %s: %s", run_id, e)
+            return None
+
+    @staticmethod
+    def _jobs(what, missing, fn, *args, **kwargs):
+        """Call the Jobs API; failures the user must act on become ToolErrors saying what to do."""
+        from databricks.sdk.errors import BadRequest as InvalidRequest, NotFound, PermissionDenied, TooManyRequests
+
+        try:
+            return fn(*args, **kwargs)
+        except TimeoutError as e:  # the SDK's retries ran out (429, 503, no connection)
+            if isinstance(e.__cause__, TooManyRequests):
+                raise llm.ToolError(f"{what}: too many job runs at the moment; try again in a few minutes") from e
+            raise llm.ToolError(f"{what}: the Jobs API did not answer in time ({e}); try again later") from e
+        except PermissionDenied as e:
+            raise llm.ToolError(f"{what}: permission denied ({e}): {PERMISSION_FIX}") from e
+        except TooManyRequests as e:
+            raise llm.ToolError(f"{what}: too many job runs at the moment ({e}); try again in a few minutes") from e
+        except (NotFound, InvalidRequest) as e:
+            if isinstance(e, NotFound) or "does not exist" in str(e):
+                raise llm.ToolError(f"{what}: {missing} ({e})") from e
+            raise
+
+
+def run_state(run) -> str:
+    """"RUNNING", "TERMINATED SUCCESS", ...: the life cycle state, and the result state once there is one."""
+    state = run.state
+    life = state.life_cycle_state.value if state and state.life_cycle_state else "UNKNOWN"
+    return f"{life} {state.result_state.value}" if state and state.result_state else life
+
+
+def describe_step(step: dict) -> str:
+    """One task_logs step as one readable line."""
+    status, p = step["status"], step["payload"]
+    if status == "tool_call":
+        arguments = p.get("arguments")
+        text = f"calls {p.get('name')} {arguments if isinstance(arguments, str) else json.dumps(arguments)}"
+    elif status == "tool_result":
+        outcome = "failed" if p.get("error") else "answered"
+        text = f"{p.get('name')} {outcome} in {(p.get('duration_ms') or 0) / 1000:.1f} s: {p.get('output')}"
+    else:
+        text = {"started": f"started: {p.get('request')}", "completed": f"answer: {p.get('answer')}",
+                "failed": f"failed: {p.get('error')}", "cancelled": f"cancelled: {p.get('reason')}"}.get(status, status)
+    return f"#{step['step']} {_one_line(text, 160)}"
+
+
+def _one_line(text, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _cut(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half:,} characters left out ...]\n{text[-half:]}"
+
+
+def _started_reply(started: list) -> str:
+    runs = ", ".join(f"run {r['run_id']}" + (f" ({r['run_page_url']})" if r["run_page_url"] else "") for r in started)
+    return (f"I've started a job to answer this: {runs}. It usually takes a minute or two; ask me about "
+            f"run {started[-1]['run_id']} to see how it is going and to get the answer.")
+
+
+def _items(message: dict, final=False) -> list[dict]:
+    """A chat message as output items, shaped like mlflow.types.responses' create_*_item helpers."""
+    if message["role"] == "tool":
+        return [{"type": "function_call_output", "call_id": message["tool_call_id"], "output": message["content"]}]
+    items = []
+    if final or message.get("content"):
+        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
+                      "content": [{"type": "output_text", "text": message.get("content") or "", "annotations": []}]})
+    return items + [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+                     "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+                    for call in message.get("tool_calls", [])]
+
+
+def _events(item: dict, custom=None) -> list[dict]:
+    """Stream events for one item: a text delta first for a message; custom_outputs on the last event."""
+    events = [{"type": "response.output_text.delta", "item_id": item["id"], "delta": item["content"][0]["text"]}
+              ] if item["type"] == "message" else []
+    done = {"type": "response.output_item.done", "item": item}
+    return events + [{**done, "custom_outputs": custom} if custom is not None else done]
+
+
+# -------------------------------------------------------------------- the terminal
+
+HELP = """commands:
+  /new            start a new thread
+  /thread ID      switch to thread ID
+  /runs           this thread's job runs and their states
+  /watch RUN_ID   follow a run's steps live until it ends (Ctrl-C stops watching; the run goes on)
+  /help           this help
+  /quit           leave (so does Ctrl-D)"""
+ENVIRONMENT = """environment:
+  DATABRICKS_HOST, DATABRICKS_TOKEN, DATABRICKS_CONFIG_PROFILE, ...  the workspace (the SDK's own auth); without
+                  one (no host, no profile, no DEFAULT profile in ~/.databrickscfg) the local workspace starts
+  DATABRICKS_JOB_ID   the worker job's id (needed with a workspace)
+  LAKEBASE_DSN (or PGHOST, PGUSER, ...), LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT, LAKEBASE_DATABASE
+                  the Postgres of threads and step logs (one of them is needed with a workspace)
+  LLM_ENDPOINT_NAME   the chat model's serving endpoint (default %s)
+  LLM_BASE_URL, LLM_MODEL, LLM_API_KEY   an OpenAI-compatible server instead (e.g. http://127.0.0.1:11434/v1)
+  LOG_LEVEL       logging on stderr (default WARNING)""" % DEFAULT_ENDPOINT
+
+
+class SetupError(Exception):
+    """The terminal can't start: one line saying what is missing."""
+
+
+@dataclass
+class Config:
+    job_id: str = ""  # DATABRICKS_JOB_ID
+    llm_endpoint: str = DEFAULT_ENDPOINT  # LLM_ENDPOINT_NAME
+    llm_base_url: str = ""  # LLM_BASE_URL: an OpenAI-compatible server instead of a serving endpoint
+    llm_model: str = ""  # LLM_MODEL (default: the endpoint name)
+    llm_api_key: str = ""  # LLM_API_KEY
+    jobs_retry_seconds: int = 60  # how long the SDK retries 429/503 before a job call fails
+    watch_interval: float = 1.0  # seconds between polls of /watch
+    database: lakebase.LakebaseConfig = field(default_factory=lakebase.LakebaseConfig)  # LAKEBASE_*, PG*
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Config":
+        return cls(job_id=env.get("DATABRICKS_JOB_ID", "").strip(), llm_endpoint=env.get("LLM_ENDPOINT_NAME")
+                   or DEFAULT_ENDPOINT, llm_base_url=env.get("LLM_BASE_URL", ""), llm_model=env.get("LLM_MODEL", ""),
+                   llm_api_key=env.get("LLM_API_KEY", ""), database=lakebase.LakebaseConfig.from_env(env))
+
+
+def workspace_source(env=os.environ) -> str | None:
+    """What configures a Databricks workspace here, or None."""
+    if env.get("DATABRICKS_HOST") or env.get("DATABRICKS_CONFIG_PROFILE"):
+        return "DATABRICKS_HOST" if env.get("DATABRICKS_HOST") else f"profile {env['DATABRICKS_CONFIG_PROFILE']}"
+    path = Path(env.get("DATABRICKS_CONFIG_FILE") or "~/.databrickscfg").expanduser()
+    profiles = configparser.ConfigParser()
+    try:
+        profiles.read(path)
+    except configparser.Error:
+        return None
+    return f"the DEFAULT profile of {path}" if profiles.defaults().get("host") else None
+
+
+def check_workspace_config(config: Config, source: str):
+    """With a workspace, the job and the database must be configured too."""
+    database = config.database
+    missing = [what for what, ok in (
+        ("DATABRICKS_JOB_ID (the worker job's id)", config.job_id),
+        ("LAKEBASE_DSN, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT", database.dsn or database.instance
+         or database.endpoint or any(os.environ.get(v) for v in lakebase.PG_VARS))) if not ok]
+    if missing:
+        raise SetupError(f"a workspace is configured ({source}) but {' and '.join(missing)} is not set")
+    if not config.job_id.isdigit():
+        raise SetupError(f"DATABRICKS_JOB_ID must be a job id (a number), not {config.job_id!r}")
+
+
+def setup(args, config: Config):
+    """(agent, pool, close): on the configured workspace, or on the local one; prints where it runs."""
+    source = None if args.local else workspace_source()
+    if source:
+        check_workspace_config(config, source)
+    from databricks.sdk import WorkspaceClient  # here, not at the top: importing the SDK takes seconds
+    from databricks.sdk.core import Config as SdkConfig
+
+    close = lambda: None  # noqa: E731
+    if source:
+        workspace = WorkspaceClient(config=SdkConfig(retry_timeout_seconds=config.jobs_retry_seconds))
+        db_config, job_id = config.database, int(config.job_id)
+        print(f"workspace {workspace.config.host} ({source}), job {job_id}", flush=True)
+    else:
+        import local
+
+        data_dir = Path(args.data_dir or local.DEFAULT_DATA_DIR).expanduser()
+        ws = local.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None)
+        close, job_id, db_config = ws.close, ws.job_id, lakebase.LakebaseConfig(dsn=ws.dsn)
+        workspace = WorkspaceClient(config=SdkConfig(host=ws.host, token=ws.token, auth_type="pat",
+                                                     retry_timeout_seconds=config.jobs_retry_seconds))
+        where = f"embedded Postgres (data in {data_dir / 'pgdata'})" if ws.postgres else "Postgres at LAKEBASE_DSN"
+        model = (f"the model at {config.llm_base_url}" if config.llm_base_url
+                 else "the offline deterministic stand-in model")
+        print(f"local workspace: emulated Databricks API at {ws.host}, jobs as local worker.py processes, Genie over "
+              f"the sample dataset, {where}, {model}", flush=True)
+    try:
+        if config.llm_base_url:
+            chat = llm.openai_chat(config.llm_base_url, config.llm_model or config.llm_endpoint, config.llm_api_key)
+        else:
+            chat = llm.databricks_chat(config.llm_endpoint, workspace.config)
+        pool = lakebase.open_pool(db_config, workspace)
+        with pool.connection() as conn:
+            lakebase.migrate(conn)
+    except BaseException:
+        close()
+        raise
+    return PrimaryAgent(chat, workspace, pool, job_id), pool, close
+
+
+class Terminal:
+    """The chat loop: a prompt, the agent's replies, and the slash commands."""
+
+    def __init__(self, agent: PrimaryAgent, thread_id: str, watch_interval=1.0):
+        self.agent, self.thread_id, self.watch_interval = agent, thread_id, watch_interval
+
+    def loop(self):
+        from databricks.sdk.errors import DatabricksError  # loaded already, by setup()
+
+        print(f"thread {self.thread_id} - /help for commands", flush=True)
+        while True:
+            try:
+                line = input("> ").strip()
+            except EOFError:
+                return print()
+            except KeyboardInterrupt:
+                print("\n(/quit to leave)")
+                continue
+            if line in ("/quit", "/exit"):
+                return
+            try:
+                if line.startswith("/"):
+                    self.command(line)
+                elif line:
+                    self.say(line)
+            except (BadRequest, TurnFailed, lakebase.LakebaseError, psycopg.Error, llm.ToolError,
+                    DatabricksError) as e:
+                print(f"error: {lakebase.redact(str(e))}", flush=True)
+            except KeyboardInterrupt:
+                print("\n(interrupted: an answer still on its way is stored in the thread)", flush=True)
+
+    def say(self, text: str):
+        request = {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": self.thread_id}}
+        for event in self.agent.predict_stream(request):
+            item = event.get("item") if event["type"] == "response.output_item.done" else None
+            if item and item["type"] == "function_call":
+                print(f"  [{item['name']} {item['arguments']}]", flush=True)
+            elif item and item["type"] == "message":
+                print(item["content"][0]["text"] + "\n", flush=True)
+
+    def command(self, line: str):
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name == "/help":
+            print(HELP)
+        elif name == "/new":
+            self.thread_id = uuid.uuid4().hex
+            print(f"thread {self.thread_id}")
+        elif name == "/thread" and arg:
+            self.thread_id = check_thread_id(arg)
+            print(f"thread {self.thread_id}")
+        elif name == "/runs":
+            self.runs()
+        elif name == "/watch" and arg:
+            self.watch(arg)
+        elif name in ("/thread", "/watch"):
+            print(f"{name} needs {'a thread id' if name == '/thread' else 'a run id'}; /help lists the commands")
+        else:
+            print(f"unknown command {line!r}; /help lists them")
+
+    def runs(self):
+        with self.agent.db.connection() as conn:
+            runs = lakebase.list_runs(conn, self.thread_id)
+        if not runs:
+            print("no job runs in this thread yet")
+        for run in runs:
+            try:
+                state = run_state(self.agent._get_run(run["run_id"]))
+            except llm.ToolError as e:
+                state = f"(state unavailable: {e})"
+            print(f"run {run['run_id']}  {state}  {run['created_at']:%Y-%m-%d %H:%M}  {_one_line(run['request'], 60)}")
+
+    def watch(self, arg: str):
+        """Print the run's steps as they are logged, until it ends, with a spinner (a dot per poll off a TTY)."""
+        run_id = self.agent._own_run(Turn(self.thread_id, ""), arg)
+        cursor, started, spinner, tty = 0, time.monotonic(), itertools.cycle("|/-\\"), sys.stdout.isatty()
+        marked = False  # a progress mark is on the current line
+        try:
+            while True:
+                state = run_state(self.agent._get_run(run_id))
+                with self.agent.db.connection() as conn:
+                    steps = lakebase.read_steps(conn, run_id, after=cursor)
+                ended = state.split()[0] in FINISHED  # steps read after the end are all the steps
+                lines = [describe_step(step) for step in steps] + [f"run {run_id} ended: {state}"] * ended
+                if lines:
+                    print(("\r\x1b[K" if tty else "\n") * marked + "\n".join(lines), flush=True)
+                    cursor, marked = steps[-1]["step"] if steps else cursor, False
+                if ended:
+                    return
+                elapsed = time.monotonic() - started
+                print(f"\r{next(spinner)} run {run_id} {state} {elapsed:.0f} s" if tty else ".", end="", flush=True)
+                marked = True
+                time.sleep(self.watch_interval)
+        except KeyboardInterrupt:
+            print(f"\nstopped watching run {run_id}; it goes on (/runs shows it)", flush=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="primary.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Chat with the primary agent: small talk answered directly, data "
+                                            "questions answered by a Databricks Job run.",
+                                epilog=f"{HELP}\n\n{ENVIRONMENT}\n\n'python primary.py deploy ...' deploys the "
+                                       f"agent to Model Serving (serving.py; see 'deploy --help').")
+    p.add_argument("--local", action="store_true", help="use the local workspace even when one is configured")
+    p.add_argument("--data-dir", help="the local workspace's data directory (default ~/.local/share/async-agent)")
+    p.add_argument("--thread", help="continue this thread (default: a new one)")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["deploy"]:
+        try:
+            import serving
+        except ModuleNotFoundError as e:
+            if e.name != "serving":
+                raise
+            print("primary.py deploy: serving.py is not in this checkout yet, so there is nothing to deploy with",
+                  file=sys.stderr)
+            return 2
+        return serving.deploy_main(argv[1:])
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = Config.from_env()
+    try:
+        thread_id = check_thread_id(args.thread or uuid.uuid4().hex)
+        agent, pool, close = setup(args, config)
+    except (SetupError, BadRequest, lakebase.LakebaseError, psycopg.Error) as e:
+        print(f"primary.py: {lakebase.redact(str(e))}", file=sys.stderr)
+        return 2
+    try:
+        Terminal(agent, thread_id, config.watch_interval).loop()
+    finally:
+        pool.close()
+        close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
