@@ -6,23 +6,18 @@ messages with three tools built for that thread: start_databricks_job (ends the 
 poll_databricks_job (run state + the worker's steps and answer from task_logs) and terminate_databricks_job.
 The turn is stored in one append at its end; nothing of a failed turn is stored.
 
-`python primary.py` is a terminal chat on a workspace, or on the local stand-in workspace (see --help).
+`python primary.py` is a terminal chat on a workspace, or on the local stand-in workspace (see --help). It lives in
+terminal.py; its names (`main`, `Config`, `setup`, `Terminal`, ...) stay importable from here.
 """
-import argparse
-import configparser
 import hashlib
-import itertools
 import json
 import logging
-import os
 import queue
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psycopg
 
@@ -31,7 +26,6 @@ import llm
 
 log = logging.getLogger("primary")
 
-HERE = Path(__file__).resolve().parent
 MAX_CONTENT_CHARS = 32_000  # per input message; longer ones are refused (BadRequest)
 MAX_REQUEST_CHARS = 20_000  # a job's request: worker.py refuses longer ones
 DEFAULT_WINDOW = 40  # stored messages sent to the model as context
@@ -49,8 +43,9 @@ completely: the job's worker does not see this conversation. The job runs in the
 When the user asks how a job is doing or for its answer, call poll_databricks_job with its run id and give them \
 the answer, or its state and progress, in plain words. To stop a job, call terminate_databricks_job.
 Never invent numbers. When a tool returns an error, say what went wrong and what to do about it."""
-PERMISSION_FIX = ("the caller needs CAN_MANAGE_RUN on the job; on Model Serving there is no automatic credential "
-                  "for Jobs: use on-behalf-of-user auth or a service principal's secret")
+PERMISSION_FIX = ("the identity the agent runs as needs CAN_MANAGE_RUN on the job; on Model Serving that is the "
+                  "service principal of DATABRICKS_CLIENT_ID (python primary.py deploy --secret-scope): Model "
+                  "Serving's automatic credentials and on-behalf-of-user tokens do not cover Jobs")
 RUN_SCHEMA = {"type": "object", "required": ["run_id"], "properties": {"run_id": {
     "type": "string", "description": "the run id that start_databricks_job returned, e.g. \"123\""}}}
 START_SCHEMA = {"type": "object", "required": ["request"], "properties": {"request": {
@@ -154,9 +149,10 @@ class PrimaryAgent:
     psycopg_pool.ConnectionPool (lakebase.open_pool, migrated); `job_id`: the worker job. Thread-safe."""
 
     def __init__(self, chat, workspace, db, job_id, *, window=DEFAULT_WINDOW, max_calls=DEFAULT_MAX_CALLS,
-                 system_prompt=SYSTEM_PROMPT):
+                 system_prompt=SYSTEM_PROMPT, jobs_auth_hint=PERMISSION_FIX):
         self.chat, self.workspace, self.db, self.job_id = chat, workspace, db, int(job_id)
         self.window, self.max_calls, self.system_prompt = window, max_calls, system_prompt
+        self.jobs_auth_hint = jobs_auth_hint  # what to fix when the Jobs API refuses this agent's identity
 
     def predict(self, request: dict) -> dict:
         """One turn: {"output": [items], "custom_outputs": {"thread_id", "turn", "run_ids"}}."""
@@ -334,10 +330,10 @@ class PrimaryAgent:
             log.warning("no run page URL for run %s: %s", run_id, e)
             return None
 
-    @staticmethod
-    def _jobs(what, missing, fn, *args, **kwargs):
+    def _jobs(self, what, missing, fn, *args, **kwargs):
         """Call the Jobs API; failures the user must act on become ToolErrors saying what to do."""
-        from databricks.sdk.errors import BadRequest as InvalidRequest, NotFound, PermissionDenied, TooManyRequests
+        from databricks.sdk.errors import (BadRequest as InvalidRequest, NotFound, PermissionDenied, TooManyRequests,
+                                           Unauthenticated)
 
         try:
             return fn(*args, **kwargs)
@@ -345,8 +341,10 @@ class PrimaryAgent:
             if isinstance(e.__cause__, TooManyRequests):
                 raise llm.ToolError(f"{what}: too many job runs at the moment; try again in a few minutes") from e
             raise llm.ToolError(f"{what}: the Jobs API did not answer in time ({e}); try again later") from e
-        except PermissionDenied as e:
-            raise llm.ToolError(f"{what}: permission denied ({e}): {PERMISSION_FIX}") from e
+        except (PermissionDenied, Unauthenticated) as e:
+            refused = "permission denied" if isinstance(e, PermissionDenied) else "not authenticated"
+            reason = str(e).split(". Config: ")[0]  # the SDK appends its config to 401/403 messages
+            raise llm.ToolError(f"{what}: {refused} ({reason}): {self.jobs_auth_hint}") from e
         except TooManyRequests as e:
             raise llm.ToolError(f"{what}: too many job runs at the moment ({e}); try again in a few minutes") from e
         except (NotFound, InvalidRequest) as e:
@@ -374,10 +372,10 @@ def describe_step(step: dict) -> str:
     else:
         text = {"started": f"started: {p.get('request')}", "completed": f"answer: {p.get('answer')}",
                 "failed": f"failed: {p.get('error')}", "cancelled": f"cancelled: {p.get('reason')}"}.get(status, status)
-    return f"#{step['step']} {_one_line(text, 160)}"
+    return f"#{step['step']} {one_line(text, 160)}"
 
 
-def _one_line(text, limit: int) -> str:
+def one_line(text, limit: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
@@ -416,252 +414,20 @@ def _events(item: dict, custom=None) -> list[dict]:
     return events + [{**done, "custom_outputs": custom} if custom is not None else done]
 
 
-# -------------------------------------------------------------------- the terminal
-
-HELP = """commands:
-  /new            start a new thread
-  /thread ID      switch to thread ID
-  /runs           this thread's job runs and their states
-  /watch RUN_ID   follow a run's steps live until it ends (Ctrl-C stops watching; the run goes on)
-  /help           this help
-  /quit           leave (so does Ctrl-D)"""
-ENVIRONMENT = """environment:
-  DATABRICKS_HOST, DATABRICKS_TOKEN, DATABRICKS_CONFIG_PROFILE, ...  the workspace (the SDK's own auth); without
-                  one (no host, no profile, no DEFAULT profile in ~/.databrickscfg) the local workspace starts
-  DATABRICKS_JOB_ID   the worker job's id (needed with a workspace)
-  LAKEBASE_DSN (or PGHOST, PGUSER, ...), LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT, LAKEBASE_DATABASE
-                  the Postgres of threads and step logs (one of them is needed with a workspace)
-  LLM_ENDPOINT_NAME   the chat model's serving endpoint (default %s)
-  LLM_BASE_URL, LLM_MODEL, LLM_API_KEY   an OpenAI-compatible server instead (e.g. http://127.0.0.1:11434/v1)
-  LOG_LEVEL       logging on stderr (default WARNING)""" % DEFAULT_ENDPOINT
+# The terminal chat's names, loaded from terminal.py on first use: `import primary` stays light.
+_TERMINAL_NAMES = {"HERE", "HELP", "ENVIRONMENT", "SetupError", "Config", "workspace_source", "check_workspace_config",
+                   "setup", "Terminal", "parser", "main"}
 
 
-class SetupError(Exception):
-    """The terminal can't start: one line saying what is missing."""
+def __getattr__(name):
+    if name in _TERMINAL_NAMES:
+        import terminal
 
-
-@dataclass
-class Config:
-    job_id: str = ""  # DATABRICKS_JOB_ID
-    llm_endpoint: str = DEFAULT_ENDPOINT  # LLM_ENDPOINT_NAME
-    llm_base_url: str = ""  # LLM_BASE_URL: an OpenAI-compatible server instead of a serving endpoint
-    llm_model: str = ""  # LLM_MODEL (default: the endpoint name)
-    llm_api_key: str = ""  # LLM_API_KEY
-    jobs_retry_seconds: int = 60  # how long the SDK retries 429/503 before a job call fails
-    watch_interval: float = 1.0  # seconds between polls of /watch
-    database: lakebase.LakebaseConfig = field(default_factory=lakebase.LakebaseConfig)  # LAKEBASE_*, PG*
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "Config":
-        return cls(job_id=env.get("DATABRICKS_JOB_ID", "").strip(), llm_endpoint=env.get("LLM_ENDPOINT_NAME")
-                   or DEFAULT_ENDPOINT, llm_base_url=env.get("LLM_BASE_URL", ""), llm_model=env.get("LLM_MODEL", ""),
-                   llm_api_key=env.get("LLM_API_KEY", ""), database=lakebase.LakebaseConfig.from_env(env))
-
-
-def workspace_source(env=os.environ) -> str | None:
-    """What configures a Databricks workspace here, or None."""
-    if env.get("DATABRICKS_HOST") or env.get("DATABRICKS_CONFIG_PROFILE"):
-        return "DATABRICKS_HOST" if env.get("DATABRICKS_HOST") else f"profile {env['DATABRICKS_CONFIG_PROFILE']}"
-    path = Path(env.get("DATABRICKS_CONFIG_FILE") or "~/.databrickscfg").expanduser()
-    profiles = configparser.ConfigParser()
-    try:
-        profiles.read(path)
-    except configparser.Error:
-        return None
-    return f"the DEFAULT profile of {path}" if profiles.defaults().get("host") else None
-
-
-def check_workspace_config(config: Config, source: str):
-    """With a workspace, the job and the database must be configured too."""
-    database = config.database
-    missing = [what for what, ok in (
-        ("DATABRICKS_JOB_ID (the worker job's id)", config.job_id),
-        ("LAKEBASE_DSN, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT", database.dsn or database.instance
-         or database.endpoint or any(os.environ.get(v) for v in lakebase.PG_VARS))) if not ok]
-    if missing:
-        raise SetupError(f"a workspace is configured ({source}) but {' and '.join(missing)} is not set")
-    if not config.job_id.isdigit():
-        raise SetupError(f"DATABRICKS_JOB_ID must be a job id (a number), not {config.job_id!r}")
-
-
-def setup(args, config: Config):
-    """(agent, pool, close): on the configured workspace, or on the local one; prints where it runs."""
-    source = None if args.local else workspace_source()
-    if source:
-        check_workspace_config(config, source)
-    from databricks.sdk import WorkspaceClient  # here, not at the top: importing the SDK takes seconds
-    from databricks.sdk.core import Config as SdkConfig
-
-    close = lambda: None  # noqa: E731
-    if source:
-        workspace = WorkspaceClient(config=SdkConfig(retry_timeout_seconds=config.jobs_retry_seconds))
-        db_config, job_id = config.database, int(config.job_id)
-        print(f"workspace {workspace.config.host} ({source}), job {job_id}", flush=True)
-    else:
-        import local
-
-        data_dir = Path(args.data_dir or local.DEFAULT_DATA_DIR).expanduser()
-        ws = local.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None)
-        close, job_id, db_config = ws.close, ws.job_id, lakebase.LakebaseConfig(dsn=ws.dsn)
-        workspace = WorkspaceClient(config=SdkConfig(host=ws.host, token=ws.token, auth_type="pat",
-                                                     retry_timeout_seconds=config.jobs_retry_seconds))
-        where = f"embedded Postgres (data in {data_dir / 'pgdata'})" if ws.postgres else "Postgres at LAKEBASE_DSN"
-        model = (f"the model at {config.llm_base_url}" if config.llm_base_url
-                 else "the offline deterministic stand-in model")
-        print(f"local workspace: emulated Databricks API at {ws.host}, jobs as local worker.py processes, Genie over "
-              f"the sample dataset, {where}, {model}", flush=True)
-    try:
-        if config.llm_base_url:
-            chat = llm.openai_chat(config.llm_base_url, config.llm_model or config.llm_endpoint, config.llm_api_key)
-        else:
-            chat = llm.databricks_chat(config.llm_endpoint, workspace.config)
-        pool = lakebase.open_pool(db_config, workspace)
-        with pool.connection() as conn:
-            lakebase.migrate(conn)
-    except BaseException:
-        close()
-        raise
-    return PrimaryAgent(chat, workspace, pool, job_id), pool, close
-
-
-class Terminal:
-    """The chat loop: a prompt, the agent's replies, and the slash commands."""
-
-    def __init__(self, agent: PrimaryAgent, thread_id: str, watch_interval=1.0):
-        self.agent, self.thread_id, self.watch_interval = agent, thread_id, watch_interval
-
-    def loop(self):
-        from databricks.sdk.errors import DatabricksError  # loaded already, by setup()
-
-        print(f"thread {self.thread_id} - /help for commands", flush=True)
-        while True:
-            try:
-                line = input("> ").strip()
-            except EOFError:
-                return print()
-            except KeyboardInterrupt:
-                print("\n(/quit to leave)")
-                continue
-            if line in ("/quit", "/exit"):
-                return
-            try:
-                if line.startswith("/"):
-                    self.command(line)
-                elif line:
-                    self.say(line)
-            except (BadRequest, TurnFailed, lakebase.LakebaseError, psycopg.Error, llm.ToolError,
-                    DatabricksError) as e:
-                print(f"error: {lakebase.redact(str(e))}", flush=True)
-            except KeyboardInterrupt:
-                print("\n(interrupted: an answer still on its way is stored in the thread)", flush=True)
-
-    def say(self, text: str):
-        request = {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": self.thread_id}}
-        for event in self.agent.predict_stream(request):
-            item = event.get("item") if event["type"] == "response.output_item.done" else None
-            if item and item["type"] == "function_call":
-                print(f"  [{item['name']} {item['arguments']}]", flush=True)
-            elif item and item["type"] == "message":
-                print(item["content"][0]["text"] + "\n", flush=True)
-
-    def command(self, line: str):
-        name, _, arg = line.partition(" ")
-        arg = arg.strip()
-        if name == "/help":
-            print(HELP)
-        elif name == "/new":
-            self.thread_id = uuid.uuid4().hex
-            print(f"thread {self.thread_id}")
-        elif name == "/thread" and arg:
-            self.thread_id = check_thread_id(arg)
-            print(f"thread {self.thread_id}")
-        elif name == "/runs":
-            self.runs()
-        elif name == "/watch" and arg:
-            self.watch(arg)
-        elif name in ("/thread", "/watch"):
-            print(f"{name} needs {'a thread id' if name == '/thread' else 'a run id'}; /help lists the commands")
-        else:
-            print(f"unknown command {line!r}; /help lists them")
-
-    def runs(self):
-        with self.agent.db.connection() as conn:
-            runs = lakebase.list_runs(conn, self.thread_id)
-        if not runs:
-            print("no job runs in this thread yet")
-        for run in runs:
-            try:
-                state = run_state(self.agent._get_run(run["run_id"]))
-            except llm.ToolError as e:
-                state = f"(state unavailable: {e})"
-            print(f"run {run['run_id']}  {state}  {run['created_at']:%Y-%m-%d %H:%M}  {_one_line(run['request'], 60)}")
-
-    def watch(self, arg: str):
-        """Print the run's steps as they are logged, until it ends, with a spinner (a dot per poll off a TTY)."""
-        run_id = self.agent._own_run(Turn(self.thread_id, ""), arg)
-        cursor, started, spinner, tty = 0, time.monotonic(), itertools.cycle("|/-\\"), sys.stdout.isatty()
-        marked = False  # a progress mark is on the current line
-        try:
-            while True:
-                state = run_state(self.agent._get_run(run_id))
-                with self.agent.db.connection() as conn:
-                    steps = lakebase.read_steps(conn, run_id, after=cursor)
-                ended = state.split()[0] in FINISHED  # steps read after the end are all the steps
-                lines = [describe_step(step) for step in steps] + [f"run {run_id} ended: {state}"] * ended
-                if lines:
-                    print(("\r\x1b[K" if tty else "\n") * marked + "\n".join(lines), flush=True)
-                    cursor, marked = steps[-1]["step"] if steps else cursor, False
-                if ended:
-                    return
-                elapsed = time.monotonic() - started
-                print(f"\r{next(spinner)} run {run_id} {state} {elapsed:.0f} s" if tty else ".", end="", flush=True)
-                marked = True
-                time.sleep(self.watch_interval)
-        except KeyboardInterrupt:
-            print(f"\nstopped watching run {run_id}; it goes on (/runs shows it)", flush=True)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="primary.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Chat with the primary agent: small talk answered directly, data "
-                                            "questions answered by a Databricks Job run.",
-                                epilog=f"{HELP}\n\n{ENVIRONMENT}\n\n'python primary.py deploy ...' deploys the "
-                                       f"agent to Model Serving (serving.py; see 'deploy --help').")
-    p.add_argument("--local", action="store_true", help="use the local workspace even when one is configured")
-    p.add_argument("--data-dir", help="the local workspace's data directory (default ~/.local/share/async-agent)")
-    p.add_argument("--thread", help="continue this thread (default: a new one)")
-    return p
-
-
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["deploy"]:
-        try:
-            import serving
-        except ModuleNotFoundError as e:
-            if e.name != "serving":
-                raise
-            print("primary.py deploy: serving.py is not in this checkout yet, so there is nothing to deploy with",
-                  file=sys.stderr)
-            return 2
-        return serving.deploy_main(argv[1:])
-    args = parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = Config.from_env()
-    try:
-        thread_id = check_thread_id(args.thread or uuid.uuid4().hex)
-        agent, pool, close = setup(args, config)
-    except (SetupError, BadRequest, lakebase.LakebaseError, psycopg.Error) as e:
-        print(f"primary.py: {lakebase.redact(str(e))}", file=sys.stderr)
-        return 2
-    try:
-        Terminal(agent, thread_id, config.watch_interval).loop()
-    finally:
-        pool.close()
-        close()
-    return 0
+        return getattr(terminal, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import terminal
+
+    sys.exit(terminal.main())

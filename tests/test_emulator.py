@@ -723,9 +723,6 @@ def test_embedded_postgres_keeps_its_data_across_restarts():
 
 
 def test_local_start_composes_the_workspace(pg_dsn, tmp_path):
-    pytest.importorskip("offline", reason="offline.py (stand-in model, Genie answerer) has not landed yet")
-    if not (ROOT / "job.yml").exists():
-        pytest.skip("job.yml has not landed yet")
     with local.start(ROOT, data_dir=tmp_path, dsn=pg_dsn, cancel_grace=1, genie_delay=0.05) as ws:
         w = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat", retry_timeout_seconds=10))
         roundtrip(jobs.Job, w.api_client.do("GET", "/api/2.2/jobs/get", query={"job_id": ws.job_id}))

@@ -1,0 +1,513 @@
+"""The Jobs side of the local workspace emulator: jobs, runs, and the processes that run them.
+
+`Jobs` is mixed into `local.Emulator`, whose route table sends the Jobs 2.2 requests (run-now, runs get/list/cancel,
+jobs get/list) to its methods. A run is a real subprocess, `python <spark_python_task.python_file> <parameters>`,
+with `{{job.parameters.x}}`, `{{job.run_id}}`, ... substituted; its lifecycle (QUEUED, PENDING, RUNNING, TERMINATING,
+TERMINATED or SKIPPED) follows the process. Run records are kept in memory, or with a DSN in Postgres schema
+`local_workspace`, so run ids stay unique and old runs stay readable across restarts.
+"""
+import base64
+import dataclasses
+import itertools
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from local_api import bad, now_ms
+
+SHUTDOWN_MESSAGE = "the local workspace stopped while this run was active"
+ACTIVE = ("QUEUED", "PENDING", "RUNNING", "TERMINATING")
+# (result_state, termination code, termination type, state_message) of a run that ended this way
+CANCELLED = ("CANCELED", "USER_CANCELED", "SUCCESS", "Run cancelled.")
+SHUT_DOWN = ("FAILED", "INTERNAL_ERROR", "INTERNAL_ERROR", SHUTDOWN_MESSAGE)
+# JobSettings / RunTask keys we pass through from a bundle job; bundle-only keys (permissions, ...) are dropped.
+JOB_KEYS = ("name", "description", "max_concurrent_runs", "queue", "parameters", "tasks", "timeout_seconds",
+            "environments", "tags", "email_notifications", "notification_settings", "health", "performance_target")
+TASK_KEYS = ("task_key", "description", "depends_on", "spark_python_task", "environment_key", "timeout_seconds",
+             "max_retries", "min_retry_interval_millis", "retry_on_timeout", "run_if", "disable_auto_optimization")
+
+
+# ---------------------------------------------------------------- run records
+
+@dataclass
+class RunRecord:
+    """One job run as the emulator keeps it (and persists it as JSON)."""
+    run_id: int
+    task_run_id: int
+    job_id: int
+    run_name: str
+    task: dict  # the task definition, as in the job settings
+    parameters: list  # [{"name", "default", "value"}]
+    argv: list
+    created: int  # ms since the epoch
+    token: str | None = None  # idempotency token
+    life: str = "QUEUED"  # RunLifeCycleState
+    result: str | None = None  # RunResultState
+    message: str = ""
+    code: str | None = None  # TerminationCodeCode
+    kind: str | None = None  # TerminationTypeType
+    queue_reason: str | None = None
+    started: int | None = None  # when the process was spawned (ms)
+    ended: int | None = None
+    pid: int | None = None
+    stop: str | None = None  # why we are stopping it: cancel, timeout or shutdown
+    owner: str = ""  # the emulator instance that runs it
+    owner_pid: int = 0
+
+    @classmethod
+    def from_json(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class _MemoryRuns:
+    """Runs kept in memory (no DSN): ids restart at 1 with each emulator."""
+
+    def __init__(self):
+        self.rows, self.ids = {}, itertools.count(1)
+
+    def next_id(self):
+        return next(self.ids)
+
+    def save(self, rec):
+        self.rows[rec.run_id] = dataclasses.asdict(rec)
+
+    def get(self, run_id):
+        row = self.rows.get(run_id)
+        return RunRecord.from_json(row) if row else None
+
+    def by_token(self, token):
+        return next((RunRecord.from_json(r) for r in self.rows.values() if r["token"] == token), None)
+
+    def all(self):
+        return [RunRecord.from_json(r) for _, r in sorted(self.rows.items(), reverse=True)]
+
+    def close(self):
+        pass
+
+
+class _PostgresRuns:
+    """Runs kept in Postgres schema `local_workspace`, ids from a sequence: unique across restarts."""
+    SCHEMA = """
+        create schema if not exists local_workspace;
+        create sequence if not exists local_workspace.run_ids;
+        create table if not exists local_workspace.runs(
+            run_id bigint primary key, job_id bigint not null, idempotency_token text unique,
+            record jsonb not null, updated_at timestamptz not null default now())"""
+
+    def __init__(self, dsn):
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        with self.conn.transaction():  # two local workspaces may start at once
+            self.conn.execute("select pg_advisory_xact_lock(hashtext('local_workspace'))")
+            self.conn.execute(self.SCHEMA)
+
+    def next_id(self):
+        return self.conn.execute("select nextval('local_workspace.run_ids')").fetchone()[0]
+
+    def save(self, rec):
+        self.conn.execute(
+            "insert into local_workspace.runs(run_id, job_id, idempotency_token, record) values (%s, %s, %s, %s)"
+            " on conflict (run_id) do update set record = excluded.record, updated_at = now()",
+            (rec.run_id, rec.job_id, rec.token, Jsonb(dataclasses.asdict(rec))))
+
+    def _select(self, where, params):
+        rows = self.conn.execute(f"select record from local_workspace.runs where {where} order by run_id desc",
+                                 params).fetchall()
+        return [RunRecord.from_json(r[0]) for r in rows]
+
+    def get(self, run_id):
+        return next(iter(self._select("run_id = %s", (run_id,))), None)
+
+    def by_token(self, token):
+        return next(iter(self._select("idempotency_token = %s", (token,))), None)
+
+    def all(self):
+        return self._select("true", ())
+
+    def close(self):
+        self.conn.close()
+
+
+class Jobs:
+    """Mixed into `local.Emulator`: uses its `_lock`, `_closing`, `url`, `token` and `user`; `_init_jobs()` and
+    `_close_jobs()` are called by its `__init__()` and `close()`."""
+    _open_instances = set()  # owner ids of emulators not closed yet, in this process
+
+    def _init_jobs(self, dsn, project_dir, env, log_dir, cancel_grace):
+        self.project_dir = Path(project_dir).resolve()
+        self.env = dict(env or {})
+        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="local-runs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.cancel_grace = cancel_grace
+        self.jobs = {}
+        self.live: dict[int, RunRecord] = {}  # this emulator's runs that have not ended
+        self._procs, self._threads = {}, []
+        self.owner = uuid.uuid4().hex
+        self.store = _PostgresRuns(dsn) if dsn else _MemoryRuns()
+        Jobs._open_instances.add(self.owner)
+        self._recover()
+
+    def _close_jobs(self):
+        """Stop active runs (SIGTERM, SIGKILL after the grace) and mark them FAILED."""
+        with self._lock:
+            for rec in list(self.live.values()):
+                self._stop(rec, "shutdown")
+        for thread in list(self._threads):
+            thread.join(self.cancel_grace + 5)
+        with self._lock:
+            for rec in list(self.live.values()):  # a watcher that did not finish in time
+                self._conclude(rec, *SHUT_DOWN)
+            self.store.close()
+        Jobs._open_instances.discard(self.owner)
+
+    def run_log(self, run_id, stream="stdout"):
+        path = self.log_dir / f"run-{run_id}.{stream}"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # ------------------------------------------------------------ jobs
+
+    def add_job(self, job, job_id=None) -> int:
+        """Register a bundle-style job dict (one spark_python_task); returns its job id."""
+        task = (job.get("tasks") or [{}])[0]
+        if not (task.get("spark_python_task") or {}).get("python_file"):
+            raise ValueError("the job needs tasks[0].spark_python_task.python_file")
+        settings = {k: job[k] for k in JOB_KEYS if k in job}
+        settings["tasks"] = [{k: t[k] for k in TASK_KEYS if k in t} for t in job["tasks"]]
+        settings.setdefault("max_concurrent_runs", 1)
+        settings["format"] = "MULTI_TASK"
+        with self._lock:
+            job_id = job_id or max(self.jobs, default=0) + 1
+            self.jobs[job_id] = {"job_id": job_id, "creator_user_name": self.user, "run_as_user_name": self.user,
+                                 "created_time": now_ms(), "settings": settings}
+        return job_id
+
+    def _job(self, job_id):
+        if job_id not in self.jobs:
+            raise bad(f"Job {job_id} does not exist.")  # the SDK maps this to ResourceDoesNotExist on jobs/get
+        return self.jobs[job_id]
+
+    def _get_job(self, req):
+        return self._job(_int(req.query.get("job_id"), "job_id"))
+
+    def _list_jobs(self, req):
+        name = req.query.get("name")
+        jobs = [j for _, j in sorted(self.jobs.items(), reverse=True)
+                if name is None or j["settings"].get("name", "").lower() == name.lower()]
+        page, paging = _page(jobs, req.query, 100)
+        if not _flag(req.query, "expand_tasks"):
+            page = [{**j, "settings": {k: v for k, v in j["settings"].items() if k != "tasks"}} for j in page]
+        page = [{k: v for k, v in j.items() if k != "run_as_user_name"} for j in page]  # a BaseJob has none
+        return {"jobs": page, **paging} if page else paging
+
+    def _run_now(self, req):
+        body = req.body
+        job_id = _int(body.get("job_id"), "job_id")
+        settings = self._job(job_id)["settings"]
+        token = body.get("idempotency_token")
+        if token is not None and (not isinstance(token, str) or len(token) > 64):
+            raise bad("idempotency_token must be a string of at most 64 characters")
+        for key in ("python_params", "notebook_params", "jar_params", "spark_submit_params", "python_named_params",
+                    "sql_params", "dbt_commands", "pipeline_params"):
+            if body.get(key):
+                raise bad(f"{key} is not supported by the local workspace: pass job_parameters")
+        overrides = body.get("job_parameters") or {}
+        defined = {p["name"]: p.get("default", "") for p in settings.get("parameters") or []}
+        unknown = sorted(set(overrides) - set(defined))
+        if unknown:
+            raise bad(f"Job parameters {', '.join(unknown)} are not defined in job {job_id}.")
+        if any(not isinstance(v, str) for v in overrides.values()):
+            raise bad("job_parameters values must be strings")
+        queue = (body.get("queue") or settings.get("queue") or {"enabled": True}).get("enabled", True)
+        with self._lock:
+            existing = token and self.store.by_token(token)
+            if existing:
+                return {"run_id": existing.run_id, "number_in_job": existing.run_id}
+            rec = RunRecord(self.store.next_id(), self.store.next_id(), job_id, settings.get("name", f"job {job_id}"),
+                            settings["tasks"][0], [], [], now_ms(), token, owner=self.owner, owner_pid=os.getpid())
+            values = {**defined, **overrides}
+            rec.parameters = [{"name": n, "default": d, "value": values[n]} for n, d in defined.items()]
+            refs = {f"job.parameters.{n}": v for n, v in values.items()}
+            refs.update({"job.id": str(job_id), "job.run_id": str(rec.run_id), "job.name": rec.run_name,
+                         "task.name": rec.task.get("task_key", ""), "task.run_id": str(rec.task_run_id)})
+            rec.argv = [_substitute(str(a), refs) for a in rec.task["spark_python_task"].get("parameters") or []]
+            self._admit(rec, queue)
+        return {"run_id": rec.run_id, "number_in_job": rec.run_id}
+
+    def _admit(self, rec, queue):
+        """Start the run, queue it behind max_concurrent_runs, or skip it when queueing is off."""
+        limit, mine, started = self._slots(rec.job_id)
+        if limit > 0 and started < limit and started == len(mine):
+            self.live[rec.run_id] = rec
+            self._launch(rec)
+        elif queue and limit > 0:
+            rec.queue_reason = f"Queued due to reaching maximum concurrent runs of {limit}."
+            self.live[rec.run_id] = rec
+            self.store.save(rec)
+        else:
+            rec.life, rec.result, rec.code, rec.kind, rec.ended = (
+                "SKIPPED", "MAXIMUM_CONCURRENT_RUNS_REACHED", "MAX_CONCURRENT_RUNS_EXCEEDED", "CLIENT_ERROR", now_ms())
+            rec.message = f"Skipping this run because the limit of {limit} maximum concurrent runs has been reached."
+            self.store.save(rec)
+
+    def _slots(self, job_id):
+        """(max_concurrent_runs, the job's live runs oldest first, how many of them have started)."""
+        limit = self.jobs[job_id]["settings"].get("max_concurrent_runs", 1)
+        mine = sorted((r for r in self.live.values() if r.job_id == job_id), key=lambda r: r.run_id)
+        return limit, mine, sum(r.life != "QUEUED" for r in mine)
+
+    def _launch(self, rec):
+        """The run is PENDING until its watcher thread has spawned the process."""
+        rec.life, rec.queue_reason = "PENDING", None
+        self.store.save(rec)
+        thread = threading.Thread(target=self._run_process, args=(rec,), name=f"run-{rec.run_id}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _run_process(self, rec):
+        """Spawn the task's process, then watch it: timeout, cancel grace, exit code."""
+        python_file = self.project_dir / rec.task["spark_python_task"]["python_file"]
+        if not python_file.is_file():
+            return self._finish(rec, "FAILED", "RESOURCE_NOT_FOUND", "CLIENT_ERROR",
+                                f"python_file {python_file} does not exist.")
+        # The developer's own DATABRICKS_* would point the worker at their real workspace.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DATABRICKS_")}
+        env.update(PYTHONUNBUFFERED="1", DATABRICKS_HOST=self.url, DATABRICKS_TOKEN=self.token,
+                   DATABRICKS_AUTH_TYPE="pat")
+        for k, v in self.env.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        try:
+            with open(self.log_dir / f"run-{rec.run_id}.stdout", "ab") as out, \
+                    open(self.log_dir / f"run-{rec.run_id}.stderr", "ab") as err:
+                proc = subprocess.Popen([sys.executable, str(python_file), *rec.argv], cwd=self.project_dir,
+                                        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        start_new_session=True)
+        except OSError as e:
+            return self._finish(rec, "FAILED", "INVALID_RUN_CONFIGURATION", "CLIENT_ERROR",
+                                f"could not start the worker: {e}")
+        with self._lock:
+            self._procs[rec.run_id] = proc
+            rec.pid, rec.started = proc.pid, now_ms()
+            if rec.stop:  # cancelled while spawning
+                _signal(proc, signal.SIGTERM)
+            else:
+                rec.life = "RUNNING"
+            self.store.save(rec)
+        settings = self.jobs[rec.job_id]["settings"]
+        timeout = rec.task.get("timeout_seconds") or settings.get("timeout_seconds") or 0
+        deadline = time.monotonic() + timeout if timeout > 0 else math.inf
+        kill_at, killed = math.inf, False
+        while True:
+            try:
+                returncode = proc.wait(timeout=0.05)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            with self._lock:
+                if now >= deadline and not rec.stop:
+                    self._stop(rec, "timeout")
+                if rec.stop and kill_at == math.inf:
+                    kill_at = now + self.cancel_grace
+            if now >= kill_at and not killed:
+                _signal(proc, signal.SIGKILL)
+                killed = True
+        self._finish(rec, *self._outcome(rec, returncode, killed, timeout))
+
+    def _finish(self, rec, *outcome):
+        """Conclude a run whose process ended (or never started), then start the job's next queued runs."""
+        with self._lock:
+            self._conclude(rec, *outcome)
+        self._schedule(rec.job_id)
+
+    def _outcome(self, rec, returncode, killed, timeout):
+        """(result_state, termination code, termination type, state_message) for a process that ended."""
+        if rec.stop == "cancel":
+            result, code, kind, message = CANCELLED
+            note = f" The worker ignored SIGTERM and was killed after {self.cancel_grace:g} s." if killed else ""
+            return result, code, kind, message + note
+        if rec.stop == "timeout":
+            return "TIMEDOUT", "CANCELED", "CLIENT_ERROR", f"Run timed out after {timeout} seconds (timeout_seconds)."
+        if rec.stop == "shutdown":
+            return SHUT_DOWN
+        if returncode == 0:
+            return "SUCCESS", "SUCCESS", "SUCCESS", ""
+        if returncode < 0:
+            name = signal.Signals(-returncode).name
+            why = f"the worker process was killed by {name} (signal {-returncode})"
+        else:
+            why = f"the worker process exited with code {returncode}"
+        lines = [s for s in self.run_log(rec.run_id, "stderr").splitlines() if s.strip()]
+        last = f": {lines[-1].strip()[:500]}" if lines else "."
+        return "FAILED", "RUN_EXECUTION_ERROR", "CLIENT_ERROR", f"Task {rec.task.get('task_key')} failed: {why}{last}"
+
+    def _conclude(self, rec, result, code, kind, message):
+        rec.life, rec.result, rec.code, rec.kind, rec.message = "TERMINATED", result, code, kind, message
+        rec.ended, rec.queue_reason = now_ms(), None
+        self.live.pop(rec.run_id, None)
+        self._procs.pop(rec.run_id, None)
+        self.store.save(rec)
+
+    def _stop(self, rec, reason):
+        """Cancel (or time out, or shut down) a live run; a queued run ends without ever starting."""
+        if rec.life == "QUEUED":
+            return self._conclude(rec, *(SHUT_DOWN if reason == "shutdown" else CANCELLED))
+        if rec.stop:
+            return
+        rec.stop, rec.life = reason, "TERMINATING"
+        self.store.save(rec)
+        if rec.run_id in self._procs:
+            _signal(self._procs[rec.run_id], signal.SIGTERM)
+
+    def _schedule(self, job_id):
+        """Start queued runs of the job while it has free slots."""
+        with self._lock:
+            if self._closing.is_set():
+                return
+            limit, mine, started = self._slots(job_id)
+            for rec in [r for r in mine if r.life == "QUEUED"][:max(0, limit - started)]:
+                self._launch(rec)
+
+    def _recover(self):
+        """Mark runs whose local workspace died while they were active as FAILED."""
+        for rec in self.store.all():
+            if rec.life not in ACTIVE or rec.owner in Jobs._open_instances:
+                continue
+            if rec.owner_pid != os.getpid() and _alive(rec.owner_pid):
+                continue  # another local workspace, still running
+            self._conclude(rec, *SHUT_DOWN)
+
+    def _record(self, run_id):
+        with self._lock:
+            rec = self.live.get(run_id) or self.store.get(run_id)
+        if rec is None:
+            raise bad(f"Run {run_id} does not exist.")  # the SDK maps this to ResourceDoesNotExist on runs/get
+        return rec
+
+    def _get_run(self, req):
+        with self._lock:  # a consistent snapshot: the watcher thread updates live records
+            return self._run_json(self._record(_int(req.query.get("run_id"), "run_id")))
+
+    def _cancel_run(self, req):
+        rec = self._record(_int(req.body.get("run_id"), "run_id"))
+        with self._lock:
+            if rec.run_id in self.live:  # cancelling an ended run is a no-op, as on the service
+                self._stop(self.live[rec.run_id], "cancel")
+        return {}
+
+    def _list_runs(self, req):
+        q = req.query
+        if _flag(q, "active_only") and _flag(q, "completed_only"):
+            raise bad("active_only and completed_only cannot both be true")
+        job_id = _int(q["job_id"], "job_id") if "job_id" in q else None
+        with self._lock:
+            runs = [self.live.get(r.run_id, r) for r in self.store.all()]
+        runs = [r for r in runs if (job_id is None or r.job_id == job_id)
+                and not (_flag(q, "active_only") and r.life not in ACTIVE)
+                and not (_flag(q, "completed_only") and r.life in ACTIVE)
+                and q.get("run_type", "JOB_RUN") == "JOB_RUN"
+                and _int(q.get("start_time_from", 0), "start_time_from") <= r.created
+                and r.created <= _int(q.get("start_time_to", 2 ** 62), "start_time_to")]
+        page, paging = _page(runs, q, 24)
+        with self._lock:
+            page = [self._run_json(r, tasks=_flag(q, "expand_tasks")) for r in page]
+        return {"runs": page, **paging} if page else paging
+
+    def _run_json(self, rec, tasks=True):
+        now, end = now_ms(), rec.ended or 0
+        state = {"life_cycle_state": rec.life, "state_message": rec.message,
+                 "user_cancelled_or_timedout": rec.result in ("CANCELED", "TIMEDOUT")}
+        if rec.result:
+            state["result_state"] = rec.result
+        status = {"state": "TERMINATED" if rec.life == "SKIPPED" else rec.life}
+        if rec.code:
+            status["termination_details"] = {"code": rec.code, "type": rec.kind, "message": rec.message}
+        if rec.queue_reason:
+            state["queue_reason"] = rec.queue_reason
+            status["queue_details"] = {"code": "MAX_CONCURRENT_RUNS_REACHED", "message": rec.queue_reason}
+        url = f"{self.url}/#job/{rec.job_id}/run/"
+        body = {"job_id": rec.job_id, "run_id": rec.run_id, "number_in_job": rec.run_id,
+                "original_attempt_run_id": rec.run_id, "attempt_number": 0, "run_name": rec.run_name,
+                "creator_user_name": self.user, "run_page_url": url + str(rec.run_id), "run_type": "JOB_RUN",
+                "trigger": "ONE_TIME", "start_time": rec.created, "end_time": end, "setup_duration": 0,
+                "execution_duration": 0, "cleanup_duration": 0, "run_duration": (end or now) - rec.created,
+                "queue_duration": (rec.started or end or now) - rec.created, "state": state, "status": status}
+        if rec.parameters:
+            body["job_parameters"] = rec.parameters
+        if tasks:
+            running = ((end or now) - rec.started) if rec.started else 0
+            body["tasks"] = [{**rec.task, "run_id": rec.task_run_id, "run_page_url": url + str(rec.task_run_id),
+                              "state": state, "status": status, "attempt_number": 0,
+                              "start_time": rec.started or 0, "end_time": end, "setup_duration": 0,
+                              "execution_duration": running, "cleanup_duration": 0, "run_duration": running,
+                              "queue_duration": body["queue_duration"]}]
+        return body
+
+
+def _substitute(text, refs):
+    """Replace `{{job.parameters.x}}`-style references the run knows; others are left as written."""
+    return re.sub(r"\{\{\s*([\w.\-]+)\s*\}\}", lambda m: refs.get(m.group(1), m.group(0)), text)
+
+
+def _int(value, name):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise bad(f"{name} must be an integer, got {value!r}") from None
+
+
+def _flag(query, name):
+    return str(query.get(name, "false")).lower() == "true"
+
+
+def _page(items, query, limit_max, default=20):
+    """One page of `items` by offset / page token, with the list response's paging keys."""
+    limit = _int(query.get("limit", default), "limit")
+    if limit == 0:
+        limit = limit_max
+    if not 1 <= limit <= limit_max:
+        raise bad(f"limit must be between 1 and {limit_max}, got {limit}")
+    offset = _int(query.get("offset", 0), "offset")
+    if query.get("page_token"):
+        try:
+            offset = int(base64.urlsafe_b64decode(query["page_token"].encode()).decode().removeprefix("offset:"))
+        except ValueError:
+            raise bad(f"invalid page_token {query['page_token']!r}") from None
+    token = lambda n: base64.urlsafe_b64encode(f"offset:{n}".encode()).decode()
+    page = {"has_more": offset + limit < len(items)}
+    if page["has_more"]:
+        page["next_page_token"] = token(offset + limit)
+    if offset > 0:
+        page["prev_page_token"] = token(max(0, offset - limit))
+    return items[offset:offset + limit], page
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)  # the worker runs in its own session: reach its children too
+    except ProcessLookupError:
+        pass
