@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 TOKEN = "dapi-local"
 DEFAULT_USER = "me@example.com"
+WORKSPACE_ID = "1"  # host metadata names it; the SDK then sends it on every call, as with a real workspace
 DEFAULT_DATA_DIR = "~/.local/share/async-agent"
 GENIE_SPACE = "local-sample"
 DEFAULT_LLM_ENDPOINT = "databricks-claude-sonnet-4-5"
@@ -260,8 +261,8 @@ class Emulator(Jobs, Genie):
     def _dispatch(self, req):
         if self._closing.is_set():  # a kept-alive connection of a client from before close()
             raise ApiError(503, "TEMPORARILY_UNAVAILABLE", "the local workspace is shutting down")
-        if req.path == "/.well-known/databricks-config":  # unauthenticated; a 404 makes the SDK go on at once
-            raise ApiError(404, "NOT_FOUND", "host metadata is not available in the local workspace")
+        if req.path == "/.well-known/databricks-config":  # unauthenticated, like a real workspace's
+            return {"oidc_endpoint": f"{self.url}/oidc", "workspace_id": WORKSPACE_ID, "cloud": "AWS"}
         auth = req.headers.get("authorization", "")
         if not auth.startswith("Bearer "):
             raise ApiError(401, "UNAUTHENTICATED",
@@ -456,4 +457,5 @@ def _genie_chat():
         return None
     import llm
 
-    return llm.openai_chat(os.environ["LLM_BASE_URL"], os.environ.get("LLM_MODEL", ""), os.environ.get("LLM_API_KEY"))
+    model = os.environ.get("LLM_MODEL") or os.environ.get("LLM_ENDPOINT_NAME") or DEFAULT_LLM_ENDPOINT
+    return llm.openai_chat(os.environ["LLM_BASE_URL"], model, os.environ.get("LLM_API_KEY"))

@@ -24,9 +24,6 @@ from primary import (DEFAULT_ENDPOINT, FINISHED, BadRequest, PrimaryAgent, Turn,
                      describe_step, one_line, run_state)
 
 HERE = Path(__file__).resolve().parent
-# The SDK's WARNING when a host has no /.well-known/databricks-config (the local workspace answers 404): it goes on
-# with the configuration it was given, so on the terminal the warning is only noise.
-HOST_METADATA_WARNING = "Failed to automatically resolve config from host metadata"
 
 HELP = """commands:
   /new            start a new thread
@@ -252,8 +249,6 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("databricks.sdk").addFilter(
-        lambda record: not record.getMessage().startswith(HOST_METADATA_WARNING))
     config = Config.from_env()
     try:
         thread_id = check_thread_id(args.thread or uuid.uuid4().hex)

@@ -110,8 +110,12 @@ def test_client_construction_is_fast_and_needs_no_token_for_host_metadata(emu):
     assert time.monotonic() - started < 2
     well_known = emu.calls("GET", "/.well-known/databricks-config")
     assert well_known and "authorization" not in well_known[0].headers
-    assert requests.get(emu.url + "/.well-known/databricks-config", timeout=5).status_code == 404
+    metadata = requests.get(emu.url + "/.well-known/databricks-config", timeout=5)
+    assert metadata.status_code == 200 and metadata.json()["workspace_id"] == local.WORKSPACE_ID
     assert w.current_user.me().user_name == local.DEFAULT_USER
+    assert w.config.auth_type == "pat"  # the metadata adds no auth method, and no /oidc calls follow
+    assert emu.calls("GET", "/api/2.0/preview/scim/v2/Me")[-1].headers["x-databricks-workspace-id"] == "1"
+    assert not [r for r in emu.requests if "oidc" in r.path or "oauth" in r.path]
 
 
 def test_wrong_or_missing_token_is_refused(emu):
