@@ -467,10 +467,23 @@ def _primary_turn(messages):
     if STATUS.search(low) or (MAYBE_STATUS.search(low) and not DATA.search(low)):
         return _about_run(messages, text, "poll_databricks_job", "check on")
     if DATA.search(low):
-        return None, [("start_databricks_job", {"request": text})]
+        return None, [("start_databricks_job", {"request": _standalone(messages, text)})]
     if GREETING.search(low):
         return ("You're welcome! " if re.search(r"\bthank|\bcheers", low) else "Hello! ") + ABOUT, []
     return CLARIFY, []
+
+
+def _standalone(messages, text) -> str:
+    """The job's worker does not see this conversation: a follow-up ("what about 2024?") is sent together with
+    the request it follows, which the worker asks Genie as two questions in one conversation."""
+    if not FOLLOW_UP.search(text.lower()):
+        return text
+    earlier = [json.loads(c["function"]["arguments"]).get("request", "") for m in messages[:-1]
+               for c in m.get("tool_calls") or [] if c["function"]["name"] == "start_databricks_job"]
+    if not (earlier and earlier[-1]):
+        return text
+    follow_up = re.sub(r"(?i)^and\s+", "", text)
+    return f"{earlier[-1].split(' and also ')[0]} and also {follow_up}"
 
 
 def _about_run(messages, text, tool, verb):

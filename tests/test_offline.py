@@ -679,7 +679,25 @@ def test_primary_walk_through_with_the_tool_loop():
     assert "stand-in" in turn("hello")
     assert "run 1" in turn("What was total revenue in 2025?")
     assert "It is $1." in turn("is it done?")
-    assert "run 2" in turn("and top 3 products by orders")
+    assert "run 2" in turn("and top 3 products by orders")  # a follow-up: sent with the request it follows
     assert "cancel run 2" in turn("cancel it")
+    assert "run 3" in turn("top 5 customers by revenue")  # not a follow-up: sent as it is
     assert calls == [("start", "What was total revenue in 2025?"), ("poll", "1"),
-                     ("start", "and top 3 products by orders"), ("terminate", "2")]
+                     ("start", "What was total revenue in 2025? and also top 3 products by orders"),
+                     ("terminate", "2"), ("start", "top 5 customers by revenue")]
+
+
+def test_a_follow_up_across_turns_is_answered_in_one_genie_conversation(sample_dsn):
+    """'what about 2024?' after a job about 2025: the worker asks Genie both, the second as a follow-up."""
+    started = [SYSTEM, user("total revenue in 2025"),
+               assistant_call("start_databricks_job", {"request": "total revenue in 2025"}, "c1"),
+               tool_result("c1", json.dumps({"run_id": 7})), {"role": "assistant", "content": "Started run 7."}]
+    _, calls = reply([*started, user("what about 2024?")])
+    assert calls == [("start_databricks_job", {"request": "total revenue in 2025 and also what about 2024?"})]
+    _, asks = reply([SYSTEM, user(calls[0][1]["request"])], tools=WORKER)
+    questions = [arguments["question"] for _, arguments in asks]
+    assert questions == ["total revenue in 2025?", "what about 2024?"]
+    genie = GenieAnswerer(sample_dsn)
+    answers = [genie.answer(question, questions[:i]) for i, question in enumerate(questions)]
+    assert [[num(r[0]) for r in a.rows] for a in answers] == [[measure("revenue", in_year(2025))],
+                                                               [measure("revenue", in_year(2024))]]
