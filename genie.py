@@ -7,7 +7,9 @@ the query when its result has expired. We poll ourselves rather than use the SDK
 polling CANCELLED and QUERY_RESULT_EXPIRED messages until its 20-minute timeout.
 
 The model sees Genie's text answer, the SQL it ran and the rows as a compact table cut to a head and a
-tail within a character budget; the full result is kept on `Genie.last` for the step log.
+tail within a character budget; the full result (or how far a failed question got) is kept on `Genie.last`
+for the step log. Rate limits (about 5 questions a minute) are retried by the SDK itself, honouring
+Retry-After, for its `retry_timeout_seconds`; past that the model is told to wait.
 """
 import logging
 import time
@@ -53,6 +55,7 @@ class Answer:
     columns: list = field(default_factory=list)
     rows: list = field(default_factory=list)
     row_count: int = 0
+    error: str = ""  # why the question failed (the model saw "Error: <error>")
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -79,18 +82,24 @@ class Genie:
         )
 
     def query_genie(self, question: str) -> str:
+        if not isinstance(question, str):
+            raise ToolError(f"the question must be a string, not {type(question).__name__}.")
         question = question.strip()
         if not question:
             raise ToolError("the question is empty; ask a question in plain words.")
         if len(question) > MAX_QUESTION_CHARS:
             raise ToolError(f"the question is {len(question)} characters; keep it under {MAX_QUESTION_CHARS}.")
-        self.last = None
-        self.last = answer = self.ask(question)
+        self.last = answer = Answer(question, "", "", "NOT_SENT")
+        try:
+            self.ask(answer)
+        except ToolError as e:  # the step log keeps how far the question got
+            answer.error = str(e)
+            raise
         return render(answer, self.config.max_chars)
 
-    def ask(self, question: str) -> Answer:
-        message = self._send(question)
-        answer = Answer(question, message.conversation_id, message.message_id, "SUBMITTED")
+    def ask(self, answer: Answer) -> Answer:
+        answer.conversation_id, answer.message_id = self._send(answer.question)
+        answer.status = "SUBMITTED"
         message = self._wait(answer)
         answer.text = "\n".join(a.text.content for a in message.attachments or [] if a.text and a.text.content)
         query = next((a for a in message.attachments or [] if a.query), None)
@@ -100,7 +109,8 @@ class Genie:
         return answer
 
     def _send(self, question):
-        from databricks.sdk.errors import DatabricksError, NotFound, PermissionDenied, TooManyRequests
+        from databricks.sdk.errors import (DatabricksError, NotFound, PermissionDenied, TooManyRequests,
+                                           Unauthenticated)
 
         space = self.config.space_id
         try:
@@ -109,15 +119,17 @@ class Genie:
                 self.conversation_id = waiter.conversation_id
             else:
                 waiter = self.w.genie.create_message(space, self.conversation_id, question)
-        except (NotFound, PermissionDenied) as e:
+        except (NotFound, PermissionDenied, Unauthenticated) as e:
             raise GenieUnavailable(f"Genie space {space!r} can't be used: {e}") from e
-        except (TooManyRequests, TimeoutError) as e:
-            # The SDK already retried 429s for its whole retry budget, honouring Retry-After.
-            raise ToolError(f"Genie is rate limited (about 5 questions a minute per workspace) and still "
-                            f"refused after retrying: {e}. Wait a minute before asking again.") from e
+        except TimeoutError as e:  # the SDK retried 429s, 503s and connection errors for its whole budget
+            if isinstance(e.__cause__, TooManyRequests):
+                raise ToolError(f"Genie is rate limited (about 5 questions a minute per workspace) and still "
+                                f"refused after retrying ({e}): {e.__cause__}. Wait a minute before asking "
+                                f"again.") from e
+            raise ToolError(f"Genie did not respond ({e}): {e.__cause__}. Try again later.") from e
         except DatabricksError as e:
             raise ToolError(f"Genie refused the question: {e}") from e
-        return _Sent(waiter.conversation_id, waiter.message_id)
+        return waiter.conversation_id, waiter.message_id
 
     def _wait(self, answer: Answer):
         """Poll the message until a final status; raise ToolError for FAILED, CANCELLED and the timeout."""
@@ -137,7 +149,7 @@ class Genie:
             if answer.status not in IN_PROGRESS:
                 log.warning("unexpected Genie status %s; still polling", answer.status)
             if self.clock() >= deadline:
-                raise ToolError(f"Genie did not answer within {self.config.timeout:.0f} s "
+                raise ToolError(f"Genie did not answer within {self.config.timeout:g} s "
                                 f"(last status {answer.status}); try a simpler question.")
             delay = min(delay * 1.5, self.config.poll_max)
 
@@ -162,12 +174,6 @@ class Genie:
         answer.row_count = (statement.manifest.total_row_count if statement.manifest else None) or len(answer.rows)
 
 
-@dataclass
-class _Sent:
-    conversation_id: str
-    message_id: str
-
-
 def _succeeded(statement) -> bool:
     return bool(statement and statement.status and statement.status.state
                 and statement.status.state.value == "SUCCEEDED")
@@ -184,10 +190,10 @@ def render(answer: Answer, max_chars: int) -> str:
 
 
 def _table(columns, rows, max_chars) -> str:
-    line = lambda values: " | ".join("" if v is None else str(v) for v in values)
+    line = lambda values: " | ".join("" if v is None else " ".join(str(v).splitlines()) for v in values)
     lines = [line(r) for r in rows]
     header = line(columns)
-    budget = max_chars - len(header) - 1
+    budget = max_chars - len(header)  # each row costs its length + 1 for the line break before it
     if sum(len(s) + 1 for s in lines) <= budget:
         return "\n".join([header, *lines])
     head, tail, used = [], [], 0

@@ -5,23 +5,28 @@ below; it also runs by hand: `python worker.py --request "total revenue in 2025"
 tool loop with `query_genie` and logs every step to `task_logs` in Lakebase, each committed as it goes so
 a poller sees progress live: started, tool_call, tool_result, completed. A failure logs `failed` and a
 cancellation (SIGTERM, which is how Databricks cancels a run) logs `cancelled`; both exit non-zero, so the
-Job run shows the outcome too.
+Job run shows the outcome too. What a person must fix (bad flags, no database) is one line on stderr.
 """
-import argparse
-import dataclasses
-import logging
-import os
 import signal
-import sys
-import time
-import uuid
-from dataclasses import dataclass
 
-import psycopg
+if __name__ == "__main__":  # a cancel during start-up (imports take ~0.3 s) waits until the log can record it
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-import lakebase
-from genie import Genie, GenieConfig, GenieUnavailable
-from llm import LimitReached, LLMError, databricks_chat, openai_chat, run_tools
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import psycopg  # noqa: E402
+
+import lakebase  # noqa: E402
+from genie import DEFAULT_DESCRIPTION, Genie, GenieConfig, GenieUnavailable  # noqa: E402
+from llm import LimitReached, LLMError, databricks_chat, openai_chat, run_tools  # noqa: E402
 
 log = logging.getLogger("worker")
 
@@ -46,9 +51,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="worker.py", description="Answer one data request with Genie, logging each step to Lakebase.",
         epilog="Environment: LAKEBASE_DSN (or PG* variables), LAKEBASE_INSTANCE, LAKEBASE_ENDPOINT, "
-               "GENIE_SPACE_ID, GENIE_DESCRIPTION, LLM_ENDPOINT_NAME (default %s), LLM_BASE_URL, "
-               "LLM_MODEL, LLM_API_KEY; Databricks auth as the SDK reads it (DATABRICKS_HOST, ...). "
-               "An empty flag value means 'not given'." % DEFAULT_ENDPOINT)
+               "LAKEBASE_DATABASE, LAKEBASE_USER (the Postgres role; default: the Databricks identity), "
+               "GENIE_SPACE_ID, GENIE_DESCRIPTION (the tool description the model reads), LLM_ENDPOINT_NAME "
+               "(default %s), LLM_BASE_URL (an OpenAI-compatible server instead), LLM_MODEL, LLM_API_KEY, "
+               "LOG_LEVEL (default INFO); Databricks auth as the SDK reads it (DATABRICKS_HOST, ...). "
+               "An empty flag value means 'not given'. Exit status: 0 answered, 1 failed, 2 bad input, "
+               "3 no step-log database, 143 cancelled (SIGTERM)." % DEFAULT_ENDPOINT)
     p.add_argument("--request", required=True, help="the user's data request, in plain language")
     p.add_argument("--thread-id", default="", help="the primary agent's thread that asked (kept in the log)")
     p.add_argument("--run-id", default="", help="the Databricks run id ({{job.run_id}}) that keys the step "
@@ -57,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default: LAKEBASE_INSTANCE)")
     p.add_argument("--lakebase-endpoint", default="", help="Lakebase autoscaling endpoint "
                    "projects/P/branches/B/endpoints/E (default: LAKEBASE_ENDPOINT)")
+    p.add_argument("--lakebase-database", default="", help="database in that instance or endpoint "
+                   f"(default: LAKEBASE_DATABASE or {lakebase.DEFAULT_DATABASE})")
     p.add_argument("--genie-space-id", default="", help="Genie space to ask (default: GENIE_SPACE_ID)")
     p.add_argument("--llm-endpoint", default="", help=f"chat model serving endpoint (default: "
                    f"LLM_ENDPOINT_NAME or {DEFAULT_ENDPOINT})")
@@ -83,6 +93,8 @@ class WorkerConfig:
         db = lakebase.LakebaseConfig.from_env(env)
         if args.lakebase_instance or args.lakebase_endpoint:  # a flag names the database instead of the env
             db = dataclasses.replace(db, dsn="", instance=args.lakebase_instance, endpoint=args.lakebase_endpoint)
+        if args.lakebase_database:
+            db = dataclasses.replace(db, database=args.lakebase_database)
         return cls(request=args.request, run_id=args.run_id or f"local-{uuid.uuid4()}", thread_id=args.thread_id,
                    genie_space_id=args.genie_space_id or env.get("GENIE_SPACE_ID", ""),
                    genie_description=env.get("GENIE_DESCRIPTION", ""),
@@ -98,8 +110,6 @@ class WorkerConfig:
             raise UsageError(f"the request is {len(request):,} characters; the limit is {MAX_REQUEST_CHARS:,}")
         if not self.genie_space_id:
             raise UsageError("no Genie space: set GENIE_SPACE_ID or pass --genie-space-id")
-        if not (self.llm_endpoint or self.llm_base_url):
-            raise UsageError("no chat model: set LLM_ENDPOINT_NAME or LLM_BASE_URL")
 
 
 class StepLog:
@@ -110,33 +120,46 @@ class StepLog:
         self.conn = connect()
 
     def __call__(self, status: str, payload: dict) -> int:
+        # SIGTERM waits until the step is written: cut short, the write would leave its transaction open,
+        # holding the run's step lock, and the `cancelled` step would wait for that lock forever.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         try:
             return lakebase.log_step(self.conn, self.run_id, status, payload)
         except psycopg.OperationalError:
             log.warning("lost the database connection; reconnecting to log %s", status)
             self.conn = self.connect()
             return lakebase.log_step(self.conn, self.run_id, status, payload)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def run(config: WorkerConfig, chat, genie: Genie, step: StepLog) -> str:
-    """The agent: the request, the tool loop with query_genie, every step logged. Returns the answer."""
+    """The agent: the request, then the tool loop with query_genie, each call and result logged as a step.
+    Returns the answer (main() logs the run's start and end)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": config.request}]
 
     def on_message(message, info):
         if message["role"] == "assistant":
             for call in message.get("tool_calls", []):
                 step("tool_call", {"call_id": call["id"], "name": call["function"]["name"],
-                                   "arguments": call["function"]["arguments"]})
-        elif message["role"] == "tool":
-            detail = genie.last.as_dict() if info["name"] == "query_genie" and genie.last else {}
+                                   "arguments": _arguments(call["function"]["arguments"])})
+        elif message["role"] == "tool":  # Genie's full result, if this call reached Genie (then forget it)
+            detail, genie.last = (genie.last.as_dict() if genie.last else {}), None
             step("tool_result", {"call_id": info["call_id"], "name": info["name"], "output": message["content"],
                                  "duration_ms": round(info["duration_s"] * 1000), "error": info["error"] is not None,
                                  "detail": detail})
 
     answer = run_tools(chat, messages, [genie.tool()], max_calls=config.max_calls, on_message=on_message,
                        fatal=(psycopg.Error, GenieUnavailable))
-    step("completed", {"answer": answer})
     return answer
+
+
+def _arguments(text: str):
+    try:  # the log keeps a dict when the model sent a JSON object, else the text as sent
+        arguments = json.loads(text)
+    except ValueError:
+        return text
+    return arguments if isinstance(arguments, dict) else text
 
 
 def workspace_client(config: WorkerConfig):
@@ -153,10 +176,7 @@ def clients(config: WorkerConfig, workspace):
         chat = openai_chat(config.llm_base_url, config.llm_model or config.llm_endpoint, config.llm_api_key)
     else:
         chat = databricks_chat(config.llm_endpoint, workspace.config)
-    genie_config = GenieConfig(config.genie_space_id)
-    if config.genie_description:
-        genie_config.description = config.genie_description
-    return chat, genie_config
+    return chat, GenieConfig(config.genie_space_id, description=config.genie_description or DEFAULT_DESCRIPTION)
 
 
 def _cancel(signum, frame):
@@ -167,6 +187,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = WorkerConfig.from_args(parser().parse_args(argv))
+    if not lakebase.ID_PATTERN.fullmatch(config.run_id):  # else the step log refuses every step
+        print(f"worker: invalid run id {config.run_id!r}: 1-128 letters, digits or _.:-, starting with a letter "
+              f"or digit", file=sys.stderr)
+        return 2
     try:
         # Lakebase mints its login tokens through the workspace; a plain DSN needs none
         workspace = workspace_client(config) if config.db.instance or config.db.endpoint else None
@@ -174,42 +198,54 @@ def main(argv=None) -> int:
         step = StepLog(connect, config.run_id)
         lakebase.migrate(step.conn)
     except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:  # ValueError: the SDK's auth config
-        print(f"worker: cannot reach the step-log database: {lakebase.redact(str(e))}", file=sys.stderr)
+        print(f"worker: cannot reach the step-log database: {_one_line(e)}", file=sys.stderr)
         return 3
-    signal.signal(signal.SIGTERM, _cancel)
     print(f"worker: run {config.run_id}", file=sys.stderr)
     started = time.monotonic()
     try:
+        signal.signal(signal.SIGTERM, _cancel)  # the first step unblocks SIGTERM: a pending one is raised there
         step("started", {"request": config.request[:MAX_REQUEST_CHARS], "thread_id": config.thread_id or None})
         config.check()
         workspace = workspace or workspace_client(config)
         chat, genie_config = clients(config, workspace)
-        genie = Genie(workspace, genie_config)
-        answer = run(config, chat, genie, step)
+        answer = run(config, chat, Genie(workspace, genie_config), step)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # answered: too late to cancel
     except Cancelled as e:
-        step("cancelled", {"reason": str(e)})
-        print(f"worker: {e}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return _end(step, "cancelled", {"reason": str(e)}, f"worker: {e}", 128 + signal.SIGTERM)
     except KeyboardInterrupt:
-        step("cancelled", {"reason": "interrupted (Ctrl-C)"})
-        return 130
+        return _end(step, "cancelled", {"reason": "interrupted (Ctrl-C)"}, "worker: interrupted (Ctrl-C)", 130)
     except Exception as e:  # anything else ends the run: record why, then fail the Job run visibly
         error = _describe(e, config.max_calls)
         log.debug("run failed", exc_info=True)
-        step("failed", {"error": error, "kind": type(e).__name__})
-        print(f"worker: failed: {error}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
+        return _end(step, "failed", {"error": error, "kind": type(e).__name__}, f"worker: failed: {error}",
+                    2 if isinstance(e, UsageError) else 1)
     print(answer)
-    log.info("run %s completed in %.1f s", config.run_id, time.monotonic() - started)
-    return 0
+    return _end(step, "completed", {"answer": answer}, f"worker: completed in {time.monotonic() - started:.1f} s", 0)
+
+
+def _end(step: StepLog, status: str, payload: dict, message: str, code: int) -> int:
+    """Log the run's last step and say why it ended; returns the exit code (3 if the log is out of reach)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already: a second SIGTERM changes nothing
+    try:
+        step(status, payload)
+    except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:
+        why = payload.get("error") or payload.get("reason")
+        print(f"worker: could not log the run's end ({f'{status}: {why}' if why else status}): {_one_line(e)}",
+              file=sys.stderr)
+        return 3
+    print(message, file=sys.stderr)
+    return code
 
 
 def _describe(e: Exception, max_calls: int) -> str:
     if isinstance(e, LimitReached):
         return f"no final answer after {max_calls} model calls; the request may need narrowing"
-    if isinstance(e, LLMError):
-        return f"the chat model failed: {e}"
-    return lakebase.redact(str(e)) or type(e).__name__
+    return f"the chat model failed: {_one_line(e)}" if isinstance(e, LLMError) else _one_line(e)
+
+
+def _one_line(e: BaseException) -> str:
+    """The error for a person: no secrets, on one line (an endpoint's error page or libpq may give several)."""
+    return " ".join(lakebase.redact(str(e)).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -264,7 +264,7 @@ def test_job_passes_exactly_the_flags_worker_accepts():
 
 def test_values_that_look_like_flags_reach_the_worker_unchanged():
     values = {"request": "-h", "thread_id": "-t1", "lakebase_instance": "", "lakebase_endpoint": "",
-              "genie_space_id": "--space", "llm_endpoint": "a=b"}
+              "lakebase_database": "-db", "genie_space_id": "--space", "llm_endpoint": "a=b"}
 
     def fill(arg):
         arg = arg.replace("{{job.run_id}}", "42")
@@ -273,6 +273,7 @@ def test_values_that_look_like_flags_reach_the_worker_unchanged():
     args = worker_parser().parse_args([fill(a) for a in the_task()["spark_python_task"]["parameters"]])
     assert (args.request, args.thread_id, args.run_id) == ("-h", "-t1", "42")
     assert (args.genie_space_id, args.llm_endpoint, args.lakebase_instance) == ("--space", "a=b", "")
+    assert args.lakebase_database == "-db"
 
 
 # ------------------------------------------------------------------ lakebase_grants.sql, run by psql

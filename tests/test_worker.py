@@ -1,0 +1,523 @@
+"""worker.py, the job's entry point: a real subprocess (run by the emulator's job runner from job.yml, or
+directly) logging to a real Postgres, its model the scripted chat server, its Genie the emulator's, reached
+with the real SDK. The loop's Genie outcomes are also checked in-process through worker.run()."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+import lakebase
+import local
+import worker
+from genie import Genie, GenieConfig
+from llm import LimitReached, openai_chat
+from test_genie import GENIE, SQL, Answerer, bounded_sleep, client
+from worker import StepLog, WorkerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN_VARS = ("DATABRICKS_", "LAKEBASE_", "GENIE_", "LLM_", "PG")  # the worker reads these; each test sets its own
+
+
+@pytest.fixture
+def answerer():
+    return Answerer()
+
+
+@pytest.fixture
+def emu(tmp_path, answerer):
+    with local.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", genie_delay=0.03) as emulator:
+        emulator.add_genie_space("space", answerer)
+        yield emulator
+
+
+def worker_env(emu=None, dsn=None, model=None, **changes):
+    """The environment a worker subprocess gets: the emulator's workspace, the database, the scripted model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_VARS)}
+    env.update(DATABRICKS_CONFIG_FILE=os.devnull, PYTHONUNBUFFERED="1")
+    if emu:
+        env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=local.TOKEN, GENIE_SPACE_ID="space")
+    if dsn:
+        env["LAKEBASE_DSN"] = dsn
+    if model:
+        env.update(LLM_BASE_URL=model.base_url, LLM_MODEL="scripted")
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def job_env(**env):
+    """The emulator's extra environment for job runs: none of the developer's own settings, then `env`."""
+    return {**{k: None for k in os.environ if k.startswith(OWN_VARS[1:])}, "DATABRICKS_CONFIG_FILE": os.devnull, **env}
+
+
+def run_worker(*args, env, timeout=60):
+    return subprocess.run([sys.executable, "worker.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_worker(*args, env):
+    return subprocess.Popen([sys.executable, "worker.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def steps(dsn, run_id):
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [(s["step"], s["status"], s["payload"]) for s in lakebase.read_steps(conn, run_id)]
+
+
+def wait_for(check, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
+def last_line(stderr):
+    """The message a person reads: the worker's last line on stderr, with no traceback anywhere."""
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("worker: ")][-1]
+
+
+def printed_run_id(stderr):
+    return next(line.split()[-1] for line in stderr.splitlines() if line.startswith("worker: run "))
+
+
+# ------------------------------------------------------------------ the command line
+
+def test_help_documents_every_flag_and_environment_variable():
+    result = run_worker("--help", env=worker_env(), timeout=20)
+    assert result.returncode == 0 and result.stderr == ""
+    text = " ".join(result.stdout.split())
+    for flag in ("--request", "--thread-id", "--run-id", "--lakebase-instance", "--lakebase-endpoint",
+                 "--lakebase-database", "--genie-space-id", "--llm-endpoint"):
+        assert f"{flag} " in text
+    for var in ("LAKEBASE_DSN", "PG", "LAKEBASE_INSTANCE", "LAKEBASE_ENDPOINT", "LAKEBASE_DATABASE", "LAKEBASE_USER",
+                "GENIE_SPACE_ID", "GENIE_DESCRIPTION", "LLM_ENDPOINT_NAME", "LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY",
+                "DATABRICKS_HOST", "LOG_LEVEL"):
+        assert var in text, f"--help does not mention {var}"
+    result = run_worker("--thread-id=t1", env=worker_env(), timeout=20)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "worker.py: error: the following arguments are required: --request"
+
+
+def test_empty_flags_fall_back_to_the_environment_and_flags_win():
+    env = {"GENIE_SPACE_ID": "env-space", "LLM_ENDPOINT_NAME": "env-model", "LAKEBASE_DSN": "dbname=x",
+           "LAKEBASE_DATABASE": "env_db", "GENIE_DESCRIPTION": "About sales."}
+    args = worker.parser().parse_args(["--request=-h", "--thread-id=", "--run-id=", "--lakebase-instance=",
+                                       "--lakebase-endpoint=", "--lakebase-database=", "--genie-space-id=",
+                                       "--llm-endpoint="])
+    config = WorkerConfig.from_args(args, env)
+    assert (config.request, config.genie_space_id, config.llm_endpoint) == ("-h", "env-space", "env-model")
+    assert (config.db.dsn, config.db.database, config.genie_description) == ("dbname=x", "env_db", "About sales.")
+    assert config.run_id.startswith("local-")
+    args = worker.parser().parse_args(["--request=q", "--run-id=7", "--lakebase-instance=inst",
+                                       "--lakebase-database=other_db", "--genie-space-id=s2", "--llm-endpoint=m2"])
+    config = WorkerConfig.from_args(args, env)
+    assert (config.run_id, config.genie_space_id, config.llm_endpoint) == ("7", "s2", "m2")
+    assert (config.db.dsn, config.db.instance, config.db.database) == ("", "inst", "other_db")
+
+
+def test_lakebase_database_flag_is_the_database_the_worker_logs_in_to(tmp_path):
+    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, database_instances={"db1": "db1.local"}) as emu:
+        args = worker.parser().parse_args(["--request=q", "--lakebase-instance=db1", "--lakebase-database=agents"])
+        config = WorkerConfig.from_args(args, {})
+        login = lakebase.login_for(config.db, client(emu))()  # what worker.py connects with
+    assert (login.host, login.dbname, login.user) == ("db1.local", "agents", local.DEFAULT_USER)
+
+
+# ------------------------------------------------------------------ full runs, as real subprocesses
+
+def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_model, answerer, tmp_path):
+    scripted_model.call_tool("query_genie", {"question": "total sales by region"}, id="call_1")
+    scripted_model.reply("East leads with 10.50.")
+    env = job_env(LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="scripted",
+                  GENIE_DESCRIPTION="Sales of 2024 and 2025.")
+    job = local.load_job(ROOT, {"genie_space_id": "space"})  # job.yml's parameters and task, as deployed
+    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, env=env) as emu:
+        emu.add_genie_space("space", answerer)
+        w = client(emu)
+        run_id = w.jobs.run_now(emu.add_job(job), job_parameters={"request": "-5% or worse? Sales by region",
+                                                                  "thread_id": "-t1"}).run_id
+        run = wait_for(lambda: (r := w.jobs.get_run(run_id)).state.result_state and r, "the run to end")
+        assert run.state.result_state.value == "SUCCESS", emu.run_log(run_id, "stderr")
+        assert emu.run_log(run_id) == "East leads with 10.50.\n"
+        log = steps(pg_dsn, str(run_id))  # keyed by the id the primary polls
+        detail = log[2][2]["detail"]
+        asked = w.genie.get_message("space", detail["conversation_id"], detail["message_id"])
+    assert [(number, status) for number, status, _ in log] == [
+        (1, "started"), (2, "tool_call"), (3, "tool_result"), (4, "completed")]
+    assert log[0][2] == {"request": "-5% or worse? Sales by region", "thread_id": "-t1"}
+    assert log[1][2] == {"call_id": "call_1", "name": "query_genie", "arguments": {"question": "total sales by region"}}
+    result = log[2][2]
+    assert {k: result[k] for k in ("call_id", "name", "error")} == {"call_id": "call_1", "name": "query_genie",
+                                                                      "error": False}
+    assert result["output"] == ("Genie: Answer to total sales by region\n\nSQL:\n" + SQL
+                                + "\n\nRows (2 in all):\nregion | total\neast | 10.50\nwest | ")
+    assert 900 <= result["duration_ms"] < 30_000  # the first status poll waits 1 s
+    assert (detail["status"], detail["query"], detail["row_count"]) == ("COMPLETED", SQL, 2)
+    assert (detail["columns"], detail["rows"]) == (["region", "total"], [["east", "10.50"], ["west", None]])
+    assert asked.content == "total sales by region"  # the detail names Genie's own conversation and message
+    assert log[3][2] == {"answer": "East leads with 10.50."}
+    first, second = (r.body for r in scripted_model.requests)
+    assert first["messages"][1] == {"role": "user", "content": "-5% or worse? Sales by region"}
+    assert [t["function"]["name"] for t in first["tools"]] == ["query_genie"]
+    assert first["tools"][0]["function"]["description"] == "Sales of 2024 and 2025."
+    assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1", "content": result["output"]}
+
+
+def test_a_run_that_hits_the_loop_bound_fails_and_each_tool_error_goes_back_to_the_model(emu, pg_dsn,
+                                                                                          scripted_model):
+    for _ in range(WorkerConfig("q", "r").max_calls):
+        scripted_model.call_tool("lookup", {"q": 1})
+    result = run_worker("--request=revenue", "--run-id=r-bound", env=worker_env(emu, pg_dsn, scripted_model))
+    assert result.returncode == 1
+    assert last_line(result.stderr) == ("worker: failed: no final answer after 12 model calls; the request may "
+                                        "need narrowing")
+    log = steps(pg_dsn, "r-bound")
+    assert [status for _, status, _ in log] == ["started"] + ["tool_call", "tool_result"] * 12 + ["failed"]
+    assert log[-1][2]["kind"] == "LimitReached"
+    error = "Error: there is no tool named 'lookup'. Use one of: query_genie."
+    assert {(p["output"], p["error"], p["detail"] == {}) for _, s, p in log if s == "tool_result"} == {
+        (error, True, True)}
+    assert [r.body["messages"][-1]["content"] for r in scripted_model.requests[1:]] == [error] * 11
+
+
+@pytest.mark.parametrize("body, error", [
+    (None, "SCRIPTED_FAULT: scripted fault 400"),
+    ("<html>\n<h1>400 Bad Request</h1>\n</html>", "<html> <h1>400 Bad Request</h1> </html>")])  # a proxy's page
+def test_a_model_error_mid_run_leaves_a_failed_step(emu, pg_dsn, scripted_model, body, error):
+    scripted_model.call_tool("query_genie", {"question": "total sales"}).fault(400, body=body)
+    result = run_worker("--request=total sales", "--run-id=r-4xx", env=worker_env(emu, pg_dsn, scripted_model))
+    assert result.returncode == 1
+    message = last_line(result.stderr).removeprefix("worker: failed: ")
+    assert message == f"the chat model failed: POST {scripted_model.base_url}/chat/completions failed with HTTP 400: " \
+                      f"{error}"
+    log = steps(pg_dsn, "r-4xx")
+    assert [status for _, status, _ in log] == ["started", "tool_call", "tool_result", "failed"]
+    assert log[-1][2] == {"error": message, "kind": "LLMHTTPError"}
+
+
+def test_a_missing_genie_space_ends_the_run(emu, pg_dsn, scripted_model):
+    scripted_model.call_tool("query_genie", {"question": "total sales"})
+    env = worker_env(emu, pg_dsn, scripted_model, GENIE_SPACE_ID="nope")
+    result = run_worker("--request=total sales", "--run-id=r-nospace", env=env)
+    assert result.returncode == 1
+    assert last_line(result.stderr) == ("worker: failed: Genie space 'nope' can't be used: Genie space nope does "
+                                        "not exist.")
+    log = steps(pg_dsn, "r-nospace")
+    assert [status for _, status, _ in log] == ["started", "tool_call", "failed"]
+    assert log[-1][2]["kind"] == "GenieUnavailable"
+
+
+# ------------------------------------------------------------------ bad input: one line, non-zero, a final row
+
+@pytest.mark.parametrize("request_text, message", [
+    ("", "the request is empty: pass the question with --request"),
+    (" \n ", "the request is empty: pass the question with --request"),
+    ("x" * 20_001, "the request is 20,001 characters; the limit is 20,000")])
+def test_a_bad_request_fails_with_one_line(pg_dsn, request_text, message):
+    result = run_worker(f"--request={request_text}", env=worker_env(dsn=pg_dsn, GENIE_SPACE_ID="space"))
+    assert result.returncode == 2 and last_line(result.stderr) == f"worker: failed: {message}"
+    run_id = printed_run_id(result.stderr)
+    assert run_id.startswith("local-")
+    log = steps(pg_dsn, run_id)
+    assert [status for _, status, _ in log] == ["started", "failed"]
+    assert log[0][2]["request"] == request_text[:20_000] and log[1][2] == {"error": message, "kind": "UsageError"}
+
+
+def test_missing_genie_space_configuration_fails_with_one_line(emu, pg_dsn, scripted_model):
+    result = run_worker("--request=total sales", "--run-id=r-1", env=worker_env(emu, pg_dsn, scripted_model,
+                                                                              GENIE_SPACE_ID=None))
+    assert result.returncode == 2
+    assert last_line(result.stderr) == "worker: failed: no Genie space: set GENIE_SPACE_ID or pass --genie-space-id"
+    assert [status for _, status, _ in steps(pg_dsn, "r-1")] == ["started", "failed"]
+
+
+def test_missing_workspace_configuration_fails_with_one_line(pg_dsn, scripted_model):
+    result = run_worker("--request=total sales", "--run-id=r-1", env=worker_env(None, pg_dsn, scripted_model,
+                                                                              GENIE_SPACE_ID="space"))
+    assert result.returncode == 1
+    assert last_line(result.stderr).startswith("worker: failed: default auth: cannot configure default credentials")
+    assert [status for _, status, _ in steps(pg_dsn, "r-1")] == ["started", "failed"]
+
+
+def test_an_unreachable_database_fails_with_one_line(pg_dsn):
+    missing = make_conninfo(pg_dsn, dbname="no_such_database")
+    result = run_worker("--request=total sales", env=worker_env(dsn=missing))
+    assert result.returncode == 3
+    line = last_line(result.stderr)
+    assert line.startswith("worker: cannot reach the step-log database: cannot connect to Postgres: ")
+    assert line.endswith('FATAL: database "no_such_database" does not exist; check LAKEBASE_DSN or the PG* variables')
+    result = run_worker("--request=total sales", env=worker_env())
+    assert result.returncode == 3 and last_line(result.stderr).startswith(
+        "worker: cannot reach the step-log database: no database configured: set LAKEBASE_DSN")
+
+
+def test_a_run_id_the_step_log_refuses_fails_with_one_line(pg_dsn):
+    result = run_worker("--request=total sales", "--run-id=-5", env=worker_env(dsn=pg_dsn))
+    assert result.returncode == 2
+    assert last_line(result.stderr) == ("worker: invalid run id '-5': 1-128 letters, digits or _.:-, starting with "
+                                        "a letter or digit")
+
+
+def test_losing_the_database_mid_run_ends_with_one_line(emu, pg_server, pg_dsn, scripted_model):
+    scripted_model.slow(2, "East leads.")
+    proc = start_worker("--request=total sales", "--run-id=r-gone", env=worker_env(emu, pg_dsn, scripted_model))
+    try:
+        wait_for(lambda: scripted_model.requests, "the worker to ask the model")
+        pg_server.drop_database(pg_dsn)  # terminates the worker's session; reconnecting finds no database
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3
+    assert last_line(stderr).startswith("worker: could not log the run's end (completed): cannot connect to ")
+    assert 'database "' in last_line(stderr) and "does not exist" in last_line(stderr)
+
+
+# ------------------------------------------------------------------ cancellation (SIGTERM)
+
+def test_cancelling_a_job_run_while_the_model_is_slow_logs_cancelled(pg_dsn, scripted_model, tmp_path):
+    scripted_model.slow(30)
+    env = job_env(LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="scripted")
+    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, env=env, cancel_grace=10) as emu:
+        emu.add_genie_space("space", Answerer())
+        w = client(emu)
+        job_id = emu.add_job(local.load_job(ROOT, {"genie_space_id": "space"}))
+        run_id = w.jobs.run_now(job_id, job_parameters={"request": "total sales"}).run_id
+        wait_for(lambda: scripted_model.requests, "the worker to ask the model")
+        started = time.monotonic()
+        w.jobs.cancel_run(run_id)
+        run = wait_for(lambda: (r := w.jobs.get_run(run_id)).state.result_state and r, "the run to end")
+        assert time.monotonic() - started < 5  # not killed after the 10 s grace
+        assert (run.state.result_state.value, run.state.state_message) == ("CANCELED", "Run cancelled.")
+        assert "Traceback" not in emu.run_log(run_id, "stderr")
+    assert [(n, s, p) for n, s, p in steps(pg_dsn, str(run_id))] == [
+        (1, "started", {"request": "total sales", "thread_id": None}),
+        (2, "cancelled", {"reason": "received SIGTERM: the run was cancelled"})]
+
+
+def test_sigterm_while_genie_hangs_logs_cancelled(emu, pg_dsn, scripted_model):
+    emu.genie_fault("space", "hang")
+    scripted_model.call_tool("query_genie", {"question": "total sales"})
+    proc = start_worker("--request=total sales", "--run-id=r-hang", env=worker_env(emu, pg_dsn, scripted_model))
+    try:
+        wait_for(lambda: len(emu.calls("GET", f"{GENIE}/conversations/")) >= 1, "the worker to poll Genie")
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert last_line(stderr) == "worker: received SIGTERM: the run was cancelled"
+    assert [status for _, status, _ in steps(pg_dsn, "r-hang")] == ["started", "tool_call", "cancelled"]
+
+
+def hold_step_lock(conn, watch, run_id):
+    """In conn's transaction: take the run's step-log lock, so the worker's next step waits for it."""
+    conn.execute("select pg_advisory_xact_lock(%s::int, hashtext(%s))", (lakebase._LOCK_RUN, run_id))
+    worker_waits_for_a_lock(watch)
+
+
+def worker_waits_for_a_lock(watch):
+    wait_for(lambda: watch.execute("select 1 from pg_stat_activity where application_name = 'async-agent' "
+                                   "and wait_event_type = 'Lock'").fetchone(), "the worker to wait for a lock")
+
+
+def test_sigterm_while_a_step_is_being_written_logs_that_step_then_cancelled(pg_dsn, scripted_model, emu):
+    def slow_tool_call(request):  # time for the test to take the lock before the worker logs the call
+        time.sleep(1)
+        return {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "query_genie", "arguments": '{"question": "total sales"}'}}]}
+
+    scripted_model.respond(slow_tool_call)
+    proc = start_worker("--request=total sales", "--run-id=r-lock", env=worker_env(emu, pg_dsn, scripted_model))
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn, psycopg.connect(pg_dsn, autocommit=True) as watch:
+            wait_for(lambda: scripted_model.requests, "the worker to ask the model")
+            with conn.transaction():  # the worker's tool_call step waits for the lock
+                hold_step_lock(conn, watch, "r-lock")
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+        _, stderr = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert last_line(stderr) == "worker: received SIGTERM: the run was cancelled"
+    assert [status for _, status, _ in steps(pg_dsn, "r-lock")] == ["started", "tool_call", "cancelled"]
+    assert not emu.calls("POST", GENIE)  # cancelled before the question was asked
+
+
+def test_sigterm_while_the_answer_is_being_written_changes_nothing(pg_dsn, scripted_model, emu):
+    scripted_model.slow(1, "Total sales were 42.")
+    proc = start_worker("--request=total sales", "--run-id=r-late", env=worker_env(emu, pg_dsn, scripted_model))
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn, psycopg.connect(pg_dsn, autocommit=True) as watch:
+            wait_for(lambda: scripted_model.requests, "the worker to ask the model")
+            with conn.transaction():  # the worker's `completed` step waits for the lock
+                hold_step_lock(conn, watch, "r-late")
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+        out, stderr = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out) == (0, "Total sales were 42.\n"), stderr
+    assert [status for _, status, _ in steps(pg_dsn, "r-late")] == ["started", "completed"]
+
+
+def test_sigterm_while_a_failure_is_being_written_changes_nothing(pg_dsn, scripted_model, emu):
+    with psycopg.connect(pg_dsn) as lock, psycopg.connect(pg_dsn, autocommit=True) as watch:
+        def lock_then_break(request):  # the worker's `failed` step will wait for the lock
+            lock.execute("select pg_advisory_xact_lock(%s::int, hashtext(%s))", (lakebase._LOCK_RUN, "r-fail"))
+            return {"role": "assistant", "content": 42}  # not a chat message: the run fails
+
+        scripted_model.respond(lock_then_break)
+        proc = start_worker("--request=total sales", "--run-id=r-fail", env=worker_env(emu, pg_dsn, scripted_model))
+        try:
+            worker_waits_for_a_lock(watch)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            lock.commit()
+            _, stderr = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+    assert proc.returncode == 1, stderr
+    assert last_line(stderr).startswith("worker: failed: the chat model failed: ") and "42" in last_line(stderr)
+    assert [status for _, status, _ in steps(pg_dsn, "r-fail")] == ["started", "failed"]
+
+
+def test_sigterm_during_start_up_is_logged_once_the_step_log_is_ready(pg_dsn):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn, psycopg.connect(pg_dsn, autocommit=True) as watch:
+        with conn.transaction():  # hold the migration lock: the worker waits for it at start-up
+            conn.execute("select pg_advisory_xact_lock(%s::bigint)", (lakebase._LOCK_MIGRATE,))
+            proc = start_worker("--request=total sales", "--run-id=r-early",
+                                env=worker_env(dsn=pg_dsn, GENIE_SPACE_ID="space"))
+            try:
+                worker_waits_for_a_lock(watch)
+                proc.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+            except BaseException:
+                proc.kill()
+                raise
+        try:
+            _, stderr = proc.communicate(timeout=15)
+        finally:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert last_line(stderr) == "worker: received SIGTERM: the run was cancelled"
+    assert [status for _, status, _ in steps(pg_dsn, "r-early")] == ["started", "cancelled"]
+
+
+# ------------------------------------------------------------------ the loop and Genie, in-process
+
+@pytest.fixture
+def db(pg_dsn):
+    conn = lakebase.connect(lakebase.LakebaseConfig(dsn=pg_dsn))
+    lakebase.migrate(conn)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def workspace(emu, monkeypatch):
+    """The worker's own WorkspaceClient, with a 2 s retry budget (the SDK reads DATABRICKS_HOST itself)."""
+    monkeypatch.setenv("DATABRICKS_HOST", emu.url)
+    monkeypatch.setenv("DATABRICKS_TOKEN", local.TOKEN)
+    w = worker.workspace_client(WorkerConfig("q", "r", retry_seconds=2))
+    assert w.config.retry_timeout_seconds == 2
+    return w
+
+
+def run_in_process(db, pg_dsn, model, workspace, run_id="r1", **genie_settings):
+    """worker.run() with test-sized Genie polling; returns (answer or the exception, the step log)."""
+    genie = Genie(workspace, GenieConfig("space", **{"poll_first": 0.01, "poll_max": 0.05, **genie_settings}),
+                  sleep=bounded_sleep())
+    step = StepLog(lambda: lakebase.connect(lakebase.LakebaseConfig(dsn=pg_dsn)), run_id)
+    config = WorkerConfig("total sales by region", run_id, genie_space_id="space", max_calls=4)
+    try:
+        answer = worker.run(config, openai_chat(model.base_url, "scripted"), genie, step)
+    except LimitReached as e:
+        answer = e
+    return answer, steps(pg_dsn, run_id)
+
+
+def test_two_questions_in_one_run_are_one_genie_conversation(emu, db, pg_dsn, scripted_model, workspace, answerer):
+    scripted_model.call_tool("query_genie", {"question": "total sales by region"})
+    scripted_model.call_tool("query_genie", {"question": "and by month?"}).reply("Done.")
+    answer, log = run_in_process(db, pg_dsn, scripted_model, workspace)
+    assert answer == "Done."
+    details = [p["detail"] for _, s, p in log if s == "tool_result"]
+    cid = details[0]["conversation_id"]
+    assert details[1]["conversation_id"] == cid and details[0]["message_id"] != details[1]["message_id"]
+    assert [r.path for r in emu.calls("POST", GENIE)] == [f"{GENIE}/start-conversation",
+                                                          f"{GENIE}/conversations/{cid}/messages"]
+    assert answerer.asked[1] == ("and by month?", ["total sales by region"])
+    assert [status for _, status, _ in log] == ["tool_call", "tool_result"] * 2  # main() logs start and end
+
+
+@pytest.mark.parametrize("fault, status, output", [
+    ("failed", "FAILED", "Error: Genie could not answer: the warehouse is stopped. Rephrase the question"),
+    ("cancelled", "CANCELLED", "Error: the Genie question was cancelled before it finished"),
+    ("hang", "EXECUTING_QUERY", "Error: Genie did not answer within 0.5 s (last status EXECUTING_QUERY)"),
+    ("expired", "QUERY_RESULT_EXPIRED", "Genie: Answer to total sales\n\nSQL:"),
+    ("429", "NOT_SENT", "Error: Genie is rate limited (about 5 questions a minute per workspace)"),
+    ("429 once", "COMPLETED", "Genie: Answer to total sales\n\nSQL:")])
+def test_genie_outcomes_reach_the_model_and_the_step_log(emu, db, pg_dsn, scripted_model, workspace, fault, status,
+                                                         output):
+    if fault.startswith("429"):
+        emu.inject("POST", f"{GENIE}/start-conversation", 429, "RESOURCE_EXHAUSTED", "too many questions",
+                   times=1 if fault == "429 once" else None, retry_after=1)
+    else:
+        emu.genie_fault("space", fault, "the warehouse is stopped")
+    scripted_model.call_tool("query_genie", {"question": "total sales"}, id="c1").reply("Here is what I found.")
+    answer, log = run_in_process(db, pg_dsn, scripted_model, workspace, timeout=0.5)
+    assert answer == "Here is what I found."
+    result = next(p for _, s, p in log if s == "tool_result")
+    assert result["output"].startswith(output)
+    assert result["error"] is output.startswith("Error:") and result["detail"]["status"] == status
+    assert result["detail"]["error"] == (result["output"].removeprefix("Error: ") if result["error"] else "")
+    if fault == "expired":  # re-executed: the rows are there
+        assert result["detail"]["rows"] == [["east", "10.50"], ["west", None]]
+        assert emu.calls("POST", f"{GENIE}/conversations/")[-1].path.endswith("/execute-query")
+    assert scripted_model.requests[1].body["messages"][-1] == {"role": "tool", "tool_call_id": "c1",
+                                                               "content": result["output"]}
+
+
+def test_a_call_that_never_reaches_genie_has_no_genie_detail(emu, db, pg_dsn, scripted_model, workspace):
+    scripted_model.call_tool("query_genie", {"question": "total sales"})
+    scripted_model.call_tool("query_genie", {"q": "by month"}).reply("Done.")
+    _, log = run_in_process(db, pg_dsn, scripted_model, workspace)
+    first, second = (p for _, s, p in log if s == "tool_result")
+    assert first["detail"]["status"] == "COMPLETED"
+    assert second["error"] and second["output"].startswith("Error: query_genie got missing required argument")
+    assert second["detail"] == {}  # not the first question's result again
+
+
+def test_a_large_result_is_cut_for_the_model_and_kept_whole_in_the_step_log(emu, db, pg_dsn, scripted_model,
+                                                                             workspace, answerer):
+    answerer.rows = [[f"r{i:04d}", str(i)] for i in range(2000)]
+    scripted_model.call_tool("query_genie", {"question": "sales per order"}).reply("Done.")
+    _, log = run_in_process(db, pg_dsn, scripted_model, workspace, max_chars=1000)
+    result = next(p for _, s, p in log if s == "tool_result")
+    seen = scripted_model.requests[1].body["messages"][-1]["content"]
+    assert seen == result["output"] and len(seen.split("Rows (2000 in all):\n")[1]) <= 1000
+    assert "\nr0000 | 0\n" in seen and seen.endswith("\nr1999 | 1999") and " rows (" in seen
+    assert "r1000 | 1000" not in seen
+    assert result["detail"]["rows"] == answerer.rows and result["detail"]["row_count"] == 2000
+
+
+def test_the_loop_is_bounded(emu, db, pg_dsn, scripted_model, workspace):
+    for _ in range(4):
+        scripted_model.call_tool("query_genie", {"question": "total sales"})
+    error, log = run_in_process(db, pg_dsn, scripted_model, workspace)
+    assert isinstance(error, LimitReached) and error.max_calls == 4
+    assert [status for _, status, _ in log] == ["tool_call", "tool_result"] * 4
