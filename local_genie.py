@@ -17,7 +17,7 @@ from local_api import ApiError, bad, missing, now_ms
 
 log = logging.getLogger(__name__)
 
-GENIE_FAULTS = ("failed", "cancelled", "hang", "expired")
+GENIE_FAULTS = ("failed", "cancelled", "hang", "expired", "closed")
 MAX_GENIE_ROWS = 5000  # the Genie API returns at most 5,000 rows per query result
 COLUMN_TYPES = {"ARRAY", "BINARY", "BOOLEAN", "BYTE", "CHAR", "DATE", "DECIMAL", "DOUBLE", "FLOAT", "INT",
                 "INTERVAL", "LONG", "MAP", "NULL", "SHORT", "STRING", "STRUCT", "TIMESTAMP", "USER_DEFINED_TYPE"}
@@ -48,6 +48,7 @@ class _Message:
     query_id: str | None = None  # attachment ids, once there is something to attach
     text_id: str | None = None
     statement_id: str | None = None
+    result_closed: bool = False  # COMPLETED, but its result expired since: CLOSED until execute-query
 
 
 @dataclass
@@ -70,7 +71,8 @@ class Genie:
         self._genie_posts = deque()  # when recent questions came, for genie_rate_limit
 
     def genie_fault(self, space_id, kind, message=None):
-        """Script the next message in a space: failed, cancelled, hang (stays EXECUTING_QUERY) or expired."""
+        """Script the next message in a space: failed, cancelled, hang (stays EXECUTING_QUERY), expired (ends
+        QUERY_RESULT_EXPIRED) or closed (ends COMPLETED, but its result reads CLOSED until re-executed)."""
         if kind not in GENIE_FAULTS:
             raise ValueError(f"kind must be one of {GENIE_FAULTS}")
         with self._lock:
@@ -170,7 +172,8 @@ class Genie:
             if fault == "hang" or self._closing.wait(step):
                 return
         expired = fault == "expired" and sql
-        self._set(msg, "QUERY_RESULT_EXPIRED" if expired else "COMPLETED", text=text, text_id=uuid.uuid4().hex)
+        self._set(msg, "QUERY_RESULT_EXPIRED" if expired else "COMPLETED", text=text, text_id=uuid.uuid4().hex,
+                  result_closed=fault == "closed" and bool(sql))
 
     def _history(self, msg):
         with self._lock:
@@ -245,12 +248,12 @@ class Genie:
     def _execute_query(self, req, space, cid, mid, aid):
         msg = self._query_message(space, cid, mid, aid)
         if msg.status in ("COMPLETED", "QUERY_RESULT_EXPIRED"):  # re-run: a new statement, a fresh result
-            self._set(msg, "COMPLETED", statement_id=str(uuid.uuid4()))
+            self._set(msg, "COMPLETED", statement_id=str(uuid.uuid4()), result_closed=False)
         return {"statement_response": self._statement(msg)}
 
     def _statement(self, msg):
         """The SQL statement response: RUNNING while executing, CLOSED once expired, else the rows."""
-        if msg.status in ("EXECUTING_QUERY", "QUERY_RESULT_EXPIRED"):
+        if msg.status in ("EXECUTING_QUERY", "QUERY_RESULT_EXPIRED") or msg.result_closed:
             state = "RUNNING" if msg.status == "EXECUTING_QUERY" else "CLOSED"
             return {"statement_id": msg.statement_id, "status": {"state": state}}
         rows = msg.rows[:MAX_GENIE_ROWS]

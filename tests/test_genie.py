@@ -164,8 +164,9 @@ def test_a_hanging_message_times_out(emu, w):
     assert genie.last.status == "EXECUTING_QUERY"
 
 
-def test_an_expired_result_is_re_executed(emu, w):
-    emu.genie_fault("space", "expired")
+@pytest.mark.parametrize("fault", ["expired", "closed"])  # the message says so, or only its result does
+def test_an_expired_result_is_re_executed(emu, w, fault):
+    emu.genie_fault("space", fault)
     genie = make(w)
     output = genie.query_genie("total sales by region")
     assert output.endswith("Rows (2 in all):\nregion | total\neast | 10.50\nwest | ")
