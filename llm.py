@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+from urllib.parse import urlsplit
 
 import requests
 
@@ -51,16 +52,22 @@ class ChatClient:
     max_backoff: float = 20.0
     session: requests.Session = field(default_factory=requests.Session, repr=False)
 
+    def __post_init__(self):
+        # the URL as logs and errors show it: a password in it (http://user:secret@host) is blanked out
+        parts = urlsplit(self.url)
+        self.where = parts._replace(netloc=f"***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+                                    ).geturl() if parts.password else self.url
+
     def complete(self, messages, *, tools=None, tool_choice=None, max_tokens=None, temperature=None) -> dict:
         """One chat completion: {"role": "assistant", "content": str | None, "tool_calls": [...] (only if any)}."""
         body = {"model": self.model, "messages": messages, "tools": tools, "tool_choice": tool_choice,
                 "max_tokens": max_tokens, "temperature": temperature}
         body = {key: value for key, value in body.items() if value is not None}
-        log.debug("POST %s %s", self.url, json.dumps(body, default=str))
+        log.debug("POST %s %s", self.where, json.dumps(body, default=str))
         started = time.monotonic()
         response = self._post(body)
-        message = _parse_completion(response, self.url)
-        log.info("chat completion from %s in %.1f s (%d tool calls)", self.url, time.monotonic() - started,
+        message = _parse_completion(response, self.where)
+        log.info("chat completion from %s in %.1f s (%d tool calls)", self.where, time.monotonic() - started,
                  len(message.get("tool_calls", [])))
         return message
 
@@ -71,20 +78,20 @@ class ChatClient:
             try:
                 headers = self.headers()
             except Exception as e:  # the SDK's credential refresh: the person must fix their auth
-                raise LLMError(f"could not get auth headers for {self.url}: {e}") from e
+                raise LLMError(f"could not get auth headers for {self.where}: {e}") from e
             status = error = wait = None
             try:
                 response = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout)
             except (requests.ConnectionError, requests.Timeout) as e:
                 error, problem = e, f"{type(e).__name__}: {e}"
             except requests.RequestException as e:
-                raise LLMError(f"POST {self.url} failed: {e}") from e
+                raise LLMError(f"POST {self.where} failed: {e}") from e
             else:
                 if response.status_code < 400:
                     return response
                 status, problem = response.status_code, _error_message(response)
                 if status not in RETRY_STATUSES:
-                    raise LLMHTTPError(status, problem, self.url)
+                    raise LLMHTTPError(status, problem, self.where)
                 wait = _retry_after(response)
             if wait is None:
                 wait = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
@@ -92,9 +99,9 @@ class ChatClient:
             if elapsed + wait > self.retry_seconds:
                 gave_up = f"gave up after {attempt} attempts in {elapsed:.1f} s"
                 if status is not None:
-                    raise LLMHTTPError(status, f"{problem} ({gave_up})", self.url)
-                raise LLMError(f"POST {self.url} failed: {problem} ({gave_up})") from error
-            log.warning("POST %s: %s; retrying in %.1f s (attempt %d)", self.url,
+                    raise LLMHTTPError(status, f"{problem} ({gave_up})", self.where)
+                raise LLMError(f"POST {self.where} failed: {problem} ({gave_up})") from error
+            log.warning("POST %s: %s; retrying in %.1f s (attempt %d)", self.where,
                         f"HTTP {status}" if status else problem, wait, attempt)
             time.sleep(wait)
 

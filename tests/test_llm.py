@@ -1,5 +1,6 @@
 """llm.py over real HTTP against the scripted model: the client's wire format, retries and errors, and the tool loop."""
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -413,3 +414,15 @@ def test_scripted_model_fails_when_overcalled_or_left_over(client):
             model.check()
     finally:
         model.stop()
+
+
+def test_a_password_in_the_url_is_kept_out_of_logs_and_errors(scripted_model, caplog):
+    host = scripted_model.url.removeprefix("http://")
+    client = openai_chat(f"http://user:s3cret-pw@{host}/v1", "m", retry_seconds=0.5, backoff=0.1)
+    scripted_model.fault(503, times=3)  # tries at 0, 0.1 and 0.3 s; the next would pass the 0.5 s budget
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(LLMHTTPError) as failure:
+        client.complete([{"role": "user", "content": "hi"}])
+    assert f"http://***@{host}/v1/chat/completions" in str(failure.value)
+    assert "s3cret-pw" not in str(failure.value) and "s3cret-pw" not in caplog.text
+    assert "retrying" in caplog.text  # the warning that used to show the URL as given
