@@ -13,6 +13,7 @@ a tool raised, or raises `LimitReached`.
 import itertools
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +23,7 @@ import requests
 
 log = logging.getLogger(__name__)
 
+DEFAULT_ENDPOINT = "databricks-claude-sonnet-4-5"
 RETRY_STATUSES = {429, 502, 503, 504}  # 500 is not retried: a model that fails on a request fails again
 
 
@@ -104,6 +106,28 @@ class ChatClient:
             log.warning("POST %s: %s; retrying in %.1f s (attempt %d)", self.where,
                         f"HTTP {status}" if status else problem, wait, attempt)
             time.sleep(wait)
+
+
+@dataclass
+class ChatConfig:
+    """Which chat model to call: a Databricks serving endpoint, or any OpenAI-compatible server."""
+    endpoint: str = DEFAULT_ENDPOINT  # LLM_ENDPOINT_NAME: the serving endpoint
+    base_url: str = ""  # LLM_BASE_URL: an OpenAI-compatible server instead (vLLM, Ollama, a proxy)
+    model: str = ""  # LLM_MODEL: the model name at base_url (default: the endpoint name)
+    api_key: str = field(default="", repr=False)  # LLM_API_KEY: its bearer key, if it wants one
+
+    @classmethod
+    def from_env(cls, env=os.environ, *, endpoint: str = "") -> "ChatConfig":
+        """`endpoint` (a flag) wins over LLM_ENDPOINT_NAME."""
+        return cls(endpoint=endpoint or env.get("LLM_ENDPOINT_NAME") or DEFAULT_ENDPOINT,
+                   base_url=env.get("LLM_BASE_URL", ""), model=env.get("LLM_MODEL", ""),
+                   api_key=env.get("LLM_API_KEY", ""))
+
+    def client(self, workspace_config=None, **client_kw) -> "ChatClient":
+        """The client; `workspace_config` (an SDK Config) authenticates a serving endpoint."""
+        if self.base_url:
+            return openai_chat(self.base_url, self.model or self.endpoint, self.api_key or None, **client_kw)
+        return databricks_chat(self.endpoint, workspace_config, **client_kw)
 
 
 def databricks_chat(endpoint: str, config=None, **client_kw) -> ChatClient:

@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import psycopg
 
+import llm
 from local_api import ApiError, bad, missing
 from local_genie import COLUMN_TYPES, GENIE_FAULTS, MAX_GENIE_ROWS, TYPE_TEXT, CannotAnswer, Genie  # noqa: F401
 from local_jobs import ACTIVE, JOB_KEYS, SHUTDOWN_MESSAGE, TASK_KEYS, Jobs, RunRecord, _alive  # noqa: F401
@@ -43,7 +44,6 @@ DEFAULT_USER = "me@example.com"
 WORKSPACE_ID = "1"  # host metadata names it; the SDK then sends it on every call, as with a real workspace
 DEFAULT_DATA_DIR = "~/.local/share/async-agent"
 GENIE_SPACE = "local-sample"
-DEFAULT_LLM_ENDPOINT = "databricks-claude-sonnet-4-5"
 STATUS_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 409: "RESOURCE_CONFLICT", 429: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR",
                 503: "TEMPORARILY_UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
@@ -415,7 +415,7 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
         overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": ""}
         for param in job.get("parameters") or []:  # whatever the bundle variables say, local mode uses these
             param["default"] = overrides.get(param["name"], param.get("default", ""))
-        endpoints = {os.environ.get("LLM_ENDPOINT_NAME") or DEFAULT_LLM_ENDPOINT}
+        endpoints = {os.environ.get("LLM_ENDPOINT_NAME") or llm.DEFAULT_ENDPOINT}
         endpoints |= {p.get("default") for p in job.get("parameters") or [] if p["name"] == "llm_endpoint"} - {""}
         env = {"LAKEBASE_DSN": dsn, "GENIE_SPACE_ID": GENIE_SPACE, "LAKEBASE_INSTANCE": None,
                "LAKEBASE_ENDPOINT": None}
@@ -453,9 +453,5 @@ def _embedded_postgres(pgdata):
 
 def _genie_chat():
     """The chat client the offline Genie answerer may use: the OpenAI-compatible LLM_BASE_URL if configured."""
-    if not os.environ.get("LLM_BASE_URL"):
-        return None
-    import llm
-
-    model = os.environ.get("LLM_MODEL") or os.environ.get("LLM_ENDPOINT_NAME") or DEFAULT_LLM_ENDPOINT
-    return llm.openai_chat(os.environ["LLM_BASE_URL"], model, os.environ.get("LLM_API_KEY"))
+    config = llm.ChatConfig.from_env()
+    return config.client() if config.base_url else None

@@ -12,6 +12,7 @@ terminal.py; its names (`main`, `Config`, `setup`, `Terminal`, ...) stay importa
 import hashlib
 import json
 import logging
+import os
 import queue
 import sys
 import threading
@@ -30,7 +31,7 @@ MAX_CONTENT_CHARS = 32_000  # per input message; longer ones are refused (BadReq
 MAX_REQUEST_CHARS = 20_000  # a job's request: worker.py refuses longer ones
 DEFAULT_WINDOW = 40  # stored messages sent to the model as context
 DEFAULT_MAX_CALLS = 6  # model calls per turn
-DEFAULT_ENDPOINT = "databricks-claude-sonnet-4-5"
+DEFAULT_ENDPOINT = llm.DEFAULT_ENDPOINT
 RECENT_STEPS = 5  # steps of a run shown by poll
 MAX_ANSWER_CHARS = 8_000  # a worker answer longer than this is cut to a head and a tail for the model
 FINISHED = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}  # life cycle states of a run that has ended
@@ -58,6 +59,30 @@ class BadRequest(ValueError):
 
 class TurnFailed(RuntimeError):
     """The chat model or the database failed: nothing of the turn was stored; the message says what to check."""
+
+
+@dataclass
+class AgentConfig:
+    """The agent's settings, read from the environment once (the terminal and serving add their own)."""
+    job_id: str = ""  # DATABRICKS_JOB_ID: the worker job
+    chat: llm.ChatConfig = field(default_factory=llm.ChatConfig)  # LLM_ENDPOINT_NAME, LLM_BASE_URL, ...
+    database: lakebase.LakebaseConfig = field(default_factory=lakebase.LakebaseConfig)  # LAKEBASE_*, PG*
+    jobs_retry_seconds: int = 60  # the SDK's retry budget: a throttled Jobs API fails one tool call, not the turn
+
+    @classmethod
+    def from_env(cls, env=os.environ):
+        return cls(job_id=env.get("DATABRICKS_JOB_ID", "").strip(), chat=llm.ChatConfig.from_env(env),
+                   database=lakebase.LakebaseConfig.from_env(env))
+
+    def problems(self, env=os.environ) -> list[str]:
+        """What is missing or wrong for an agent on a workspace, one phrase each."""
+        db = self.database
+        database = db.dsn or db.instance or db.endpoint or any(env.get(v) for v in lakebase.PG_VARS)
+        return [problem for problem, bad in (
+            ("DATABRICKS_JOB_ID (the worker job's id) is not set", not self.job_id),
+            (f"DATABRICKS_JOB_ID must be a job id (a number), not {self.job_id!r}",
+             self.job_id and not self.job_id.isdigit()),
+            ("no database is set: set LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (or LAKEBASE_DSN)", not database)) if bad]
 
 
 @dataclass

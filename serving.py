@@ -53,31 +53,11 @@ class ConfigError(RuntimeError):
 
 
 @dataclass
-class ServingConfig:
-    job_id: str = ""  # DATABRICKS_JOB_ID: the worker job
-    llm_endpoint: str = primary.DEFAULT_ENDPOINT  # LLM_ENDPOINT_NAME
-    llm_base_url: str = ""  # LLM_BASE_URL: an OpenAI-compatible server instead of a serving endpoint
-    llm_model: str = ""  # LLM_MODEL (default: the endpoint name)
-    llm_api_key: str = ""  # LLM_API_KEY
-    jobs_retry_seconds: int = 60  # the SDK's retry budget: a throttled Jobs API fails one tool call, not the request
+class ServingConfig(primary.AgentConfig):
     pool_size: int = 10  # Postgres connections per serving process
-    database: lakebase.LakebaseConfig = field(default_factory=lakebase.LakebaseConfig)  # LAKEBASE_*, PG*
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "ServingConfig":
-        return cls(job_id=env.get("DATABRICKS_JOB_ID", "").strip(), llm_endpoint=env.get("LLM_ENDPOINT_NAME")
-                   or primary.DEFAULT_ENDPOINT, llm_base_url=env.get("LLM_BASE_URL", ""),
-                   llm_model=env.get("LLM_MODEL", ""), llm_api_key=env.get("LLM_API_KEY", ""),
-                   database=lakebase.LakebaseConfig.from_env(env))
 
     def check(self, env=os.environ):
-        db = self.database
-        problems = [problem for problem, bad in (
-            ("DATABRICKS_JOB_ID (the worker job's id) is not set", not self.job_id),
-            (f"DATABRICKS_JOB_ID must be a job id (a number), not {self.job_id!r}",
-             self.job_id and not self.job_id.isdigit()),
-            ("no database is set: set LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (or LAKEBASE_DSN)",
-             not (db.dsn or db.instance or db.endpoint or any(env.get(v) for v in lakebase.PG_VARS)))) if bad]
+        problems = self.problems(env)
         if problems:
             raise ConfigError(f"the agent is not configured: {'; '.join(problems)}. Set it in the serving "
                               f"endpoint's environment (python primary.py deploy does)")
@@ -108,10 +88,7 @@ def build_agent(config: ServingConfig) -> primary.PrimaryAgent:
     except ValueError as e:  # the SDK's "cannot configure default credentials", "more than one ... method"
         raise ConfigError(f"Databricks auth: {e}. On Model Serving set DATABRICKS_HOST, DATABRICKS_CLIENT_ID and "
                           f"DATABRICKS_CLIENT_SECRET (python primary.py deploy --secret-scope does)") from e
-    if config.llm_base_url:
-        chat = llm.openai_chat(config.llm_base_url, config.llm_model or config.llm_endpoint, config.llm_api_key)
-    else:
-        chat = llm.databricks_chat(config.llm_endpoint, workspace.config)
+    chat = config.chat.client(workspace.config)
     pool = lakebase.open_pool(config.database, workspace, max_size=config.pool_size)
     try:
         with pool.connection() as conn:
@@ -212,7 +189,7 @@ def deploy_parser() -> argparse.ArgumentParser:
     database.add_argument("--lakebase-instance", metavar="NAME", help="Lakebase provisioned instance name")
     database.add_argument("--lakebase-endpoint", metavar="PATH", help="Lakebase autoscaling endpoint",
                           type=_matching(lakebase.ENDPOINT_PATTERN.pattern, "projects/P/branches/B/endpoints/E"))
-    add("--llm-endpoint", default=primary.DEFAULT_ENDPOINT, help="chat model serving endpoint (default %(default)s)")
+    add("--llm-endpoint", default=llm.DEFAULT_ENDPOINT, help="chat model serving endpoint (default %(default)s)")
     add("--genie-space-id", default="", help="GENIE_SPACE_ID on the endpoint (only the job asks Genie)")
     add("--secret-scope", required=True, type=KEY, help="secret scope of the service principal's credentials")
     add("--client-id-key", default="sp-client-id", type=KEY, help="its application id's key (default %(default)s)")

@@ -20,7 +20,8 @@ import psycopg
 
 import lakebase
 import llm
-from primary import (DEFAULT_ENDPOINT, FINISHED, BadRequest, PrimaryAgent, Turn, TurnFailed, check_thread_id,
+from primary import (DEFAULT_ENDPOINT, FINISHED, AgentConfig, BadRequest, PrimaryAgent, Turn, TurnFailed,
+                     check_thread_id,
                      describe_step, one_line, run_state)
 
 HERE = Path(__file__).resolve().parent
@@ -48,21 +49,8 @@ class SetupError(Exception):
 
 
 @dataclass
-class Config:
-    job_id: str = ""  # DATABRICKS_JOB_ID
-    llm_endpoint: str = DEFAULT_ENDPOINT  # LLM_ENDPOINT_NAME
-    llm_base_url: str = ""  # LLM_BASE_URL: an OpenAI-compatible server instead of a serving endpoint
-    llm_model: str = ""  # LLM_MODEL (default: the endpoint name)
-    llm_api_key: str = ""  # LLM_API_KEY
-    jobs_retry_seconds: int = 60  # how long the SDK retries 429/503 before a job call fails
+class Config(AgentConfig):
     watch_interval: float = 1.0  # seconds between polls of /watch
-    database: lakebase.LakebaseConfig = field(default_factory=lakebase.LakebaseConfig)  # LAKEBASE_*, PG*
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "Config":
-        return cls(job_id=env.get("DATABRICKS_JOB_ID", "").strip(), llm_endpoint=env.get("LLM_ENDPOINT_NAME")
-                   or DEFAULT_ENDPOINT, llm_base_url=env.get("LLM_BASE_URL", ""), llm_model=env.get("LLM_MODEL", ""),
-                   llm_api_key=env.get("LLM_API_KEY", ""), database=lakebase.LakebaseConfig.from_env(env))
 
 
 def workspace_source(env=os.environ) -> str | None:
@@ -80,15 +68,9 @@ def workspace_source(env=os.environ) -> str | None:
 
 def check_workspace_config(config: Config, source: str):
     """With a workspace, the job and the database must be configured too."""
-    database = config.database
-    missing = [what for what, ok in (
-        ("DATABRICKS_JOB_ID (the worker job's id)", config.job_id),
-        ("LAKEBASE_DSN, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT", database.dsn or database.instance
-         or database.endpoint or any(os.environ.get(v) for v in lakebase.PG_VARS))) if not ok]
-    if missing:
-        raise SetupError(f"a workspace is configured ({source}) but {' and '.join(missing)} is not set")
-    if not config.job_id.isdigit():
-        raise SetupError(f"DATABRICKS_JOB_ID must be a job id (a number), not {config.job_id!r}")
+    problems = config.problems()
+    if problems:
+        raise SetupError(f"a workspace is configured ({source}) but {'; '.join(problems)}")
 
 
 def setup(args, config: Config):
@@ -113,15 +95,12 @@ def setup(args, config: Config):
         workspace = WorkspaceClient(config=SdkConfig(host=ws.host, token=ws.token, auth_type="pat",
                                                      retry_timeout_seconds=config.jobs_retry_seconds))
         where = f"embedded Postgres (data in {data_dir / 'pgdata'})" if ws.postgres else "Postgres at LAKEBASE_DSN"
-        model = (f"the model at {config.llm_base_url}" if config.llm_base_url
+        model = (f"the model at {config.chat.base_url}" if config.chat.base_url
                  else "the offline deterministic stand-in model")
         print(f"local workspace: emulated Databricks API at {ws.host}, jobs as local worker.py processes, Genie over "
               f"the sample dataset, {where}, {model}", flush=True)
     try:
-        if config.llm_base_url:
-            chat = llm.openai_chat(config.llm_base_url, config.llm_model or config.llm_endpoint, config.llm_api_key)
-        else:
-            chat = llm.databricks_chat(config.llm_endpoint, workspace.config)
+        chat = config.chat.client(workspace.config)
         pool = lakebase.open_pool(db_config, workspace)
         with pool.connection() as conn:
             lakebase.migrate(conn)

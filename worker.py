@@ -26,11 +26,10 @@ import psycopg  # noqa: E402
 
 import lakebase  # noqa: E402
 from genie import DEFAULT_DESCRIPTION, Genie, GenieConfig, GenieUnavailable  # noqa: E402
-from llm import LimitReached, LLMError, databricks_chat, openai_chat, run_tools  # noqa: E402
+from llm import DEFAULT_ENDPOINT, ChatConfig, LimitReached, LLMError, run_tools  # noqa: E402
 
 log = logging.getLogger("worker")
 
-DEFAULT_ENDPOINT = "databricks-claude-sonnet-4-5"
 MAX_REQUEST_CHARS = 20_000
 SYSTEM_PROMPT = """You are a data analyst. Answer the user's request with data from the query_genie tool, \
 which asks a Genie space questions in plain language and returns its answer, the SQL and the rows.
@@ -80,10 +79,7 @@ class WorkerConfig:
     thread_id: str = ""
     genie_space_id: str = ""
     genie_description: str = ""  # GENIE_DESCRIPTION overrides the tool description the model sees
-    llm_endpoint: str = DEFAULT_ENDPOINT
-    llm_base_url: str = ""  # LLM_BASE_URL: any OpenAI-compatible server instead of a serving endpoint
-    llm_model: str = ""  # LLM_MODEL: the model name for LLM_BASE_URL (default: the endpoint name)
-    llm_api_key: str = ""
+    chat: ChatConfig = dataclasses.field(default_factory=ChatConfig)  # --llm-endpoint, LLM_*
     db: lakebase.LakebaseConfig = dataclasses.field(default_factory=lakebase.LakebaseConfig)  # the step log
     max_calls: int = 12  # model calls per run
     retry_seconds: int = 120  # how long the SDK keeps retrying 429/503 (Genie allows ~5 questions a minute)
@@ -98,9 +94,7 @@ class WorkerConfig:
         return cls(request=args.request, run_id=args.run_id or f"local-{uuid.uuid4()}", thread_id=args.thread_id,
                    genie_space_id=args.genie_space_id or env.get("GENIE_SPACE_ID", ""),
                    genie_description=env.get("GENIE_DESCRIPTION", ""),
-                   llm_endpoint=args.llm_endpoint or env.get("LLM_ENDPOINT_NAME") or DEFAULT_ENDPOINT,
-                   llm_base_url=env.get("LLM_BASE_URL", ""), llm_model=env.get("LLM_MODEL", ""),
-                   llm_api_key=env.get("LLM_API_KEY", ""), db=db)
+                   chat=ChatConfig.from_env(env, endpoint=args.llm_endpoint), db=db)
 
     def check(self):
         request = self.request.strip()
@@ -172,11 +166,8 @@ def workspace_client(config: WorkerConfig):
 
 def clients(config: WorkerConfig, workspace):
     """The chat client and the Genie settings."""
-    if config.llm_base_url:
-        chat = openai_chat(config.llm_base_url, config.llm_model or config.llm_endpoint, config.llm_api_key)
-    else:
-        chat = databricks_chat(config.llm_endpoint, workspace.config)
-    return chat, GenieConfig(config.genie_space_id, description=config.genie_description or DEFAULT_DESCRIPTION)
+    genie = GenieConfig(config.genie_space_id, description=config.genie_description or DEFAULT_DESCRIPTION)
+    return config.chat.client(workspace.config), genie
 
 
 def _cancel(signum, frame):

@@ -623,8 +623,8 @@ def test_terminal_says_what_is_missing(emu, job_id, pg_dsn, scripted_model):
     out = terminal(env, "")
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip() == ("primary.py: a workspace is configured (DATABRICKS_HOST) but DATABRICKS_JOB_ID "
-                                  "(the worker job's id) and LAKEBASE_DSN, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT "
-                                  "is not set")
+                                  "(the worker job's id) is not set; no database is set: set LAKEBASE_INSTANCE or "
+                                  "LAKEBASE_ENDPOINT (or LAKEBASE_DSN)")
 
 
 def test_terminal_help(tmp_path):

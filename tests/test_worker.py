@@ -118,13 +118,13 @@ def test_empty_flags_fall_back_to_the_environment_and_flags_win():
                                        "--lakebase-endpoint=", "--lakebase-database=", "--genie-space-id=",
                                        "--llm-endpoint="])
     config = WorkerConfig.from_args(args, env)
-    assert (config.request, config.genie_space_id, config.llm_endpoint) == ("-h", "env-space", "env-model")
+    assert (config.request, config.genie_space_id, config.chat.endpoint) == ("-h", "env-space", "env-model")
     assert (config.db.dsn, config.db.database, config.genie_description) == ("dbname=x", "env_db", "About sales.")
     assert config.run_id.startswith("local-")
     args = worker.parser().parse_args(["--request=q", "--run-id=7", "--lakebase-instance=inst",
                                        "--lakebase-database=other_db", "--genie-space-id=s2", "--llm-endpoint=m2"])
     config = WorkerConfig.from_args(args, env)
-    assert (config.run_id, config.genie_space_id, config.llm_endpoint) == ("7", "s2", "m2")
+    assert (config.run_id, config.genie_space_id, config.chat.endpoint) == ("7", "s2", "m2")
     assert (config.db.dsn, config.db.instance, config.db.database) == ("", "inst", "other_db")
 
 
