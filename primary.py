@@ -302,18 +302,18 @@ class PrimaryAgent:
         run_id = self._own_run(turn, run_id)
         run = self._get_run(run_id)
         with self.db.connection() as conn:
-            steps = lakebase.read_steps(conn, run_id, limit=10_000)
+            progress = lakebase.run_progress(conn, run_id, recent=RECENT_STEPS)
         report = {"run_id": run_id, "state": run_state(run), "state_message": run.state.state_message or None,
-                  "run_page_url": run.run_page_url, "steps": len(steps),
-                  "recent_steps": [describe_step(step) for step in steps[-RECENT_STEPS:]]}
-        for step in steps:
-            payload = step["payload"]
-            if step["status"] == "completed":
-                report["answer"] = _cut(str(payload.get("answer")), MAX_ANSWER_CHARS)
-            elif step["status"] == "failed":
-                report["error"] = payload.get("error")
-            elif step["status"] == "cancelled":
-                report["cancelled"] = payload.get("reason") or "cancelled"
+                  "run_page_url": run.run_page_url, "steps": progress["steps"],
+                  "recent_steps": [describe_step(step) for step in progress["recent"]]}
+        final = progress["final"] or {"status": None, "payload": {}}
+        payload = final["payload"]
+        if final["status"] == "completed":
+            report["answer"] = _cut(str(payload.get("answer")), MAX_ANSWER_CHARS)
+        elif final["status"] == "failed":
+            report["error"] = payload.get("error")
+        elif final["status"] == "cancelled":
+            report["cancelled"] = payload.get("reason") or "cancelled"
         return json.dumps({k: v for k, v in report.items() if v is not None}, ensure_ascii=False)
 
     def _terminate(self, turn, run_id) -> str:

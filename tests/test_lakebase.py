@@ -592,3 +592,21 @@ def test_an_unknown_instance_or_endpoint_says_so(emulator, config, says):
     with pytest.raises(LakebaseError, match=says) as info:
         lakebase.connect(config, emulator[1])
     assert "\n" not in str(info.value) and info.value.__context__ is None
+
+
+def test_run_progress_reads_the_count_the_last_steps_and_the_end(conn):
+    run = "77"
+    lakebase.log_step(conn, run, "started", {"request": "q"})
+    for i in range(3):
+        lakebase.log_step(conn, run, "tool_call", {"name": "query_genie", "arguments": {"question": f"q{i}"}})
+        lakebase.log_step(conn, run, "tool_result", {"output": f"o{i}", "detail": {"rows": [["x"]] * 1000}})
+    assert lakebase.run_progress(conn, run)["final"] is None
+    lakebase.log_step(conn, run, "completed", {"answer": "42"})
+    lakebase.log_step(conn, "78", "failed", {"error": "another run"})
+    progress = lakebase.run_progress(conn, run, recent=3)
+    assert progress["steps"] == 8
+    assert [(s["step"], s["status"]) for s in progress["recent"]] == [(6, "tool_call"), (7, "tool_result"),
+                                                                      (8, "completed")]
+    assert progress["recent"][1]["payload"] == {"output": "o2"}  # Genie's full rows are left in the log
+    assert (progress["final"]["step"], progress["final"]["payload"]) == (8, {"answer": "42"})
+    assert lakebase.run_progress(conn, "79") == {"steps": 0, "recent": [], "final": None}
