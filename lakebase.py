@@ -201,13 +201,28 @@ def connect(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login
     raise LakebaseError(f"cannot connect to Postgres: {message}; {fix}")
 
 
+class Pool(ConnectionPool):
+    """A ConnectionPool that remembers why its last new connection failed (None once one succeeds), so a
+    PoolTimeout can say why: credentials refused, server down, or (no error) every connection busy."""
+    last_error: str | None = None
+
+    def _connect(self, timeout=None):
+        try:
+            conn = super()._connect(timeout)
+        except Exception as e:
+            self.last_error = redact(" ".join(str(e).split()))
+            raise
+        self.last_error = None
+        return conn
+
+
 def open_pool(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login] | None = None, min_size=1,
               max_size=10, max_lifetime=MAX_LIFETIME_SECONDS, timeout=30.0) -> ConnectionPool:
     """A pool of autocommit connections: each new one logs in with a fresh enough token, each is checked
     when handed out (so dead ones after a server restart are replaced), each is recycled after max_lifetime."""
     login = login or login_for(config, workspace)
     connect(config, login=login).close()  # fail now with a LakebaseError, rather than later with a PoolTimeout
-    return ConnectionPool(config.dsn, kwargs=lambda: _connect_kwargs(config, login), min_size=min_size,
+    return Pool(config.dsn, kwargs=lambda: _connect_kwargs(config, login), min_size=min_size,
                           max_size=max_size, max_lifetime=max_lifetime, timeout=timeout, name="lakebase",
                           check=ConnectionPool.check_connection, open=True)
 
@@ -276,7 +291,8 @@ def _clean(value):
 def _storable(value, what: str) -> str:
     """The text to store: `value` itself if a str, else its JSON; unstorable characters become U+FFFD."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    if not _UNSTORABLE.search(text):
+    # json.dumps writes a NUL as the escape \u0000 (which jsonb refuses too), and only a lone surrogate as itself
+    if not _UNSTORABLE.search(text) and (isinstance(value, str) or "\\u0000" not in text):
         return text
     log.warning("%s: replaced NUL / lone surrogate characters with U+FFFD to store it", what)
     log.debug("%s before sanitising: %r", what, value)

@@ -399,6 +399,7 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
     """Bring up the local workspace: Postgres (embedded under `data_dir`, or `dsn`), the sample data, and the
     emulator with the bundle's job as job 1, Genie space `local-sample` and the offline stand-in model.
     LLM_BASE_URL / LLM_MODEL / LLM_API_KEY reach the workers through their inherited environment."""
+    import lakebase
     import offline  # local mode only: the emulator alone needs none of it
 
     project_dir = Path(project_dir).resolve()
@@ -431,7 +432,8 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
         if handle is not None:
             handle.cleanup()
         raise
-    log.info("local workspace at %s (job %s, Genie space %s, Postgres %s)", emulator.url, job_id, GENIE_SPACE, dsn)
+    log.info("local workspace at %s (job %s, Genie space %s, Postgres %s)", emulator.url, job_id, GENIE_SPACE,
+             lakebase.redact(dsn))  # a DSN may hold a password
     return LocalWorkspace(emulator, dsn, job_id, GENIE_SPACE, handle)
 
 

@@ -296,7 +296,7 @@ class Jobs:
                 proc = subprocess.Popen([sys.executable, str(python_file), *rec.argv], cwd=self.project_dir,
                                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                         start_new_session=True)
-        except OSError as e:
+        except (OSError, ValueError) as e:  # ValueError: a NUL in an argument
             return self._finish(rec, "FAILED", "INVALID_RUN_CONFIGURATION", "CLIENT_ERROR",
                                 f"could not start the worker: {e}")
         with self._lock:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import re
 import sys
 import threading
 import uuid
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import psycopg
+import psycopg_pool
 
 import lakebase
 import llm
@@ -51,6 +53,9 @@ RUN_SCHEMA = {"type": "object", "required": ["run_id"], "properties": {"run_id":
     "type": "string", "description": "the run id that start_databricks_job returned, e.g. \"123\""}}}
 START_SCHEMA = {"type": "object", "required": ["request"], "properties": {"request": {
     "type": "string", "description": "the user's data question, restated so that it stands on its own"}}}
+
+
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # what Postgres text can't hold and UTF-8 can't encode
 
 
 class BadRequest(ValueError):
@@ -114,8 +119,9 @@ def parse_request(request) -> Turn:
     thread_id = check_thread_id(custom.get("thread_id") or context.get("conversation_id") or uuid.uuid4().hex)
     user_id, request_id = context.get("user_id") or None, custom.get("request_id") or None
     for name, value in (("context.user_id", user_id), ("custom_inputs.request_id", request_id)):
-        if value is not None and (not isinstance(value, str) or len(value) > 256):
-            raise BadRequest(f"{name} must be a string of at most 256 characters")
+        if value is not None and (not isinstance(value, str) or len(value) > 256 or _UNSTORABLE.search(value)):
+            raise BadRequest(f"{name} must be a string of at most 256 characters, without NUL or unpaired "
+                             f"surrogate characters")
     history = [m for m in messages[:-1] if m and m["role"] in ("user", "assistant") and m["content"].strip()]
     return Turn(thread_id, last["content"], user_id, request_id, history)
 
@@ -225,6 +231,14 @@ class PrimaryAgent:
                 number = lakebase.append_turn(conn, turn.thread_id, seed + messages[first:], owner=turn.user_id)
         except PermissionError as e:
             raise BadRequest(f"{e}: start a new thread (no thread_id) or use one of yours") from None
+        except psycopg_pool.PoolTimeout as e:  # before psycopg.Error, its base class
+            why = getattr(self.db, "last_error", None)
+            problem = (f"new database connections fail: {why}" if why else
+                       f"all {self.db.max_size} database connections of this process stayed busy for "
+                       f"{self.db.timeout:g} s")
+            fix = ("Check that Postgres (Lakebase) is up and reachable and that its credentials are valid, then send "
+                   "the message again") if why else "Send the message again in a moment"
+            raise TurnFailed(f"the database failed and nothing was stored: {problem}. {fix}") from e
         except llm.LLMError as e:
             raise TurnFailed(f"the chat model failed and nothing was stored: {e}. Check that the model "
                              f"endpoint is up and reachable, then send the message again") from e
@@ -275,7 +289,7 @@ class PrimaryAgent:
     def _start(self, turn, number, started, request) -> str:
         if not isinstance(request, str) or not request.strip():
             raise llm.ToolError("request must be the user's data question, as a non-empty string")
-        request = request.strip()
+        request = _UNSTORABLE.sub("\ufffd", request.strip())  # a job parameter, an argv entry, a hash input
         if len(request) > MAX_REQUEST_CHARS:
             raise llm.ToolError(f"the request has {len(request):,} characters; a job takes at most "
                                 f"{MAX_REQUEST_CHARS:,}: restate it more briefly")
@@ -295,8 +309,11 @@ class PrimaryAgent:
             with self.db.connection() as conn:  # the run holding the key: this one, as run_now got the same token
                 run_id = lakebase.record_run(conn, turn.thread_id, str(wait.run_id), key, request,
                                              owner=turn.user_id)["run_id"]
-        started.append({"run_id": run_id, "run_page_url": self._run_url(run_id)})
-        raise llm.EndTurn(json.dumps({**started[-1], "status": "started"}))
+        run = next((run for run in started if run["run_id"] == run_id), None)  # a call repeated in one message
+        if run is None:
+            run = {"run_id": run_id, "run_page_url": self._run_url(run_id)}
+            started.append(run)
+        raise llm.EndTurn(json.dumps({**run, "status": "started"}))
 
     def _poll(self, turn, run_id) -> str:
         run_id = self._own_run(turn, run_id)
