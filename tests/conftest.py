@@ -1,5 +1,6 @@
 """Shared fixtures: a real throwaway Postgres and a scripted chat model served over HTTP."""
 import os
+import sys
 
 import pytest
 
@@ -37,3 +38,21 @@ def scripted_model():
     yield model
     model.stop()
     model.check()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability suite's tally (tests/test_reliability.py): cases run, faults injected, what was lost."""
+    module = next((m for m in list(sys.modules.values())
+                   if (getattr(m, "__file__", None) or "").endswith("test_reliability.py")), None)
+    outcomes = {}  # nodeid -> passed?, over its setup, call and teardown reports
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if "test_reliability.py::" in getattr(report, "nodeid", ""):
+                outcomes[report.nodeid] = outcomes.get(report.nodeid, True) and report.outcome == "passed"
+    if module is None or not outcomes:
+        return
+    tally, failed = module.TALLY, sum(not ok for ok in outcomes.values())
+    terminalreporter.write_sep("-", "reliability and security")
+    terminalreporter.write_line(
+        f"{len(outcomes)} cases run ({failed} failed), {tally['faults']} faults injected; lost: "
+        f"{tally['lost_turns']} turns (missing or half-saved), {tally['lost_steps']} steps")
