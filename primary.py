@@ -35,6 +35,7 @@ DEFAULT_WINDOW = 40  # stored messages sent to the model as context
 DEFAULT_MAX_CALLS = 6  # model calls per turn
 DEFAULT_ENDPOINT = llm.DEFAULT_ENDPOINT
 RECENT_STEPS = 5  # steps of a run shown by poll
+MAX_STARTS = 3  # job runs one turn may start: a runaway model can't flood the job queue
 MAX_ANSWER_CHARS = 8_000  # a worker answer longer than this is cut to a head and a tail for the model
 FINISHED = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}  # life cycle states of a run that has ended
 ROLES = ("user", "assistant", "system", "developer")
@@ -289,6 +290,9 @@ class PrimaryAgent:
     def _start(self, turn, number, started, request) -> str:
         if not isinstance(request, str) or not request.strip():
             raise llm.ToolError("request must be the user's data question, as a non-empty string")
+        if len(started) >= MAX_STARTS:
+            raise llm.ToolError(f"this turn has already started {MAX_STARTS} jobs, the most one turn may start: "
+                                f"combine the questions into one request, or ask for the rest in the next turn")
         request = _UNSTORABLE.sub("\ufffd", request.strip())  # a job parameter, an argv entry, a hash input
         if len(request) > MAX_REQUEST_CHARS:
             raise llm.ToolError(f"the request has {len(request):,} characters; a job takes at most "

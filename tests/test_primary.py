@@ -348,6 +348,17 @@ def test_job_errors_go_to_the_model_with_the_fix(fault, expected, chat, scripted
     assert len(stored(db, "t-err")) == 4
 
 
+def test_one_turn_starts_at_most_max_starts_jobs(agent, scripted_model, emu):
+    questions = [f"revenue in 20{year}" for year in range(20, 25)]
+    scripted_model.call_tools(*[("start_databricks_job", {"request": q}, f"c{i}") for i, q in enumerate(questions)])
+    response = agent.predict(ask("revenue for each year since 2020"))
+    run_ids = response["custom_outputs"]["run_ids"]
+    assert len(run_ids) == primary.MAX_STARTS == len(emu.calls("POST", "/api/2.2/jobs/run-now")) == 3
+    refused = [item["output"] for item in response["output"] if item["type"] == "function_call_output"][3:]
+    assert len(refused) == 2 and all("already started 3 jobs, the most one turn may start" in r for r in refused)
+    assert all(f"run {run_id}" in texts(response)[-1] for run_id in run_ids)
+
+
 def test_a_bad_job_request_goes_back_to_the_model(agent, scripted_model, emu):
     scripted_model.call_tools(("start_databricks_job", {"request": "  "}),
                               ("start_databricks_job", {"request": "x" * 20_001}),
