@@ -155,7 +155,7 @@ class AsyncAgent(ResponsesAgent):
 
 DEPLOY_EPILOG = """It logs serving.py as an MLflow model (code-based, with %s; resources: the chat model endpoint,
 the Lakebase instance), registers it in Unity Catalog as CATALOG.SCHEMA.MODEL_NAME, and creates the serving endpoint
-or updates it to that version, with DATABRICKS_JOB_ID, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT, LLM_ENDPOINT_NAME,
+or updates it to that version, with DATABRICKS_JOB_ID, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (and LAKEBASE_DATABASE), LLM_ENDPOINT_NAME,
 GENIE_SPACE_ID, DATABRICKS_HOST and DATABRICKS_CLIENT_ID/_SECRET = {{secrets/SCOPE/KEY}} in its environment.
 Jobs have no automatic credential on Model Serving: the endpoint runs as that service principal, which needs
 CAN_MANAGE_RUN on the job, CAN_QUERY on the chat model endpoint and a Lakebase role (lakebase_grants.sql).
@@ -189,6 +189,8 @@ def deploy_parser() -> argparse.ArgumentParser:
     database.add_argument("--lakebase-instance", metavar="NAME", help="Lakebase provisioned instance name")
     database.add_argument("--lakebase-endpoint", metavar="PATH", help="Lakebase autoscaling endpoint",
                           type=_matching(lakebase.ENDPOINT_PATTERN.pattern, "projects/P/branches/B/endpoints/E"))
+    add("--lakebase-database", type=_matching(r"[\w$-]{1,63}", "a database name"),
+        help=f"database in it (default {lakebase.DEFAULT_DATABASE}; the job's lakebase_database must match)")
     add("--llm-endpoint", default=llm.DEFAULT_ENDPOINT, help="chat model serving endpoint (default %(default)s)")
     add("--genie-space-id", default="", help="GENIE_SPACE_ID on the endpoint (only the job asks Genie)")
     add("--secret-scope", required=True, type=KEY, help="secret scope of the service principal's credentials")
@@ -213,7 +215,7 @@ def endpoint_env(args, host: str) -> dict:
     """The serving endpoint's environment variables; the service principal's credentials as secret references."""
     env = {"DATABRICKS_JOB_ID": args.job_id, "LLM_ENDPOINT_NAME": args.llm_endpoint,
            "LAKEBASE_INSTANCE": args.lakebase_instance, "LAKEBASE_ENDPOINT": args.lakebase_endpoint,
-           "GENIE_SPACE_ID": args.genie_space_id, "DATABRICKS_HOST": host,
+           "LAKEBASE_DATABASE": args.lakebase_database, "GENIE_SPACE_ID": args.genie_space_id, "DATABRICKS_HOST": host,
            "DATABRICKS_CLIENT_ID": f"{{{{secrets/{args.secret_scope}/{args.client_id_key}}}}}",
            "DATABRICKS_CLIENT_SECRET": f"{{{{secrets/{args.secret_scope}/{args.client_secret_key}}}}}"}
     return {name: value for name, value in env.items() if value}

@@ -351,11 +351,12 @@ def test_endpoint_config_for_an_instance_and_for_an_autoscaling_endpoint():
     argv = [a for a in DEPLOY_ARGS if a not in ("--lakebase-instance", "my-instance")]
     args = serving.deploy_parser().parse_args([*argv, "--lakebase-endpoint", path, "--llm-endpoint", "my-llm",
                                                "--client-id-key", "id", "--client-secret-key", "secret",
-                                               "--model-name", "sales_agent", "--scale-to-zero"])
+                                               "--model-name", "sales_agent", "--scale-to-zero",
+                                               "--lakebase-database", "agents_db"])
     entity = serving.served_entity(args, "1", "https://ws")
     assert entity["entity_name"] == "main.agents.sales_agent" and entity["scale_to_zero_enabled"] is True
     env = {k: v for k, v in entity["environment_vars"].items() if k.startswith(("LAKEBASE", "LLM", "DATABRICKS_C"))}
-    assert env == {"LAKEBASE_ENDPOINT": path, "LLM_ENDPOINT_NAME": "my-llm",
+    assert env == {"LAKEBASE_ENDPOINT": path, "LAKEBASE_DATABASE": "agents_db", "LLM_ENDPOINT_NAME": "my-llm",
                    "DATABRICKS_CLIENT_ID": "{{secrets/async-agent/id}}",
                    "DATABRICKS_CLIENT_SECRET": "{{secrets/async-agent/secret}}"}
     assert [r.to_dict() for r in serving.model_resources(args)] == [{"serving_endpoint": [{"name": "my-llm"}]}]
@@ -387,7 +388,7 @@ def test_deploy_help_documents_every_flag_and_the_auth(capsys):
         serving.deploy_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     flags = [o for action in serving.deploy_parser()._actions for o in action.option_strings if o.startswith("--")]
-    assert len(flags) == 18 and all(flag in text for flag in flags)
+    assert len(flags) == 19 and all(flag in text for flag in flags)
     assert "Jobs have no automatic credential on Model Serving" in text and "CAN_MANAGE_RUN on the job" in text
 
 
