@@ -35,7 +35,7 @@ import psycopg
 import llm
 from local_api import ApiError, bad, missing
 from local_genie import COLUMN_TYPES, GENIE_FAULTS, MAX_GENIE_ROWS, TYPE_TEXT, CannotAnswer, Genie  # noqa: F401
-from local_jobs import ACTIVE, JOB_KEYS, SHUTDOWN_MESSAGE, TASK_KEYS, Jobs, RunRecord, _alive  # noqa: F401
+from local_jobs import ACTIVE, CLOSED_MESSAGE, JOB_KEYS, SHUTDOWN_MESSAGE, TASK_KEYS, Jobs, RunRecord, _alive  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -383,6 +383,10 @@ class LocalWorkspace:
         return self.emulator.token
 
     def close(self):
+        active = self.emulator.active_runs()
+        if active:  # they would otherwise just be gone from the user's point of view
+            log.warning("stopping %d active run(s) of the local workspace: %s", len(active),
+                        ", ".join(map(str, active)))
         self.emulator.close()
         if self.postgres is not None:
             self.postgres.cleanup()  # stops the server when no other process uses it; the data stays

@@ -28,10 +28,12 @@ from psycopg.types.json import Jsonb
 from local_api import bad, now_ms
 
 SHUTDOWN_MESSAGE = "the local workspace stopped while this run was active"
+CLOSED_MESSAGE = "the local workspace was closed while this run was active"
 ACTIVE = ("QUEUED", "PENDING", "RUNNING", "TERMINATING")
 # (result_state, termination code, termination type, state_message) of a run that ended this way
 CANCELLED = ("CANCELED", "USER_CANCELED", "SUCCESS", "Run cancelled.")
-SHUT_DOWN = ("FAILED", "INTERNAL_ERROR", "INTERNAL_ERROR", SHUTDOWN_MESSAGE)
+SHUT_DOWN = ("FAILED", "INTERNAL_ERROR", "INTERNAL_ERROR", SHUTDOWN_MESSAGE)  # found after a crash
+CLOSED = ("CANCELED", "CANCELED", "SUCCESS", CLOSED_MESSAGE)  # stopped by close(), like a cancel
 # JobSettings / RunTask keys we pass through from a bundle job; bundle-only keys (permissions, ...) are dropped.
 JOB_KEYS = ("name", "description", "max_concurrent_runs", "queue", "parameters", "tasks", "timeout_seconds",
             "environments", "tags", "email_notifications", "notification_settings", "health", "performance_target")
@@ -160,7 +162,7 @@ class Jobs:
         self._recover()
 
     def _close_jobs(self):
-        """Stop active runs (SIGTERM, SIGKILL after the grace) and mark them FAILED."""
+        """Stop active runs (SIGTERM, SIGKILL after the grace) and mark them CANCELED: their workers log `cancelled`."""
         with self._lock:
             for rec in list(self.live.values()):
                 self._stop(rec, "shutdown")
@@ -168,9 +170,13 @@ class Jobs:
             thread.join(self.cancel_grace + 5)
         with self._lock:
             for rec in list(self.live.values()):  # a watcher that did not finish in time
-                self._conclude(rec, *SHUT_DOWN)
+                self._conclude(rec, *CLOSED)
             self.store.close()
         Jobs._open_instances.discard(self.owner)
+
+    def active_runs(self) -> list[int]:
+        with self._lock:
+            return sorted(self.live)
 
     def run_log(self, run_id, stream="stdout"):
         path = self.log_dir / f"run-{run_id}.{stream}"
@@ -343,7 +349,7 @@ class Jobs:
         if rec.stop == "timeout":
             return "TIMEDOUT", "CANCELED", "CLIENT_ERROR", f"Run timed out after {timeout} seconds (timeout_seconds)."
         if rec.stop == "shutdown":
-            return SHUT_DOWN
+            return CLOSED
         if returncode == 0:
             return "SUCCESS", "SUCCESS", "SUCCESS", ""
         if returncode < 0:
@@ -365,7 +371,7 @@ class Jobs:
     def _stop(self, rec, reason):
         """Cancel (or time out, or shut down) a live run; a queued run ends without ever starting."""
         if rec.life == "QUEUED":
-            return self._conclude(rec, *(SHUT_DOWN if reason == "shutdown" else CANCELLED))
+            return self._conclude(rec, *(CLOSED if reason == "shutdown" else CANCELLED))
         if rec.stop:
             return
         rec.stop, rec.life = reason, "TERMINATING"

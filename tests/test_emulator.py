@@ -394,9 +394,9 @@ def test_runs_persist_across_restarts(pg_dsn, tmp_path):
         w = client(emu)
         emu.add_job(fake_job(), job_id=job_id)
         assert w.jobs.get_run(old).state.result_state == jobs.RunResultState.SUCCESS
-        stopped = w.jobs.get_run(sleeping)
-        assert stopped.state.result_state == jobs.RunResultState.FAILED
-        assert stopped.state.state_message == local.SHUTDOWN_MESSAGE
+        stopped = w.jobs.get_run(sleeping)  # closing the workspace stopped it, like a cancel
+        assert stopped.state.result_state == jobs.RunResultState.CANCELED
+        assert stopped.state.state_message == local.CLOSED_MESSAGE
         assert w.jobs.run_now(job_id, idempotency_token="persisted").run_id == old
         new = w.jobs.run_now(job_id).run_id
         assert new > max(old, sleeping)
@@ -433,13 +433,14 @@ def test_closing_the_workspace_stops_its_runs(tmp_path):
     queued = w.jobs.run_now(job_id).run_id
     wait_for(lambda: "ready" in emu.run_log(running), what="worker ready")
     pid = int(emu.run_log(running).split("pid=")[1].split()[0])
+    assert emu.active_runs() == sorted([running, queued])
     started = time.monotonic()
     emu.close()
     assert time.monotonic() - started < 3
     assert not local._alive(pid)  # killed after the grace, and reaped
     for run_id in (running, queued):
         rec = emu.store.get(run_id)
-        assert (rec.life, rec.result, rec.message) == ("TERMINATED", "FAILED", local.SHUTDOWN_MESSAGE)
+        assert (rec.life, rec.result, rec.message) == ("TERMINATED", "CANCELED", local.CLOSED_MESSAGE)
 
 
 def test_load_job_resolves_bundle_variables(tmp_path):
