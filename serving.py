@@ -21,7 +21,7 @@ import re
 import sys
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -155,8 +155,9 @@ class AsyncAgent(ResponsesAgent):
 
 DEPLOY_EPILOG = """It logs serving.py as an MLflow model (code-based, with %s; resources: the chat model endpoint,
 the Lakebase instance), registers it in Unity Catalog as CATALOG.SCHEMA.MODEL_NAME, and creates the serving endpoint
-or updates it to that version, with DATABRICKS_JOB_ID, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (and LAKEBASE_DATABASE), LLM_ENDPOINT_NAME,
-GENIE_SPACE_ID, DATABRICKS_HOST and DATABRICKS_CLIENT_ID/_SECRET = {{secrets/SCOPE/KEY}} in its environment.
+or updates it to that version, with DATABRICKS_JOB_ID, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (and LAKEBASE_DATABASE),
+LLM_ENDPOINT_NAME, GENIE_SPACE_ID, DATABRICKS_HOST and DATABRICKS_CLIENT_ID/_SECRET = {{secrets/SCOPE/KEY}} in its
+environment.
 Jobs have no automatic credential on Model Serving: the endpoint runs as that service principal, which needs
 CAN_MANAGE_RUN on the job, CAN_QUERY on the chat model endpoint and a Lakebase role (lakebase_grants.sql).
 You deploy with your own Databricks auth (--profile, DATABRICKS_CONFIG_PROFILE, ...): READ on the secret scope,

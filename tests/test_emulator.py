@@ -4,6 +4,7 @@ The contract tests check every JSON body against the SDK's own dataclasses: `Cls
 == body` fails on a field or enum value the SDK does not know (it would be dropped), so the emulator can't
 drift into answers the real service would not give.
 """
+import functools
 import json
 import os
 import shutil
@@ -26,10 +27,14 @@ from databricks.sdk.errors import (InvalidParameterValue, NotFound, OperationFai
 from databricks.sdk.service import dashboards, database, iam, jobs, postgres
 
 import local
+import pg_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WORKER = "tests/fixtures/fake_worker.py"
 PARAMS = ("sleep", "exit", "stderr", "dump", "ignore_sigterm")
+
+
+wait_for = functools.partial(pg_fixture.wait_for, timeout=10.0, every=0.03)
 
 
 def fake_job(**settings):
@@ -49,22 +54,11 @@ def client(emu, token=local.TOKEN, retry_timeout=10):
                                          retry_timeout_seconds=retry_timeout))
 
 
-def wait_for(check, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.03)
-
-
 def wait_run(w, run_id, states=("TERMINATED", "SKIPPED"), timeout=10.0):
     def check():
         run = w.jobs.get_run(run_id)
         return run if run.state.life_cycle_state.value in states else None
-    return wait_for(check, timeout, f"run {run_id} to reach {states}")
+    return wait_for(check, f"run {run_id} to reach {states}", timeout=timeout)
 
 
 def roundtrip(cls, body):
@@ -491,7 +485,7 @@ def wait_message(w, conversation_id, message_id, statuses, timeout=5.0):
     def check():
         message = w.genie.get_message("space", conversation_id, message_id)
         return message if message.status.value in statuses else None
-    return wait_for(check, timeout, f"message to reach {statuses}")
+    return wait_for(check, f"message to reach {statuses}", timeout=timeout)
 
 
 def test_genie_conversation_with_follow_up_and_query_result(emu, w, genie):

@@ -394,32 +394,7 @@ def test_redact():
 
 # ------------------------------------------------------------------ an own server: restarts, short-lived passwords
 
-ROLE = "tok_user"
-
-
-@pytest.fixture(scope="module")
-def own_server():
-    server = pg_fixture.start_embedded()
-    with psycopg.connect(server.base_dsn, autocommit=True) as admin:
-        admin.execute(f"create role {ROLE} login password 'initial-password'")
-    pg_fixture.allow_password_login(server, ROLE)
-    yield server
-    server.handle.cleanup()
-
-
-@pytest.fixture
-def own(own_server):
-    """A server of our own that tests may stop and start (running, even if an earlier test failed while it was
-    stopped), with a role ROLE that logs in with a password only."""
-    pg_fixture.start(own_server)
-    return own_server
-
-
-@pytest.fixture
-def own_dsn(own):
-    dsn = own.fresh_database()
-    yield dsn
-    own.drop_database(dsn)
+ROLE = pg_fixture.PASSWORD_ROLE
 
 
 class ShortLivedPasswords:

@@ -1,5 +1,4 @@
 """llm.py over real HTTP against the scripted model: the client's wire format, retries and errors, and the tool loop."""
-import json
 import logging
 import socket
 import subprocess

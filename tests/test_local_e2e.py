@@ -10,6 +10,7 @@ Genie. The expected numbers are computed here from sample_data/*.csv, not from t
 import ast
 import codecs
 import csv
+import functools
 import http.server
 import json
 import os
@@ -32,10 +33,12 @@ import lakebase
 import llm
 import local
 import offline
+import pg_fixture
 import primary
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30  # seconds: the bound on every wait (start-up, a turn, a run)
+wait_for = functools.partial(pg_fixture.wait_for, timeout=WAIT, every=0.2)
 PROMPT = "\n> "
 SPINNER = re.compile(r"\r[|/\\-] run (\d+) (QUEUED|PENDING|RUNNING|TERMINATING) \d+ s")
 
@@ -557,15 +560,6 @@ def reply_text(response):
 
 def tool_calls(response):
     return [(item["name"], item["arguments"]) for item in response["output"] if item["type"] == "function_call"]
-
-
-def wait_for(check, what, timeout=WAIT, every=0.2):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
-    return value
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The primary agent against real Postgres, the scripted model over HTTP and the local emulator's Jobs API (the real
 SDK over HTTP), whose runs are real subprocesses of tests/fixtures/step_worker.py logging steps to task_logs."""
+import functools
 import json
 import os
 import queue
@@ -18,11 +19,13 @@ from databricks.sdk.config import Config
 import lakebase
 import llm
 import local
+import pg_fixture
 import primary
 from primary import BadRequest, PrimaryAgent, TurnFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 20  # seconds: the bound on every wait for a run
+wait_for = functools.partial(pg_fixture.wait_for, timeout=WAIT)
 
 
 def step_job(**settings):
@@ -103,15 +106,6 @@ def tool_results(request):
 
 def last_tool_result(scripted_model):
     return next(m["content"] for m in reversed(scripted_model.requests[-1].body["messages"]) if m["role"] == "tool")
-
-
-def wait_for(check, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def wait_ended(w, run_id):

@@ -6,6 +6,7 @@ user, then asserts what a person reads (a clear message that says what to do, ne
 the thread's stored turns and the run's step log are whole. TALLY counts the faults injected and anything
 lost or half-saved; conftest.py's pytest_terminal_summary prints it. Nothing leaves 127.0.0.1.
 """
+import functools
 import json
 import logging
 import os
@@ -39,10 +40,11 @@ from primary import BadRequest, PrimaryAgent, TurnFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30  # seconds: the bound on every wait for a run or a step
+wait_for = functools.partial(pg_fixture.wait_for, timeout=WAIT)
 SPACE = "space"  # the emulator's Genie space
 STAND_IN = "stand-in"  # the emulator's serving endpoint answered by offline.stand_in_reply
 HUNG = "hung"  # a serving endpoint that never answers (until the test ends)
-ROLE = "rel_user"  # a role of the own server that logs in with a password only
+ROLE = pg_fixture.PASSWORD_ROLE  # a role of the own server that logs in with a password only
 TALLY = {"faults": 0, "lost_turns": 0, "lost_steps": 0}  # printed by conftest.pytest_terminal_summary
 
 
@@ -114,15 +116,6 @@ def expect_steps(dsn, run_id, statuses: list[str]) -> list[dict]:
     assert got == statuses, f"steps {got}, expected {statuses}"
     assert [step["step"] for step in steps] == list(range(1, len(steps) + 1))
     return steps
-
-
-def wait_for(check, what, timeout=WAIT):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def exception_texts(error: BaseException) -> str:
@@ -281,32 +274,6 @@ def worker_pid(run_id) -> int:
 
 
 # ------------------------------------------------------------------ an own server: restarts and passwords
-
-@pytest.fixture(scope="module")
-def own_server():
-    server = pg_fixture.start_embedded()
-    with psycopg.connect(server.base_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("create role {} login createdb password {}").format(
-            sql.Identifier(ROLE), sql.Literal("initial-" + secrets.token_hex(8))))
-    pg_fixture.allow_password_login(server, ROLE)
-    yield server
-    server.handle.cleanup()
-
-
-@pytest.fixture
-def own(own_server):
-    """The own server, running (even if an earlier test failed while it was stopped)."""
-    pg_fixture.start(own_server)
-    return own_server
-
-
-@pytest.fixture
-def own_dsn(own):
-    dsn = own.fresh_database()
-    yield dsn
-    pg_fixture.start(own)
-    own.drop_database(dsn)
-
 
 def restart(server):
     pg_fixture.stop(server)

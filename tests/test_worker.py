@@ -1,6 +1,7 @@
 """worker.py, the job's entry point: a real subprocess (run by the emulator's job runner from job.yml, or
 directly) logging to a real Postgres, its model the scripted chat server, its Genie the emulator's, reached
 with the real SDK. The loop's Genie outcomes are also checked in-process through worker.run()."""
+import functools
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from psycopg.conninfo import make_conninfo
 
 import lakebase
 import local
+import pg_fixture
 import worker
 from genie import Genie, GenieConfig
 from llm import LimitReached, openai_chat
@@ -22,6 +24,9 @@ from worker import StepLog, WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN_VARS = ("DATABRICKS_", "LAKEBASE_", "GENIE_", "LLM_", "PG")  # the worker reads these; each test sets its own
+
+
+wait_for = functools.partial(pg_fixture.wait_for, timeout=30.0)
 
 
 @pytest.fixture
@@ -72,15 +77,6 @@ def start_worker(*args, env):
 def steps(dsn, run_id):
     with psycopg.connect(dsn, autocommit=True) as conn:
         return [(s["step"], s["status"], s["payload"]) for s in lakebase.read_steps(conn, run_id)]
-
-
-def wait_for(check, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def last_line(stderr):
