@@ -271,7 +271,7 @@ def migrate(conn) -> list[int]:
 
 # ------------------------------------------------------------------ validation and sanitising
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, lone surrogates (a valid pair is one char in Python)
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, lone surrogates (a valid pair is one char in Python)
 
 
 def _check_id(value, what: str) -> str:
@@ -282,7 +282,7 @@ def _check_id(value, what: str) -> str:
 
 def _clean(value):
     if isinstance(value, str):
-        return _UNSTORABLE.sub("\ufffd", value)
+        return UNSTORABLE.sub("\ufffd", value)
     if isinstance(value, dict):
         return {_clean(k): _clean(v) for k, v in value.items()}
     return [_clean(v) for v in value] if isinstance(value, (list, tuple)) else value
@@ -292,7 +292,7 @@ def _storable(value, what: str) -> str:
     """The text to store: `value` itself if a str, else its JSON; unstorable characters become U+FFFD."""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     # json.dumps writes a NUL as the escape \u0000 (which jsonb refuses too), and only a lone surrogate as itself
-    if not _UNSTORABLE.search(text) and (isinstance(value, str) or "\\u0000" not in text):
+    if not UNSTORABLE.search(text) and (isinstance(value, str) or "\\u0000" not in text):
         return text
     log.warning("%s: replaced NUL / lone surrogate characters with U+FFFD to store it", what)
     log.debug("%s before sanitising: %r", what, value)

@@ -6,18 +6,16 @@ messages with three tools built for that thread: start_databricks_job (ends the 
 poll_databricks_job (run state + the worker's steps and answer from task_logs) and terminate_databricks_job.
 The turn is stored in one append at its end; nothing of a failed turn is stored.
 
-`python primary.py` is a terminal chat on a workspace, or on the local stand-in workspace (see --help). It lives in
-terminal.py; its names (`main`, `Config`, `setup`, `Terminal`, ...) stay importable from here.
+`python primary.py` is a terminal chat on a workspace, or on the local stand-in workspace (see --help): it lives
+in terminal.py. The request and response shapes are in agent_io.py.
 """
 import hashlib
 import json
 import logging
 import os
 import queue
-import re
 import sys
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -26,10 +24,10 @@ import psycopg_pool
 
 import lakebase
 import llm
+from agent_io import BadRequest, Turn, output_items, parse_request, stream_events
 
 log = logging.getLogger("primary")
 
-MAX_CONTENT_CHARS = 32_000  # per input message; longer ones are refused (BadRequest)
 MAX_REQUEST_CHARS = 20_000  # a job's request: worker.py refuses longer ones
 DEFAULT_WINDOW = 40  # stored messages sent to the model as context
 DEFAULT_MAX_CALLS = 6  # model calls per turn
@@ -38,8 +36,6 @@ RECENT_STEPS = 5  # steps of a run shown by poll
 MAX_STARTS = 3  # job runs one turn may start: a runaway model can't flood the job queue
 MAX_ANSWER_CHARS = 8_000  # a worker answer longer than this is cut to a head and a tail for the model
 FINISHED = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}  # life cycle states of a run that has ended
-ROLES = ("user", "assistant", "system", "developer")
-TEXT_PARTS = ("input_text", "output_text", "text")
 SYSTEM_PROMPT = """You are the assistant people chat with about their company's data.
 Answer greetings, small talk and questions about this conversation yourself, briefly.
 For a question that needs data (numbers, tables, trends), call start_databricks_job with the request restated \
@@ -56,11 +52,6 @@ START_SCHEMA = {"type": "object", "required": ["request"], "properties": {"reque
     "type": "string", "description": "the user's data question, restated so that it stands on its own"}}}
 
 
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # what Postgres text can't hold and UTF-8 can't encode
-
-
-class BadRequest(ValueError):
-    """The request can't be served as sent (shape, size, thread): the message names the problem."""
 
 
 class TurnFailed(RuntimeError):
@@ -91,85 +82,6 @@ class AgentConfig:
             ("no database is set: set LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (or LAKEBASE_DSN)", not database)) if bad]
 
 
-@dataclass
-class Turn:
-    """What a request asks for, checked."""
-    thread_id: str
-    text: str  # the new user message
-    user_id: str | None = None  # context.user_id: the thread's owner
-    request_id: str | None = None  # custom_inputs.request_id: a client's retry of the same request
-    history: list = field(default_factory=list)  # earlier user/assistant messages, seeding a new thread
-
-
-def parse_request(request) -> Turn:
-    """Check a ResponsesAgent request dict; raise BadRequest naming the first problem."""
-    if not isinstance(request, dict):
-        raise BadRequest(f"the request must be an object with an 'input' list, not {type(request).__name__}")
-    items = request.get("input")
-    if items is None or items == []:
-        raise BadRequest("the request has no input: send 'input' as a list of messages ending with the user's")
-    if not isinstance(items, list):
-        raise BadRequest(f"'input' must be a list of messages, not {type(items).__name__}")
-    custom, context = _mapping(request, "custom_inputs"), _mapping(request, "context")
-    messages = [_message(f"input[{i}]", item) for i, item in enumerate(items)]
-    last = messages[-1]
-    if last is None or last["role"] != "user":
-        raise BadRequest(f"input[{len(items) - 1}], the last item, must be the user's message (role 'user')")
-    if not last["content"].strip():
-        raise BadRequest(f"input[{len(items) - 1}]: the user's message is empty")
-    thread_id = check_thread_id(custom.get("thread_id") or context.get("conversation_id") or uuid.uuid4().hex)
-    user_id, request_id = context.get("user_id") or None, custom.get("request_id") or None
-    for name, value in (("context.user_id", user_id), ("custom_inputs.request_id", request_id)):
-        if value is not None and (not isinstance(value, str) or len(value) > 256 or _UNSTORABLE.search(value)):
-            raise BadRequest(f"{name} must be a string of at most 256 characters, without NUL or unpaired "
-                             f"surrogate characters")
-    history = [m for m in messages[:-1] if m and m["role"] in ("user", "assistant") and m["content"].strip()]
-    return Turn(thread_id, last["content"], user_id, request_id, history)
-
-
-def check_thread_id(thread_id) -> str:
-    if not isinstance(thread_id, str) or not lakebase.ID_PATTERN.fullmatch(thread_id):
-        raise BadRequest(f"invalid thread id {thread_id!r}: use 1-128 letters, digits or _.:- (starting with a "
-                         f"letter or digit)")
-    return thread_id
-
-
-def _mapping(request, key) -> dict:
-    value = request.get(key) or {}
-    if not isinstance(value, dict):
-        raise BadRequest(f"'{key}' must be an object, not {type(value).__name__}")
-    return value
-
-
-def _message(where, item) -> dict | None:
-    """An input item as a chat message; None for the tool items of earlier turns (not replayed)."""
-    if not isinstance(item, dict):
-        raise BadRequest(f"{where} must be an object, not {type(item).__name__}")
-    kind = item.get("type", "message")
-    if kind in ("function_call", "function_call_output"):
-        return None
-    if kind != "message":
-        raise BadRequest(f"{where}: type {kind!r} is not supported: use message, function_call or "
-                         f"function_call_output")
-    role, content = item.get("role"), item.get("content")
-    if role not in ROLES:
-        raise BadRequest(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
-    if isinstance(content, list):
-        bad = [p for p in content if not isinstance(p, dict) or p.get("type") not in TEXT_PARTS
-               or not isinstance(p.get("text"), str)]
-        if bad:
-            kind = bad[0].get("type") if isinstance(bad[0], dict) else type(bad[0]).__name__
-            raise BadRequest(f"{where}: content part {kind!r} is not supported: only text parts "
-                             f"({', '.join(TEXT_PARTS)}) with a string 'text'")
-        content = "\n".join(p["text"] for p in content)
-    elif not isinstance(content, str):
-        raise BadRequest(f"{where}: content must be a string or a list of text parts")
-    if len(content) > MAX_CONTENT_CHARS:
-        raise BadRequest(f"{where}: the message has {len(content):,} characters; the limit is "
-                         f"{MAX_CONTENT_CHARS:,} (MAX_CONTENT_CHARS)")
-    return {"role": role, "content": content}
-
-
 def _window(messages: list) -> list:
     """Start the context at a user message: never with a tool result, nor a tool call whose results were cut."""
     start = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
@@ -198,8 +110,8 @@ class PrimaryAgent:
 
         def work():
             try:
-                final, custom = self._turn(request, lambda item: [events.put(e) for e in _events(item)])
-                for event in _events(final, custom):
+                final, custom = self._turn(request, lambda item: [events.put(e) for e in stream_events(item)])
+                for event in stream_events(final, custom):
                     events.put(event)
             except BaseException as e:  # handed to the consumer, which raises it
                 events.put(e)
@@ -247,13 +159,13 @@ class PrimaryAgent:
             raise TurnFailed(f"the database failed and nothing was stored: {lakebase.redact(str(e))}. Check that "
                              f"Postgres (Lakebase) is up and reachable, then send the message again") from e
         custom = {"thread_id": turn.thread_id, "turn": number, "run_ids": [run["run_id"] for run in started]}
-        return _items(final, final=True)[0], custom
+        return output_items(final, final=True)[0], custom
 
     def _loop(self, messages, tools, started, emit) -> dict:
         """The bounded tool loop; a job start or the bound ends it with our own final message."""
         def on_message(message, info):
             if message["role"] == "tool" or message.get("tool_calls"):
-                for item in _items(message):
+                for item in output_items(message):
                     emit(item)
 
         try:
@@ -293,7 +205,7 @@ class PrimaryAgent:
         if len(started) >= MAX_STARTS:
             raise llm.ToolError(f"this turn has already started {MAX_STARTS} jobs, the most one turn may start: "
                                 f"combine the questions into one request, or ask for the rest in the next turn")
-        request = _UNSTORABLE.sub("\ufffd", request.strip())  # a job parameter, an argv entry, a hash input
+        request = lakebase.UNSTORABLE.sub("\ufffd", request.strip())  # a job parameter, an argv entry, a hash
         if len(request) > MAX_REQUEST_CHARS:
             raise llm.ToolError(f"the request has {len(request):,} characters; a job takes at most "
                                 f"{MAX_REQUEST_CHARS:,}: restate it more briefly")
@@ -437,40 +349,6 @@ def _started_reply(started: list) -> str:
     runs = ", ".join(f"run {r['run_id']}" + (f" ({r['run_page_url']})" if r["run_page_url"] else "") for r in started)
     return (f"I've started a job to answer this: {runs}. It usually takes a minute or two; ask me about "
             f"run {started[-1]['run_id']} to see how it is going and to get the answer.")
-
-
-def _items(message: dict, final=False) -> list[dict]:
-    """A chat message as output items, shaped like mlflow.types.responses' create_*_item helpers."""
-    if message["role"] == "tool":
-        return [{"type": "function_call_output", "call_id": message["tool_call_id"], "output": message["content"]}]
-    items = []
-    if final or message.get("content"):
-        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
-                      "content": [{"type": "output_text", "text": message.get("content") or "", "annotations": []}]})
-    return items + [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
-                     "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
-                    for call in message.get("tool_calls", [])]
-
-
-def _events(item: dict, custom=None) -> list[dict]:
-    """Stream events for one item: a text delta first for a message; custom_outputs on the last event."""
-    events = [{"type": "response.output_text.delta", "item_id": item["id"], "delta": item["content"][0]["text"]}
-              ] if item["type"] == "message" else []
-    done = {"type": "response.output_item.done", "item": item}
-    return events + [{**done, "custom_outputs": custom} if custom is not None else done]
-
-
-# The terminal chat's names, loaded from terminal.py on first use: `import primary` stays light.
-_TERMINAL_NAMES = {"HERE", "HELP", "ENVIRONMENT", "SetupError", "Config", "workspace_source", "check_workspace_config",
-                   "setup", "Terminal", "parser", "main"}
-
-
-def __getattr__(name):
-    if name in _TERMINAL_NAMES:
-        import terminal
-
-        return getattr(terminal, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

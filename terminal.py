@@ -20,9 +20,9 @@ import psycopg
 
 import lakebase
 import llm
-from primary import (DEFAULT_ENDPOINT, FINISHED, AgentConfig, BadRequest, PrimaryAgent, Turn, TurnFailed,
-                     check_thread_id,
-                     describe_step, one_line, run_state)
+from agent_io import BadRequest, Turn, check_thread_id
+from primary import (DEFAULT_ENDPOINT, FINISHED, AgentConfig, PrimaryAgent, TurnFailed, describe_step, one_line,
+                     run_state)
 
 HERE = Path(__file__).resolve().parent
 

