@@ -232,8 +232,8 @@ class PrimaryAgent:
         raise llm.EndTurn(json.dumps({**run, "status": "started"}))
 
     def _poll(self, turn, run_id) -> str:
-        run_id = self._own_run(turn, run_id)
-        run = self._get_run(run_id)
+        run_id = self.own_run(turn.thread_id, run_id)
+        run = self.get_run(run_id)
         with self.db.connection() as conn:
             progress = lakebase.run_progress(conn, run_id, recent=RECENT_STEPS)
         report = {"run_id": run_id, "state": run_state(run), "state_message": run.state.state_message or None,
@@ -250,8 +250,8 @@ class PrimaryAgent:
         return json.dumps({k: v for k, v in report.items() if v is not None}, ensure_ascii=False)
 
     def _terminate(self, turn, run_id) -> str:
-        run_id = self._own_run(turn, run_id)
-        run = self._get_run(run_id)
+        run_id = self.own_run(turn.thread_id, run_id)
+        run = self.get_run(run_id)
         state = run_state(run)
         if state.split()[0] in FINISHED:
             how = f": {run.state.state_message}" if run.state.state_message else ""
@@ -262,20 +262,21 @@ class PrimaryAgent:
         return json.dumps({"run_id": run_id, "state": "TERMINATING", "was": state,
                            "note": "cancellation requested; the run stops within seconds"})
 
-    def _own_run(self, turn, run_id) -> str:
+    def own_run(self, thread_id: str, run_id) -> str:
         """The run id as text, if this thread started that run; else a ToolError."""
         text = str(run_id).strip() if isinstance(run_id, (str, int)) and not isinstance(run_id, bool) else ""
         if not text.isdigit():
             raise llm.ToolError(f"run_id must be the number start_databricks_job returned, e.g. \"123\"; got "
                                 f"{run_id!r}")
         with self.db.connection() as conn:
-            if lakebase.find_run(conn, turn.thread_id, run_id=text):
+            if lakebase.find_run(conn, thread_id, run_id=text):
                 return text
-            ours = [run["run_id"] for run in lakebase.list_runs(conn, turn.thread_id)]
+            ours = [run["run_id"] for run in lakebase.list_runs(conn, thread_id)]
         raise llm.ToolError(f"run {text} was not started in this conversation, so it can't be read or cancelled "
                             f"here. Runs started in this conversation: {', '.join(ours) or 'none'}")
 
-    def _get_run(self, run_id):
+    def get_run(self, run_id):
+        """The run from the Jobs API (a ToolError saying what to do if that fails)."""
         return self._jobs(f"reading run {run_id}", f"run {run_id} no longer exists in the workspace",
                           self.workspace.jobs.get_run, int(run_id))
 

@@ -3,7 +3,7 @@ Databricks workspace or, without one, on the local stand-in workspace (local.py)
 
 `main()` reads the environment once into `Config`, `setup()` builds the agent's clients (the SDK is imported there,
 not at the top), and `Terminal` runs the chat, with `/watch` following a run's steps live. `primary.py` calls
-`main()` from its `__main__` block; `primary.main`, `primary.Config`, ... stay importable from there.
+`main()` from its `__main__` block.
 """
 import argparse
 import configparser
@@ -20,7 +20,7 @@ import psycopg
 
 import lakebase
 import llm
-from agent_io import BadRequest, Turn, check_thread_id
+from agent_io import BadRequest, check_thread_id
 from primary import (DEFAULT_ENDPOINT, FINISHED, AgentConfig, PrimaryAgent, TurnFailed, describe_step, one_line,
                      run_state)
 
@@ -177,19 +177,19 @@ class Terminal:
             print("no job runs in this thread yet")
         for run in runs:
             try:
-                state = run_state(self.agent._get_run(run["run_id"]))
+                state = run_state(self.agent.get_run(run["run_id"]))
             except llm.ToolError as e:
                 state = f"(state unavailable: {e})"
             print(f"run {run['run_id']}  {state}  {run['created_at']:%Y-%m-%d %H:%M}  {one_line(run['request'], 60)}")
 
     def watch(self, arg: str):
         """Print the run's steps as they are logged, until it ends, with a spinner (a dot per poll off a TTY)."""
-        run_id = self.agent._own_run(Turn(self.thread_id, ""), arg)
+        run_id = self.agent.own_run(self.thread_id, arg)
         cursor, started, spinner, tty = 0, time.monotonic(), itertools.cycle("|/-\\"), sys.stdout.isatty()
         marked = False  # a progress mark is on the current line
         try:
             while True:
-                state = run_state(self.agent._get_run(run_id))
+                state = run_state(self.agent.get_run(run_id))
                 with self.agent.db.connection() as conn:
                     steps = lakebase.read_steps(conn, run_id, after=cursor)
                 ended = state.split()[0] in FINISHED  # steps read after the end are all the steps
@@ -222,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["deploy"]:
-        import serving  # mlflow is imported only by the deploy command itself
+        import serving  # with mlflow, which only the deploy command needs (it says how to install it)
 
         return serving.deploy_main(argv[1:])
     args = parser().parse_args(argv)
