@@ -6,6 +6,7 @@ import os
 import secrets
 import tempfile
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -94,6 +95,33 @@ def allow_password_login(server, role):
                 return
         time.sleep(0.05)
     raise TimeoutError(f"pg_hba.conf reload did not take effect for {role}")
+
+
+class ShortLivedPasswords:
+    """A stand-in for Lakebase credential minting, for `lakebase.connect(..., login=)`: each mint sets a new
+    password for PASSWORD_ROLE valid `valid_for` s; `revoked` makes minting fail as the SDK would for an identity
+    that lost access to the instance."""
+
+    def __init__(self, server, valid_for=3.0, dbname="postgres"):
+        self.server, self.valid_for, self.dbname = server, valid_for, dbname
+        self.host = psycopg.conninfo.conninfo_to_dict(server.base_dsn)["host"]
+        self.minted, self.revoked = [], False
+
+    def __call__(self):
+        from lakebase import LakebaseError, Login
+
+        if self.revoked:
+            raise LakebaseError("a credential for Lakebase instance 'db1': User does not have permission to use "
+                                "the instance (PermissionDenied); check LAKEBASE_INSTANCE and that this identity "
+                                "may use it")
+        password = "tok-" + secrets.token_hex(16)
+        until = datetime.now(timezone.utc) + timedelta(seconds=self.valid_for)
+        with psycopg.connect(self.server.base_dsn, autocommit=True) as admin:
+            admin.execute(psycopg.sql.SQL("alter role {} password {} valid until {}").format(
+                psycopg.sql.Identifier(PASSWORD_ROLE), psycopg.sql.Literal(password),
+                psycopg.sql.Literal(until.isoformat())))
+        self.minted.append(password)
+        return Login(host=self.host, user=PASSWORD_ROLE, password=password, dbname=self.dbname)
 
 
 def wait_for(check, what="a condition", timeout=30.0, every=0.05):

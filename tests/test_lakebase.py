@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -397,23 +397,6 @@ def test_redact():
 ROLE = pg_fixture.PASSWORD_ROLE
 
 
-class ShortLivedPasswords:
-    """A stand-in for Lakebase credential minting: each mint sets a new password for ROLE, valid `valid_for` s."""
-
-    def __init__(self, server, valid_for=3.0):
-        self.server, self.valid_for, self.minted = server, valid_for, []
-        self.host = psycopg.conninfo.conninfo_to_dict(server.base_dsn)["host"]
-
-    def __call__(self) -> Login:
-        password = "tok-" + secrets.token_hex(16)
-        until = datetime.now(timezone.utc) + timedelta(seconds=self.valid_for)
-        with psycopg.connect(self.server.base_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("alter role {} password {} valid until {}").format(
-                sql.Identifier(ROLE), sql.Literal(password), sql.Literal(until.isoformat())))
-        self.minted.append(password)
-        return Login(host=self.host, user=ROLE, password=password, dbname="postgres")
-
-
 def backend(conn):
     return conn.execute("select pg_backend_pid(), current_user").fetchone()
 
@@ -451,7 +434,7 @@ def test_single_connection_reconnects_after_a_restart(own, own_dsn):
 
 
 def test_each_connection_logs_in_with_a_fresh_enough_token(own):
-    mint = ShortLivedPasswords(own, valid_for=2.5)
+    mint = pg_fixture.ShortLivedPasswords(own, valid_for=2.5)
     login = lakebase.CachedLogin(mint, max_age=1.0)
     config = LakebaseConfig(instance="stand-in")
     first = lakebase.connect(config, login=login)
@@ -471,7 +454,7 @@ def test_each_connection_logs_in_with_a_fresh_enough_token(own):
 
 
 def test_pool_recycles_connections_with_fresh_tokens(own):
-    mint = ShortLivedPasswords(own, valid_for=2.0)
+    mint = pg_fixture.ShortLivedPasswords(own, valid_for=2.0)
     login = lakebase.CachedLogin(mint, max_age=0.5)
     with lakebase.open_pool(LakebaseConfig(instance="stand-in"), login=login, min_size=1, max_size=1,
                             max_lifetime=1.0, timeout=10) as pool:

@@ -19,7 +19,6 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,7 +34,7 @@ import llm
 import local
 import offline
 import pg_fixture
-from lakebase import LakebaseConfig, LakebaseError, Login
+from lakebase import LakebaseConfig, LakebaseError
 from primary import BadRequest, PrimaryAgent, TurnFailed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,29 +293,6 @@ def role_database(server, password) -> tuple[str, str]:
     return name, f"postgresql://{ROLE}:{password}@/{name}?host={host}"
 
 
-class Passwords:
-    """Lakebase-style credentials for ROLE: each mint sets a new password valid for `valid_for` seconds;
-    `revoked` makes minting fail as the SDK would for an identity that lost access."""
-
-    def __init__(self, server, dbname, valid_for):
-        self.server, self.dbname, self.valid_for = server, dbname, valid_for
-        self.host = psycopg.conninfo.conninfo_to_dict(server.base_dsn)["host"]
-        self.minted, self.revoked = [], False
-
-    def __call__(self) -> Login:
-        if self.revoked:
-            raise LakebaseError("a credential for Lakebase instance 'db1': User does not have permission to use "
-                                "the instance (PermissionDenied); check LAKEBASE_INSTANCE and that this identity "
-                                "may use it")
-        password = "tok-" + secrets.token_hex(16)
-        until = datetime.now(timezone.utc) + timedelta(seconds=self.valid_for)
-        with psycopg.connect(self.server.base_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("alter role {} password {} valid until {}").format(
-                sql.Identifier(ROLE), sql.Literal(password), sql.Literal(until.isoformat())))
-        self.minted.append(password)
-        return Login(host=self.host, user=ROLE, password=password, dbname=self.dbname)
-
-
 # ================================================================== the chat model fails
 
 def test_a_rate_limited_model_is_waited_out_and_the_turn_is_whole(db, scripted_model):
@@ -516,7 +492,7 @@ def test_a_database_restart_mid_run_loses_no_step(own, own_dsn, emu, scripted_mo
 
 def test_a_conversation_outlives_its_short_lived_credentials(own):
     dbname, _ = role_database(own, "unused-" + secrets.token_hex(8))
-    mint = Passwords(own, dbname, valid_for=2.0)
+    mint = pg_fixture.ShortLivedPasswords(own, dbname=dbname, valid_for=2.0)
     login = lakebase.CachedLogin(mint, max_age=0.5)
     pool = lakebase.open_pool(LakebaseConfig(instance="stand-in"), login=login, max_size=2, max_lifetime=1.0,
                               timeout=5)
@@ -536,7 +512,7 @@ def test_a_conversation_outlives_its_short_lived_credentials(own):
 
 def test_revoked_credentials_tell_the_user_why_not_just_that_the_pool_timed_out(own):
     dbname, _ = role_database(own, "unused-" + secrets.token_hex(8))
-    mint = Passwords(own, dbname, valid_for=60)
+    mint = pg_fixture.ShortLivedPasswords(own, dbname=dbname, valid_for=60)
     pool = lakebase.open_pool(LakebaseConfig(instance="db1"), login=lakebase.CachedLogin(mint, max_age=0.2),
                               max_size=1, max_lifetime=0.5, timeout=2)
     try:
