@@ -321,35 +321,28 @@ def bench_cold(report: Report, server: Server, args):
         report.add(section, f"import {module}: modules in sys.modules", str(len(loaded)))
 
     # The first local reply, Postgres given (LAKEBASE_DSN): the first run loads the sample data and migrates.
-    dsn = server.database()
-    data_dir = tempfile.mkdtemp(prefix="bench-local-")
-    try:
-        env = clean_env(LAKEBASE_DSN=dsn)
-        first = first_reply(env, data_dir)
-        report.add(section, "first local reply, new database (LAKEBASE_DSN; loads sample data)",
-                   f"{first['reply_s']:.2f} s, peak RSS {first['hwm_kb'] / 1024:.0f} MiB")
-        runs = [first_reply(env, data_dir) for _ in range(args.replies)]
-        report.add(section, "first local reply, Postgres given (LAKEBASE_DSN): time",
-                   stats([r["reply_s"] for r in runs], "s"))
-        report.add(section, "first local reply, Postgres given: peak RSS of primary.py",
-                   stats([r["hwm_kb"] * 1024 for r in runs], "B"))
-    finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    bench_first_replies(report, section, args, clean_env(LAKEBASE_DSN=server.database()), "bench-local-",
+                        "new database (LAKEBASE_DSN; loads sample data)", "Postgres given (LAKEBASE_DSN)")
     if args.quick:
         return
     # What `python primary.py` does on a laptop with nothing configured: its own embedded Postgres.
-    data_dir = tempfile.mkdtemp(prefix="bench-local-pg-")
+    bench_first_replies(report, section, args, clean_env(), "bench-local-pg-",
+                        "own embedded Postgres, first ever run (initdb + sample data)",
+                        "own embedded Postgres (starts the server)",
+                        note="the Postgres server's own processes are not included")
+
+
+def bench_first_replies(report, section, args, env, prefix, first_label, label, note=None):
+    """The first local reply in a new data directory once, then `args.replies` times in the same one."""
+    data_dir = tempfile.mkdtemp(prefix=prefix)
     try:
-        env = clean_env()
         first = first_reply(env, data_dir)
-        report.add(section, "first local reply, own embedded Postgres, first ever run (initdb + sample data)",
+        report.add(section, f"first local reply, {first_label}",
                    f"{first['reply_s']:.2f} s, peak RSS {first['hwm_kb'] / 1024:.0f} MiB")
         runs = [first_reply(env, data_dir) for _ in range(args.replies)]
-        report.add(section, "first local reply, own embedded Postgres (starts the server): time",
-                   stats([r["reply_s"] for r in runs], "s"))
-        report.add(section, "first local reply, own embedded Postgres: peak RSS of primary.py",
-                   stats([r["hwm_kb"] * 1024 for r in runs], "B"),
-                   note="the Postgres server's own processes are not included")
+        report.add(section, f"first local reply, {label}: time", stats([r["reply_s"] for r in runs], "s"))
+        report.add(section, f"first local reply, {label}: peak RSS of primary.py",
+                   stats([r["hwm_kb"] * 1024 for r in runs], "B"), note=note)
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
 

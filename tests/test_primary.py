@@ -108,6 +108,13 @@ def last_tool_result(scripted_model):
     return next(m["content"] for m in reversed(scripted_model.requests[-1].body["messages"]) if m["role"] == "tool")
 
 
+def refuse_inserts(conn, table, message):
+    """Make every insert into `table` fail with `message`, as a lost connection or full disk would."""
+    conn.execute(f"create function refuse() returns trigger language plpgsql as "
+                 f"$$ begin raise exception '{message}'; end $$")
+    conn.execute(f"create trigger refuse before insert on {table} execute function refuse()")
+
+
 def wait_ended(w, run_id):
     return wait_for(lambda: (run := w.jobs.get_run(int(run_id))).state.result_state and run, f"run {run_id} to end")
 
@@ -263,9 +270,7 @@ def test_another_users_thread_is_refused_and_nothing_is_written(agent, scripted_
 def test_a_job_started_in_a_new_thread_is_owned_at_once(agent, scripted_model, db):
     scripted_model.call_tool("start_databricks_job", {"request": "revenue"})
     with db.connection() as conn:  # the turn's own write fails; the run record already made the thread Alice's
-        conn.execute("create function refuse() returns trigger language plpgsql as "
-                     "$$ begin raise exception 'disk full (test)'; end $$")
-        conn.execute("create trigger refuse before insert on thread_messages execute function refuse()")
+        refuse_inserts(conn, "thread_messages", "disk full (test)")
     with pytest.raises(TurnFailed, match="the database failed and nothing was stored: disk full"):
         agent.predict({**ask("revenue?", "t-own"), "context": {"user_id": "alice"}})
     with pytest.raises(BadRequest, match="belongs to someone else"):
@@ -291,9 +296,7 @@ def test_a_retried_request_id_starts_one_run(agent, scripted_model, emu, w, job_
 
 def test_a_retry_after_a_failed_turn_starts_no_second_run(agent, scripted_model, db, emu, w, job_id):
     with db.connection() as conn:
-        conn.execute("create function refuse() returns trigger language plpgsql as "
-                     "$$ begin raise exception 'connection lost (test)'; end $$")
-        conn.execute("create trigger refuse before insert on thread_messages execute function refuse()")
+        refuse_inserts(conn, "thread_messages", "connection lost (test)")
     scripted_model.call_tool("start_databricks_job", {"request": "top products"})
     with pytest.raises(TurnFailed, match="nothing was stored"):
         agent.predict(ask("top products?", "t-again"))
@@ -307,9 +310,7 @@ def test_a_retry_after_a_failed_turn_starts_no_second_run(agent, scripted_model,
 
 def test_a_crash_between_run_now_and_record_run_starts_no_second_run(agent, scripted_model, db, w, job_id):
     with db.connection() as conn:  # the run starts, then recording it fails: the Jobs API's token covers it
-        conn.execute("create function refuse() returns trigger language plpgsql as "
-                     "$$ begin raise exception 'crash (test)'; end $$")
-        conn.execute("create trigger refuse before insert on thread_runs execute function refuse()")
+        refuse_inserts(conn, "thread_runs", "crash (test)")
     scripted_model.call_tool("start_databricks_job", {"request": "customers by segment"})
     with pytest.raises(TurnFailed, match="crash"):
         agent.predict(ask("customers by segment?", "t-crash"))
