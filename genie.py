@@ -109,8 +109,7 @@ class Genie:
         return answer
 
     def _send(self, question):
-        from databricks.sdk.errors import (DatabricksError, NotFound, PermissionDenied, TooManyRequests,
-                                           Unauthenticated)
+        from databricks.sdk.errors import DatabricksError, NotFound, PermissionDenied, TooManyRequests, Unauthenticated
 
         space = self.config.space_id
         try:
@@ -190,7 +189,8 @@ def render(answer: Answer, max_chars: int) -> str:
 
 
 def _table(columns, rows, max_chars) -> str:
-    line = lambda values: " | ".join("" if v is None else " ".join(str(v).splitlines()) for v in values)
+    def line(values):
+        return " | ".join("" if v is None else " ".join(str(v).splitlines()) for v in values)
     lines = [line(r) for r in rows]
     header = line(columns)
     budget = max_chars - len(header)  # each row costs its length + 1 for the line break before it

@@ -291,8 +291,8 @@ class PrimaryAgent:
 
     def _jobs(self, what, missing, fn, *args, **kwargs):
         """Call the Jobs API; failures the user must act on become ToolErrors saying what to do."""
-        from databricks.sdk.errors import (BadRequest as InvalidRequest, NotFound, PermissionDenied, TooManyRequests,
-                                           Unauthenticated)
+        from databricks.sdk.errors import BadRequest as InvalidRequest
+        from databricks.sdk.errors import NotFound, PermissionDenied, TooManyRequests, Unauthenticated
 
         try:
             return fn(*args, **kwargs)

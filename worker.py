@@ -12,21 +12,21 @@ import signal
 if __name__ == "__main__":  # a cancel during start-up (imports take ~0.3 s) waits until the log can record it
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
 
-import psycopg  # noqa: E402
+import psycopg
 
-import lakebase  # noqa: E402
-from genie import DEFAULT_DESCRIPTION, Genie, GenieConfig, GenieUnavailable  # noqa: E402
-from llm import DEFAULT_ENDPOINT, ChatConfig, LimitReached, LLMError, run_tools  # noqa: E402
+import lakebase
+from genie import DEFAULT_DESCRIPTION, Genie, GenieConfig, GenieUnavailable
+from llm import DEFAULT_ENDPOINT, ChatConfig, LimitReached, LLMError, run_tools
 
 log = logging.getLogger("worker")
 
@@ -52,10 +52,11 @@ def parser() -> argparse.ArgumentParser:
         epilog="Environment: LAKEBASE_DSN (or PG* variables), LAKEBASE_INSTANCE, LAKEBASE_ENDPOINT, "
                "LAKEBASE_DATABASE, LAKEBASE_USER (the Postgres role; default: the Databricks identity), "
                "GENIE_SPACE_ID, GENIE_DESCRIPTION (the tool description the model reads), LLM_ENDPOINT_NAME "
-               "(default %s), LLM_BASE_URL (an OpenAI-compatible server instead), LLM_MODEL, LLM_API_KEY, "
+               f"(default {DEFAULT_ENDPOINT}), LLM_BASE_URL (an OpenAI-compatible server instead), LLM_MODEL, "
+               "LLM_API_KEY, "
                "LOG_LEVEL (default INFO); Databricks auth as the SDK reads it (DATABRICKS_HOST, ...). "
                "An empty flag value means 'not given'. Exit status: 0 answered, 1 failed, 2 bad input, "
-               "3 no step-log database, 143 cancelled (SIGTERM)." % DEFAULT_ENDPOINT)
+               "3 no step-log database, 143 cancelled (SIGTERM).")
     p.add_argument("--request", required=True, help="the user's data request, in plain language")
     p.add_argument("--thread-id", default="", help="the primary agent's thread that asked (kept in the log)")
     p.add_argument("--run-id", default="", help="the Databricks run id ({{job.run_id}}) that keys the step "

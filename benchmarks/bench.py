@@ -568,17 +568,18 @@ STEP_PAYLOADS = [
 
 
 def bench_async(report: Report, server: Server, args):
-    import llm
-    import local
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.core import Config
+
+    import llm
+    import localws
 
     section = "async path"
     print(f"\n4. {section} (local workspace: emulator, worker.py subprocesses, offline stand-in model and Genie)",
           flush=True)
     dsn = server.database()
     data_dir = tempfile.mkdtemp(prefix="bench-async-")
-    ws = local.start(ROOT, data_dir=data_dir, dsn=dsn)
+    ws = localws.start(ROOT, data_dir=data_dir, dsn=dsn)
     pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=dsn), max_size=4)
     try:
         with pool.connection() as conn:

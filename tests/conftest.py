@@ -2,9 +2,8 @@
 import os
 import sys
 
-import pytest
-
 import pg_fixture
+import pytest
 from pg_fixture import session_server
 
 # The SDK reads any DATABRICKS_* variable and ~/.databrickscfg: keep the developer's own workspace out of tests.

@@ -75,7 +75,7 @@ def bundle_errors(doc):
 
 def the_job():
     jobs = load("job.yml")["resources"]["jobs"]
-    assert len(jobs) == 1, f"job.yml should define one job (local.py registers exactly one), found {sorted(jobs)}"
+    assert len(jobs) == 1, f"job.yml should define one job (the local workspace runs exactly one): {sorted(jobs)}"
     return next(iter(jobs.values()))
 
 
@@ -179,13 +179,27 @@ def test_every_variable_reference_is_declared_and_the_job_s_have_defaults():
     for name in ("databricks.yml", "job.yml"):
         used = set(VAR_REF.findall(json.dumps(load(name))))  # parsed, so comments do not count
         assert used <= set(declared), f"{name} uses undeclared variables {sorted(used - set(declared))}"
-    # local.py resolves the job's ${var.x} from the defaults alone, so each needs one ("" = not set).
+    # localws resolves the job's ${var.x} from the defaults alone, so each needs one ("" = not set).
     for variable in set(VAR_REF.findall(json.dumps(the_job()))):
         assert isinstance(declared[variable].get("default"), str), f"variable {variable} needs a default"
     assert declared["llm_endpoint"]["default"] == "databricks-claude-sonnet-4-5"
     for variable in ("lakebase_instance", "lakebase_endpoint", "genie_space_id", "catalog", "schema",
                      "serving_endpoint"):
         assert variable in declared
+
+
+
+def test_the_bundle_uploads_what_the_worker_imports_and_not_the_local_workspace():
+    """The job's files are what `databricks bundle deploy` syncs: the worker and the modules it imports, never the
+    local workspace's emulator, stand-ins and sample data (nor the tests)."""
+    import fnmatch
+
+    excluded = load("databricks.yml")["sync"]["exclude"]
+    synced = [path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*") if path.is_file()
+              and not {".git", ".venv", "__pycache__"} & set(path.relative_to(ROOT).parts)]
+    kept = {path for path in synced if not any(fnmatch.fnmatch(path, pattern) for pattern in excluded)}
+    assert {"worker.py", "genie.py", "llm.py", "lakebase.py"} <= kept
+    assert not [path for path in kept if path.startswith(("localws/", "tests/", "benchmarks/"))]
 
 
 # ------------------------------------------------------------------ the job

@@ -17,17 +17,25 @@ from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
+import pg_fixture
 import psycopg
 import pytest
 import requests
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.config import Config
-from databricks.sdk.errors import (InvalidParameterValue, NotFound, OperationFailed, PermissionDenied,
-                                   ResourceDoesNotExist)
+from databricks.sdk.errors import (
+    InvalidParameterValue,
+    NotFound,
+    OperationFailed,
+    PermissionDenied,
+    ResourceDoesNotExist,
+)
 from databricks.sdk.service import dashboards, database, iam, jobs, postgres
 
-import local
-import pg_fixture
+import localws
+import localws.answerer
+import localws.emulator
+import localws.jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAKE_WORKER = "tests/fixtures/fake_worker.py"
@@ -49,7 +57,7 @@ def fake_job(**settings):
     return job
 
 
-def client(emu, token=local.TOKEN, retry_timeout=10):
+def client(emu, token=localws.emulator.TOKEN, retry_timeout=10):
     return WorkspaceClient(config=Config(host=emu.url, token=token, auth_type="pat",
                                          retry_timeout_seconds=retry_timeout))
 
@@ -74,7 +82,7 @@ class Answerer:
     def answer(self, question, history):
         self.asked.append((question, history))
         if "unanswerable" in question:
-            raise local.CannotAnswer("I can only answer questions about sales.")
+            raise localws.answerer.CannotAnswer("I can only answer questions about sales.")
         if "explain" in question:
             return SimpleNamespace(text="Sales are orders.", sql=None, columns=[], rows=[])
         return SimpleNamespace(text=f"Answer to {question}", sql="SELECT region, SUM(amount) FROM sales GROUP BY 1",
@@ -85,7 +93,7 @@ class Answerer:
 
 @pytest.fixture
 def emu(tmp_path):
-    emulator = local.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=0.5, genie_delay=0.06,
+    emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=0.5, genie_delay=0.06,
                               env={"EXTRA_VAR": "from-workspace", "HOME_ONLY": None})
     yield emulator
     emulator.close()
@@ -105,8 +113,8 @@ def test_client_construction_is_fast_and_needs_no_token_for_host_metadata(emu):
     well_known = emu.calls("GET", "/.well-known/databricks-config")
     assert well_known and "authorization" not in well_known[0].headers
     metadata = requests.get(emu.url + "/.well-known/databricks-config", timeout=5)
-    assert metadata.status_code == 200 and metadata.json()["workspace_id"] == local.WORKSPACE_ID
-    assert w.current_user.me().user_name == local.DEFAULT_USER
+    assert metadata.status_code == 200 and metadata.json()["workspace_id"] == localws.emulator.WORKSPACE_ID
+    assert w.current_user.me().user_name == localws.emulator.DEFAULT_USER
     assert w.config.auth_type == "pat"  # the metadata adds no auth method, and no /oidc calls follow
     assert emu.calls("GET", "/api/2.0/preview/scim/v2/Me")[-1].headers["x-databricks-workspace-id"] == "1"
     assert not [r for r in emu.requests if "oidc" in r.path or "oauth" in r.path]
@@ -176,7 +184,7 @@ def test_contract_genie_bodies(emu, w):
 
 def test_contract_lakebase_and_scim_bodies(tmp_path):
     endpoint = "projects/p/branches/main/endpoints/rw"
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, database_instances={"db1": "db1.local"},
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, database_instances={"db1": "db1.local"},
                         postgres_endpoints={endpoint: "ep.local"}) as emu:
         w = client(emu)
         roundtrip(database.DatabaseInstance, w.api_client.do("GET", "/api/2.0/database/instances/db1"))
@@ -233,7 +241,7 @@ def test_parameters_are_merged_and_substituted_and_env_is_the_workspaces(emu, w,
     assert [(p.name, p.default, p.value) for p in run.job_parameters] == [
         ("dump", str(dump), str(dump)), ("sleep", "0", "0"), ("exit", "", "0")]
     env = seen["env"]
-    assert env["DATABRICKS_HOST"] == emu.url and env["DATABRICKS_TOKEN"] == local.TOKEN
+    assert env["DATABRICKS_HOST"] == emu.url and env["DATABRICKS_TOKEN"] == localws.emulator.TOKEN
     assert "DATABRICKS_CLIENT_ID" not in env and "HOME_ONLY" not in env
     assert env["EXTRA_VAR"] == "from-workspace"
 
@@ -377,20 +385,20 @@ def test_get_and_list_jobs(emu, w):
 
 
 def test_runs_persist_across_restarts(pg_dsn, tmp_path):
-    with local.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
+    with localws.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
         w = client(emu)
         job_id = emu.add_job(fake_job())
         old = w.jobs.run_now(job_id, idempotency_token="persisted").run_id
         wait_run(w, old)
         sleeping = w.jobs.run_now(job_id, job_parameters={"sleep": "30"}).run_id
         wait_for(lambda: "ready" in emu.run_log(sleeping), what="worker ready")
-    with local.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
+    with localws.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
         w = client(emu)
         emu.add_job(fake_job(), job_id=job_id)
         assert w.jobs.get_run(old).state.result_state == jobs.RunResultState.SUCCESS
         stopped = w.jobs.get_run(sleeping)  # closing the workspace stopped it, like a cancel
         assert stopped.state.result_state == jobs.RunResultState.CANCELED
-        assert stopped.state.state_message == local.CLOSED_MESSAGE
+        assert stopped.state.state_message == localws.jobs.CLOSED_MESSAGE
         assert w.jobs.run_now(job_id, idempotency_token="persisted").run_id == old
         new = w.jobs.run_now(job_id).run_id
         assert new > max(old, sleeping)
@@ -410,17 +418,17 @@ def test_runs_of_a_workspace_that_died_are_marked_failed(pg_dsn, tmp_path):
     finally:
         proc.kill()
         proc.wait(5)
-    with local.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
+    with localws.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
         orphan = emu.store.get(run_id).pid
         os.kill(orphan, signal.SIGKILL)  # the dead workspace's worker, left behind
         run = client(emu).jobs.get_run(run_id)
         assert (run.state.life_cycle_state, run.state.result_state) == (
             jobs.RunLifeCycleState.TERMINATED, jobs.RunResultState.FAILED)
-        assert run.state.state_message == local.SHUTDOWN_MESSAGE
+        assert run.state.state_message == localws.jobs.SHUTDOWN_MESSAGE
 
 
 def test_closing_the_workspace_stops_its_runs(tmp_path):
-    emu = local.Emulator(project_dir=ROOT, log_dir=tmp_path, cancel_grace=0.3)
+    emu = localws.Emulator(project_dir=ROOT, log_dir=tmp_path, cancel_grace=0.3)
     w = client(emu)
     job_id = emu.add_job(fake_job())
     running = w.jobs.run_now(job_id, job_parameters={"sleep": "30", "ignore_sigterm": "yes"}).run_id
@@ -431,10 +439,10 @@ def test_closing_the_workspace_stops_its_runs(tmp_path):
     started = time.monotonic()
     emu.close()
     assert time.monotonic() - started < 3
-    assert not local._alive(pid)  # killed after the grace, and reaped
+    assert not localws.jobs._alive(pid)  # killed after the grace, and reaped
     for run_id in (running, queued):
         rec = emu.store.get(run_id)
-        assert (rec.life, rec.result, rec.message) == ("TERMINATED", "CANCELED", local.CLOSED_MESSAGE)
+        assert (rec.life, rec.result, rec.message) == ("TERMINATED", "CANCELED", localws.jobs.CLOSED_MESSAGE)
 
 
 def test_load_job_resolves_bundle_variables(tmp_path):
@@ -462,14 +470,14 @@ resources:
             python_file: ../worker.py
             parameters: ["--genie-space-id", "{{job.parameters.genie_space_id}}"]
 """)
-    job = local.load_job(tmp_path, {"llm_endpoint": "other"})
+    job = localws.emulator.load_job(tmp_path, {"llm_endpoint": "other"})
     assert job["name"] == "worker abc" and job["max_concurrent_runs"] == 4
     assert job["parameters"] == [{"name": "genie_space_id", "default": "abc"},
                                  {"name": "llm_endpoint", "default": "other"}]
     assert job["tasks"][0]["spark_python_task"]["python_file"] == "worker.py"
     (tmp_path / "resources" / "job.yml").write_text("resources: {jobs: {w: {name: '${var.warehouse}'}}}")
     with pytest.raises(ValueError, match="warehouse"):
-        local.load_job(tmp_path)
+        localws.emulator.load_job(tmp_path)
 
 
 # ------------------------------------------------------------------ Genie behaviour
@@ -583,14 +591,14 @@ def test_genie_unknown_space_conversation_and_attachment(emu, w, genie):
 
 
 def test_genie_rate_limit_answers_429_and_the_sdk_retries(tmp_path):
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, genie_rate_limit=2,
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, genie_rate_limit=2,
                         genie_rate_window=1.0) as emu:
         emu.add_genie_space("space", Answerer())
         w = client(emu)
         for question in ("a", "b"):
             w.genie.start_conversation("space", question)
         refused = requests.post(emu.url + "/api/2.0/genie/spaces/space/start-conversation", json={"content": "c"},
-                                headers={"Authorization": f"Bearer {local.TOKEN}"}, timeout=5)
+                                headers={"Authorization": f"Bearer {localws.emulator.TOKEN}"}, timeout=5)
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
         assert refused.json()["error_code"] == "RESOURCE_EXHAUSTED"
         started = time.monotonic()
@@ -611,7 +619,7 @@ def test_database_instance_credentials_can_become_a_real_password(pg_dsn, tmp_pa
             conn.execute(psycopg.sql.SQL("create role {} login password {}").format(
                 psycopg.sql.Identifier(user), psycopg.sql.Literal(token)))
 
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, user="ana@example.com",
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, user="ana@example.com",
                         database_instances={"db1": "127.0.0.1"}, on_credential=make_password) as emu:
         w = client(emu)
         instance = w.database.get_database_instance("db1")
@@ -632,7 +640,7 @@ def test_database_instance_credentials_can_become_a_real_password(pg_dsn, tmp_pa
 
 def test_postgres_endpoint_and_credentials(tmp_path):
     name = "projects/p/branches/main/endpoints/primary"
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, postgres_endpoints={name: "ep-1.local"}) as emu:
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, postgres_endpoints={name: "ep-1.local"}) as emu:
         w = client(emu)
         endpoint = w.postgres.get_endpoint(name)
         assert endpoint.status.hosts.host == "ep-1.local"
@@ -655,12 +663,12 @@ def chat_reply(body):
 
 
 def test_serving_routes(tmp_path):
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"model-a": chat_reply}) as emu:
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"model-a": chat_reply}) as emu:
         w = client(emu)
         body = {"messages": [{"role": "user", "content": "hi"}]}
         reply = w.api_client.do("POST", "/serving-endpoints/model-a/invocations", body=body)
         assert reply["choices"][0]["message"]["content"] == "echo hi"
-        headers = {"Authorization": f"Bearer {local.TOKEN}"}
+        headers = {"Authorization": f"Bearer {localws.emulator.TOKEN}"}
         openai_style = requests.post(emu.url + "/serving-endpoints/chat/completions", headers=headers, timeout=5,
                                      json={"model": "model-a", **body})
         assert openai_style.json()["choices"][0]["message"]["content"] == "echo hi"
@@ -693,7 +701,7 @@ def test_request_log_records_method_path_and_body(emu, w):
     w.jobs.run_now(job_id, job_parameters={"exit": "0"}, idempotency_token="tok")
     call = emu.calls("POST", "/api/2.2/jobs/run-now")[0]
     assert call.body == {"job_id": job_id, "job_parameters": {"exit": "0"}, "idempotency_token": "tok"}
-    assert call.headers["authorization"] == f"Bearer {local.TOKEN}"
+    assert call.headers["authorization"] == f"Bearer {localws.emulator.TOKEN}"
 
 
 # ------------------------------------------------------------------ the composed local workspace
@@ -703,14 +711,14 @@ def test_embedded_postgres_keeps_its_data_across_restarts():
     # meanwhile makes /tmp/pytest-of-root private again.
     parent = Path(tempfile.mkdtemp(prefix="local-pg-"))
     try:
-        handle, dsn = local._embedded_postgres(parent / "pgdata")
+        handle, dsn = localws._embedded_postgres(parent / "pgdata")
         try:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("create table kept(x int)")
                 conn.execute("insert into kept values (42)")
         finally:
             handle.cleanup()  # stops the server; the data directory stays
-        handle, dsn = local._embedded_postgres(parent / "pgdata")
+        handle, dsn = localws._embedded_postgres(parent / "pgdata")
         try:
             with psycopg.connect(dsn) as conn:
                 assert conn.info.dbname == "databricks_postgres"
@@ -722,18 +730,18 @@ def test_embedded_postgres_keeps_its_data_across_restarts():
 
 
 def test_local_start_composes_the_workspace(pg_dsn, tmp_path):
-    with local.start(ROOT, data_dir=tmp_path, dsn=pg_dsn, cancel_grace=1, genie_delay=0.05) as ws:
+    with localws.start(ROOT, data_dir=tmp_path, dsn=pg_dsn, cancel_grace=1, genie_delay=0.05) as ws:
         w = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat", retry_timeout_seconds=10))
         roundtrip(jobs.Job, w.api_client.do("GET", "/api/2.2/jobs/get", query={"job_id": ws.job_id}))
         job = w.jobs.get(ws.job_id).settings
         assert ws.job_id == 1 and job.tasks[0].spark_python_task.python_file == "worker.py"
         assert job.tasks[0].disable_auto_optimization is True  # bundle task keys the SDK knows are kept
         defaults = {p.name: p.default for p in job.parameters}
-        assert defaults["genie_space_id"] == local.GENIE_SPACE and defaults["lakebase_instance"] == ""
-        assert w.genie.get_space(ws.genie_space_id).space_id == local.GENIE_SPACE
+        assert defaults["genie_space_id"] == localws.GENIE_SPACE and defaults["lakebase_instance"] == ""
+        assert w.genie.get_space(ws.genie_space_id).space_id == localws.GENIE_SPACE
         reply = w.api_client.do("POST", f"/serving-endpoints/{defaults['llm_endpoint']}/invocations",
                                 body={"messages": [{"role": "user", "content": "hello"}]})
         assert reply["choices"][0]["message"]["role"] == "assistant"
-        assert ws.emulator.env["LAKEBASE_DSN"] == pg_dsn and ws.emulator.env["GENIE_SPACE_ID"] == local.GENIE_SPACE
+        assert ws.emulator.env["LAKEBASE_DSN"] == pg_dsn and ws.emulator.env["GENIE_SPACE_ID"] == localws.GENIE_SPACE
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("select to_regclass('local_workspace.runs')").fetchone()[0] is not None

@@ -1,5 +1,5 @@
 """genie.py, the worker's query_genie tool, driven through the real databricks-sdk over HTTP against the local
-emulator's Genie Conversation API (local.Emulator), with its scripted faults and rate limit."""
+emulator's Genie Conversation API (localws.Emulator), with its scripted faults and rate limit."""
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,7 +8,8 @@ import pytest
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.config import Config
 
-import local
+import localws
+import localws.emulator
 from genie import DEFAULT_DESCRIPTION, MAX_QUESTION_CHARS, Answer, Genie, GenieConfig, GenieUnavailable, render
 from llm import ToolError
 
@@ -34,7 +35,7 @@ class Answerer:
 
 
 def client(emu, retry_timeout=10):
-    return WorkspaceClient(config=Config(host=emu.url, token=local.TOKEN, auth_type="pat",
+    return WorkspaceClient(config=Config(host=emu.url, token=localws.emulator.TOKEN, auth_type="pat",
                                          retry_timeout_seconds=retry_timeout))
 
 
@@ -61,7 +62,7 @@ def answerer():
 
 @pytest.fixture
 def emu(tmp_path, answerer):
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03) as emulator:
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03) as emulator:
         emulator.add_genie_space("space", answerer)
         yield emulator
 
@@ -179,7 +180,7 @@ def test_an_expired_result_is_re_executed(emu, w, fault):
 # ------------------------------------------------------------------ rate limit and unusable spaces
 
 def test_rate_limit_is_retried_then_the_question_succeeds(tmp_path):
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, genie_rate_limit=1,
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, genie_rate_limit=1,
                         genie_rate_window=1.0) as emu:
         emu.add_genie_space("space", Answerer())
         genie = make(client(emu, retry_timeout=15))

@@ -10,12 +10,12 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import pg_fixture
 import psycopg
 import pytest
 from psycopg import sql
 
 import lakebase
-import pg_fixture
 from lakebase import LakebaseConfig, LakebaseError, Login
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -501,15 +501,16 @@ ENDPOINT = "projects/p/branches/main/endpoints/rw"
 def emulator(own):
     """The local workspace emulator; its Lakebase hosts are our server's socket directory and every token it
     mints becomes the password of its user's role, valid for an hour, as in Lakebase."""
-    import local
+    import localws
+    import localws.emulator
 
     host = psycopg.conninfo.conninfo_to_dict(own.base_dsn)["host"]
     with psycopg.connect(own.base_dsn, autocommit=True) as admin:
-        if not admin.execute("select 1 from pg_roles where rolname = %s", (local.DEFAULT_USER,)).fetchone():
-            admin.execute(sql.SQL("create role {} login").format(sql.Identifier(local.DEFAULT_USER)))
+        if not admin.execute("select 1 from pg_roles where rolname = %s", (localws.emulator.DEFAULT_USER,)).fetchone():
+            admin.execute(sql.SQL("create role {} login").format(sql.Identifier(localws.emulator.DEFAULT_USER)))
         if not admin.execute("select 1 from pg_database where datname = 'databricks_postgres'").fetchone():
             admin.execute("create database databricks_postgres")
-    pg_fixture.allow_password_login(own, local.DEFAULT_USER)
+    pg_fixture.allow_password_login(own, localws.emulator.DEFAULT_USER)
     minted = []
 
     def on_credential(user, token, expires_at):
@@ -518,24 +519,25 @@ def emulator(own):
                 sql.Identifier(user), sql.Literal(token), sql.Literal(expires_at.isoformat())))
         minted.append(token)
 
-    with local.Emulator(database_instances={"db1": host}, postgres_endpoints={ENDPOINT: host},
+    with localws.Emulator(database_instances={"db1": host}, postgres_endpoints={ENDPOINT: host},
                         on_credential=on_credential) as emu:
         from databricks.sdk import WorkspaceClient
         from databricks.sdk.core import Config
 
         emu.minted = minted
-        yield emu, WorkspaceClient(config=Config(host=emu.url, token=local.TOKEN, auth_type="pat",
+        yield emu, WorkspaceClient(config=Config(host=emu.url, token=localws.emulator.TOKEN, auth_type="pat",
                                                  retry_timeout_seconds=5))
 
 
 @pytest.mark.parametrize("config", [LakebaseConfig(instance="db1"), LakebaseConfig(endpoint=ENDPOINT)])
 def test_lakebase_modes_log_in_with_a_minted_token_as_the_current_user(emulator, config):
-    import local
+    import localws
+    import localws.emulator
 
     emu, workspace = emulator
     with lakebase.connect(config, workspace) as conn:
         assert conn.execute("select current_user, current_database()").fetchone() == (
-            local.DEFAULT_USER, "databricks_postgres")
+            localws.emulator.DEFAULT_USER, "databricks_postgres")
     assert len(emu.minted) == 1
     paths = [r.path for r in emu.requests]
     assert "/api/2.0/preview/scim/v2/Me" in paths

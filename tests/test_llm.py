@@ -8,8 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from llm import (ChatClient, EndTurn, LimitReached, LLMError, LLMHTTPError, LLMResponseError, Tool, ToolError,
-                 databricks_chat, openai_chat, run_tools)
+from llm import (
+    ChatClient,
+    EndTurn,
+    LimitReached,
+    LLMError,
+    LLMHTTPError,
+    LLMResponseError,
+    Tool,
+    ToolError,
+    databricks_chat,
+    openai_chat,
+    run_tools,
+)
 
 USER = [{"role": "user", "content": "hello"}]
 

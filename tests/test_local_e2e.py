@@ -1,7 +1,7 @@
 """End to end in local mode, as a newcomer meets it: `python primary.py` in a pseudo-terminal (the README's
 walk-through: greet, ask, /watch, poll, answer, cancel), persistence across sessions, how the workspace is
 chosen, a real model through LLM_BASE_URL, that requirements.txt is enough, and the same walk-through (plus a
-few supported question shapes) through `PrimaryAgent.predict` on `local.start()`'s workspace.
+few supported question shapes) through `PrimaryAgent.predict` on `localws.start()`'s workspace.
 
 Everything is real: embedded Postgres, the emulator, worker.py subprocesses, the offline stand-in model and
 Genie. The expected numbers are computed here from sample_data/*.csv, not from the SQL under test.
@@ -27,13 +27,13 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
+import pg_fixture
 import pytest
 
 import lakebase
 import llm
-import local
-import offline
-import pg_fixture
+import localws
+import localws.stand_in
 import primary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,8 @@ SPINNER = re.compile(r"\r[|/\\-] run (\d+) (QUEUED|PENDING|RUNNING|TERMINATING) 
 # ------------------------------------------------------------------ the expected numbers, from the CSVs
 
 def fulfilled_orders(year):
-    """The orders of `year` that count (offline.py: cancelled and returned orders are left out)."""
-    with open(ROOT / "sample_data" / "orders.csv", newline="") as f:
+    """The orders of `year` that count (localws/answerer.py: cancelled and returned orders are left out)."""
+    with open(ROOT / "localws" / "sample_data" / "orders.csv", newline="") as f:
         return [row for row in csv.DictReader(f)
                 if row["order_date"].startswith(f"{year}-") and row["status"] in ("completed", "shipped")]
 
@@ -58,7 +58,7 @@ def money(value):
 
 def by(table, key, orders):
     """Revenue of `orders` by a column of customers.csv or products.csv, largest first."""
-    with open(ROOT / "sample_data" / f"{table}.csv", newline="") as f:
+    with open(ROOT / "localws" / "sample_data" / f"{table}.csv", newline="") as f:
         names = {row[f"{table[:-1]}_id"]: row[key] for row in csv.DictReader(f)}
     totals = {}
     for row in orders:
@@ -442,7 +442,7 @@ class OpenAICompatibleServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
                 recorded.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                completion = offline.stand_in_reply(body)
+                completion = localws.stand_in.stand_in_reply(body)
                 if body["messages"][0]["content"].startswith("You write one PostgreSQL SELECT"):
                     completion["choices"][0]["message"]["content"] = sql
                 data = json.dumps(completion).encode()
@@ -509,6 +509,7 @@ def imported_names(path):
 def installed_by(requirements) -> set:
     """The distributions that `pip install` of these requirement lines brings, as installed here."""
     from importlib.metadata import PackageNotFoundError, requires
+
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
@@ -531,19 +532,22 @@ def test_requirements_txt_is_all_that_local_mode_imports():
     """`pip install -r requirements.txt`, then `python primary.py`: every third-party module the project's
     modules import comes with requirements.txt (requirements-dev.txt brings more, so CI alone can't tell)."""
     from importlib.metadata import packages_distributions
+
     from packaging.utils import canonicalize_name
 
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     installed = installed_by([line for line in lines if line])
-    project = {path.stem for path in ROOT.glob("*.py")} | {"serving"}  # primary.py deploy: serving.py + mlflow
+    modules = sorted([*ROOT.glob("*.py"), *ROOT.glob("localws/*.py")])  # the local workspace's package too
+    assert any(path.parent.name == "localws" for path in modules)
+    project = {path.stem for path in ROOT.glob("*.py")} | {"localws", "serving"}  # deploy: serving.py + mlflow
     distributions = packages_distributions()
     missing = {}
-    for path in sorted(ROOT.glob("*.py")):
+    for path in modules:
         if path.name == "serving.py":  # deploys to Model Serving: needs mlflow, which local mode does not
             continue
         for name in set(imported_names(path)) - set(sys.stdlib_module_names) - project:
             if not {canonicalize_name(d) for d in distributions.get(name, [])} & installed:
-                missing.setdefault(name, []).append(path.name)
+                missing.setdefault(name, []).append(str(path.relative_to(ROOT)))
     assert not missing, f"imported, but not installed by requirements.txt: {missing}"
 
 
@@ -564,13 +568,13 @@ def tool_calls(response):
 
 @pytest.fixture
 def local_agent(pg_dsn, tmp_path, monkeypatch):
-    """PrimaryAgent on local.start()'s workspace, wired as `python primary.py` wires it; the offline model."""
+    """PrimaryAgent on localws.start()'s workspace, wired as `python primary.py` wires it; the offline model."""
     for key in [k for k in os.environ if k.startswith(("LLM_", "LAKEBASE_", "GENIE_"))]:
         monkeypatch.delenv(key)  # a developer's own model or database must not leak into local mode
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.core import Config
 
-    ws = local.start(ROOT, data_dir=tmp_path, dsn=pg_dsn)
+    ws = localws.start(ROOT, data_dir=tmp_path, dsn=pg_dsn)
     pool = None
     try:
         w = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat", retry_timeout_seconds=10))
@@ -626,7 +630,7 @@ def test_the_walk_through_by_predict(local_agent):
 
 
 def test_supported_shapes_through_the_whole_stack(local_agent):
-    """A few of offline.py's question shapes, asked at once in one thread, each answered by its own run; a
+    """A few of the offline Genie's question shapes, asked at once in one thread, each answered by its own run; a
     follow-up is asked within one request ("... and also ..."), as one run is one Genie conversation."""
     agent, w, pool = local_agent
     orders = fulfilled_orders(2024) + fulfilled_orders(2025)

@@ -12,14 +12,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pg_fixture
 import pytest
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.config import Config
 
 import lakebase
 import llm
-import local
-import pg_fixture
+import localws
+import localws.emulator
 import primary
 from primary import BadRequest, PrimaryAgent, TurnFailed
 
@@ -39,7 +40,7 @@ def step_job(**settings):
 
 
 def workspace(emu, retry_timeout=5):
-    return WorkspaceClient(config=Config(host=emu.url, token=local.TOKEN, auth_type="pat",
+    return WorkspaceClient(config=Config(host=emu.url, token=localws.emulator.TOKEN, auth_type="pat",
                                          retry_timeout_seconds=retry_timeout))
 
 
@@ -54,7 +55,7 @@ def db(pg_dsn):
 
 @pytest.fixture
 def emu(pg_dsn, tmp_path):
-    emulator = local.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
+    emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
                               env={"LAKEBASE_DSN": pg_dsn})
     yield emulator
     emulator.close()
@@ -552,7 +553,7 @@ def test_import_is_fast_and_leaves_the_sdk_out():
 
 def terminal_env(emu, job_id, pg_dsn, scripted_model, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_"))}
-    env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=local.TOKEN, DATABRICKS_CONFIG_FILE=os.devnull,
+    env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=localws.emulator.TOKEN, DATABRICKS_CONFIG_FILE=os.devnull,
                DATABRICKS_JOB_ID=str(job_id), LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url,
                LLM_MODEL="m", PYTHONUNBUFFERED="1", **extra)
     return env

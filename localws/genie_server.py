@@ -1,7 +1,7 @@
 """The Genie side of the local workspace emulator: spaces, conversations and messages, answered in the background.
 
-`Genie` is mixed into `local.Emulator`, whose route table sends the Genie Conversation API requests to its
-methods. A question is answered in a thread of its own by the space's pluggable answerer (`offline.GenieAnswerer`
+`Genie` is mixed into `localws.Emulator`, whose route table sends the Genie Conversation API requests to its
+methods. A question is answered in a thread of its own by the space's pluggable answerer (`answerer.GenieAnswerer`
 in local mode) through the statuses of the service; its rows come back as a SQL statement response. Tests script
 the next message of a space with `genie_fault()`.
 """
@@ -13,7 +13,8 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
-from local_api import ApiError, bad, missing, now_ms
+from localws.answerer import CannotAnswer
+from localws.emulator import ApiError, bad, missing, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,6 @@ MAX_GENIE_ROWS = 5000  # the Genie API returns at most 5,000 rows per query resu
 COLUMN_TYPES = {"ARRAY", "BINARY", "BOOLEAN", "BYTE", "CHAR", "DATE", "DECIMAL", "DOUBLE", "FLOAT", "INT",
                 "INTERVAL", "LONG", "MAP", "NULL", "SHORT", "STRING", "STRUCT", "TIMESTAMP", "USER_DEFINED_TYPE"}
 TYPE_TEXT = {"LONG": "BIGINT", "SHORT": "SMALLINT", "BYTE": "TINYINT"}
-
-
-class CannotAnswer(Exception):
-    """Raised by a Genie answerer that can't answer; stands in for `offline.CannotAnswer` (both are caught)."""
 
 
 # ---------------------------------------------------------------- Genie state
@@ -61,8 +58,19 @@ class _Space:
 
 
 class Genie:
-    """Mixed into `local.Emulator`: uses its `_lock`, `_closing` and `user_id`; `_init_genie()` is called by its
+    """Mixed into `localws.Emulator`: uses its `_lock`, `_closing` and `user_id`; `_init_genie()` is called by its
     `__init__()`. Answer threads stop at their next step once `_closing` is set."""
+    SPACE = r"/api/2\.0/genie/spaces/(?P<space>[^/]+)"
+    MESSAGE = SPACE + r"/conversations/(?P<cid>[^/]+)/messages/(?P<mid>[^/]+)"
+    ROUTES = [
+        ("GET", SPACE, "_get_space"),
+        ("POST", SPACE + "/start-conversation", "_start_conversation"),
+        ("POST", SPACE + r"/conversations/(?P<cid>[^/]+)/messages", "_create_message"),
+        ("GET", SPACE + r"/conversations/(?P<cid>[^/]+)/messages", "_list_messages"),
+        ("GET", MESSAGE, "_get_message"),
+        ("GET", MESSAGE + r"/attachments/(?P<aid>[^/]+)/query-result", "_query_result"),
+        ("POST", MESSAGE + r"/attachments/(?P<aid>[^/]+)/execute-query", "_execute_query"),
+    ]
 
     def _init_genie(self, delay, rate_limit, rate_window):
         self.genie_delay = delay
@@ -152,7 +160,7 @@ class Genie:
             return self._set(msg, "CANCELLED")
         try:
             result = space.answerer.answer(msg.content, self._history(msg))
-        except _cannot_answer() as e:
+        except CannotAnswer as e:
             return self._set(msg, "FAILED", error={"error": str(e), "type": "MISSING_SQL_QUERY_EXCEPTION"})
         except Exception as e:  # a bug in the answerer: the message fails as on the service, the log keeps why
             log.exception("Genie answerer failed on %r", msg.content)
@@ -271,10 +279,3 @@ class Genie:
         return {"statement_id": msg.statement_id, "status": {"state": "SUCCEEDED"}, "manifest": manifest,
                 "result": result}
 
-
-def _cannot_answer():
-    try:
-        from offline import CannotAnswer as offline_cannot_answer
-    except ImportError:
-        return (CannotAnswer,)
-    return (CannotAnswer, offline_cannot_answer)

@@ -1,4 +1,4 @@
-"""offline.py: the sample dataset loader, the Genie answerer (rules and chat path) and the stand-in chat model.
+"""localws: the sample dataset loader, the Genie answerer (rules and chat path) and the stand-in chat model.
 
 Expected numbers come from a plain-Python computation over the CSVs, never from the SQL under test.
 """
@@ -16,11 +16,14 @@ import jsonschema
 import psycopg
 import pytest
 
-import offline
-from offline import CannotAnswer, GenieAnswerer, load_sample, stand_in_reply
+import localws.answerer
+import localws.sample
+from localws.answerer import CannotAnswer, GenieAnswerer
+from localws.sample import load_sample
+from localws.stand_in import stand_in_reply
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "sample_data"
+DATA = ROOT / "localws" / "sample_data"
 
 
 def _read(name):
@@ -155,13 +158,13 @@ def test_load_sample_reloads_changed_data_and_refuses_a_foreign_schema(pg_dsn):
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         load_sample(conn)
         conn.execute("delete from sample.orders where order_id > 10")
-        conn.execute(f"comment on schema sample is '{offline.MARKER} older'")
+        conn.execute(f"comment on schema sample is '{localws.sample.MARKER} older'")
         assert load_sample(conn) is True
         assert count_rows(pg_dsn) == CSV_COUNTS
         conn.execute("drop schema sample cascade")
         conn.execute("create schema sample")
         conn.execute("create table sample.mine (x int)")
-        with pytest.raises(RuntimeError, match="not made by offline.load_sample"):
+        with pytest.raises(RuntimeError, match="not made by localws.sample.load_sample"):
             load_sample(conn)
         assert conn.execute("select to_regclass('sample.mine')").fetchone()[0] is not None
 
@@ -422,7 +425,7 @@ def test_chat_path_statement_timeout(sample_dsn):
 
 def test_chat_path_caps_rows_at_the_genie_limit(sample_dsn):
     result = GenieAnswerer(sample_dsn, chat=FakeChat("select g from generate_series(1, 5003) g")).answer("many")
-    assert len(result.rows) == offline.MAX_ROWS == 5000 and result.truncated
+    assert len(result.rows) == localws.answerer.MAX_ROWS == 5000 and result.truncated
     assert result.rows[-1] == ["5000"] and "first 5,000" in result.text
 
 

@@ -1,13 +1,10 @@
-"""Offline stand-ins for local mode (no Databricks account): the sample dataset, a Genie answerer and a chat model.
+"""The offline Genie: answers questions over the sample dataset (schema `sample`, see sample.py).
 
-`load_sample(conn)` loads `sample_data/*.csv` into Postgres schema `sample` (once; safe from two processes).
-`GenieAnswerer(dsn).answer(question, history)` answers the questions below over it with SQL it builds from
-fixed pieces (no text of the question goes into SQL); given a `chat` client it asks that model for the SQL
-instead. `stand_in_reply(body)` answers an OpenAI chat-completions request by fixed rules, for the primary
-agent (start / poll / cancel jobs) and the worker (ask Genie, then restate its answer). Nothing is random
-and nothing is a real model.
+`GenieAnswerer(dsn).answer(question, history)` answers the questions below with SQL it builds from fixed pieces
+(no text of the question goes into SQL); given a `chat` client it asks that model for the SQL instead. A question
+it can't answer raises `CannotAnswer`, whose message says what it can answer. Nothing here is a real Genie.
 
-Question shapes the offline Genie answers (orders 2024-01-01 .. 2025-12-31; cancelled and returned
+Question shapes it answers (orders 2024-01-01 .. 2025-12-31; cancelled and returned
 orders are left out; metrics: revenue (or sales), orders, units, customers, average order value):
 - totals: "total revenue in 2025", "how many orders?", "how many customers in 2024?", "average order value"
 - top-N: "top 5 products by revenue", "top 3 customers by orders in 2025", "which region has the most
@@ -21,36 +18,19 @@ orders are left out; metrics: revenue (or sales), orders, units, customers, aver
 The only filter is a year. A question that narrows to anything else (a month or quarter, a region, segment or
 category, a status, "last year") is refused, not answered for all the data.
 """
-import hashlib
-import json
 import logging
 import re
-import time
 from dataclasses import dataclass, field, replace
 from datetime import date
-from pathlib import Path
 
 import psycopg
 
+from localws.sample import SCHEMA
+
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).parent / "sample_data"
-MARKER = "offline sample data"  # schema comment prefix: the schema is ours to reload
 MAX_ROWS = 5000  # Genie's row limit
 YEARS = (2024, 2025)
-SCHEMA = """\
-create table sample.customers (customer_id int primary key, name text not null unique, region text not null,
-    segment text not null, signup_date date not null);
-create table sample.products (product_id int primary key, name text not null unique, category text not null,
-    unit_price numeric(10,2) not null check (unit_price > 0));
-create table sample.orders (order_id int primary key,
-    customer_id int not null references sample.customers, product_id int not null references sample.products,
-    order_date date not null, quantity int not null check (quantity > 0), amount numeric(12,2) not null,
-    status text not null check (status in ('completed', 'shipped', 'cancelled', 'returned')));
-create index on sample.orders (order_date);"""
-TABLES = {"customers": "customer_id, name, region, segment, signup_date",
-          "products": "product_id, name, category, unit_price",
-          "orders": "order_id, customer_id, product_id, order_date, quantity, amount, status"}
 HELP = ("I can answer questions about the sample sales data (orders 2024-2025): totals (\"total revenue in 2025\", "
         "\"how many orders?\", \"average order value\"), top-N (\"top 5 products by revenue\", \"which region has "
         "the most sales?\"), breakdowns by month, quarter, year, region, segment, category, product or customer "
@@ -74,38 +54,6 @@ class GenieResult:
     rows: list = field(default_factory=list)  # [[str | None]], like Databricks JSON_ARRAY results
     truncated: bool = False  # more than MAX_ROWS rows
 
-
-# ---------------------------------------------------------------- the sample dataset
-
-def load_sample(conn, data_dir=DATA_DIR) -> bool:
-    """Create schema `sample` and load the CSVs unless this exact data is there; True if it loaded now."""
-    files = {t: (Path(data_dir) / f"{t}.csv").read_bytes() for t in TABLES}
-    marker = f"{MARKER} {hashlib.sha256(b''.join(files.values())).hexdigest()[:16]}"
-    with conn.transaction():
-        conn.execute("select pg_advisory_xact_lock(hashtext('offline.load_sample'))")  # a second loader waits
-        row = conn.execute("select obj_description(oid, 'pg_namespace') from pg_namespace "
-                           "where nspname = 'sample'").fetchone()
-        if row and row[0] == marker:
-            return False
-        if row and not (row[0] or "").startswith(MARKER):
-            raise RuntimeError("schema 'sample' exists and was not made by offline.load_sample; "
-                               "drop or rename it, or use another database")
-        if row:
-            log.info("sample data changed: reloading schema sample")
-            conn.execute("drop schema sample cascade")
-        conn.execute("create schema sample")
-        for statement in SCHEMA.split(";\n"):
-            conn.execute(statement)
-        with conn.cursor() as cur:
-            for table, columns in TABLES.items():  # parents first, for the foreign keys
-                with cur.copy(f"copy sample.{table} ({columns}) from stdin with (format csv, header true)") as copy:
-                    copy.write(files[table])
-        conn.execute(psycopg.sql.SQL("comment on schema sample is {}").format(psycopg.sql.Literal(marker)))
-    log.info("loaded the sample data into schema sample")
-    return True
-
-
-# ---------------------------------------------------------------- the Genie answerer
 
 FULFILLED = "o.status in ('completed', 'shipped')"
 METRICS = {  # key: (aggregate, with {f} for a FILTER clause; column; label; money?; words that ask for it)
@@ -367,156 +315,3 @@ def extract_select(text: str) -> str:
     return query
 
 
-# ---------------------------------------------------------------- the stand-in chat model
-
-MODEL = "offline-stand-in"
-ABOUT = ("I am the offline stand-in model of the local workspace, not a real language model: I follow a few "
-         "fixed rules. Ask me about the sample sales data (for example \"What was the revenue growth in 2025?\") "
-         "and I will start a Databricks job to answer it; then ask \"is it done?\" to see its progress, or say "
-         "\"cancel\" to stop it.")
-CLARIFY = ("I'm the offline stand-in model and only follow a few rules: ask a question about the sample sales "
-           "data (revenue, orders, customers, products, regions...), ask \"is it done?\" about a job, or say "
-           "\"cancel\". What would you like to know?")
-GREETING = re.compile(r"\b(?:hi|hello|hey|hiya|good (?:morning|afternoon|evening)|help|what can you do|"
-                      r"who are you|thanks?|thank you|cheers)\b")
-CANCEL = re.compile(r"\b(?:cancel|stop|terminate|abort|kill)\b")
-STATUS = re.compile(r"\b(?:is it done|done yet|finished|status|progress|any updates?|how is it going)\b")
-MAYBE_STATUS = re.compile(r"\b(?:done|check|results?|ready|update|answer)\b")
-DATA = re.compile(r"\b(?:revenue|sales|sold|selling|orders?|customers?|products?|categor(?:y|ies)|regions?|"
-                  r"segments?|units|quantity|total|top|how (?:many|much)|average|growth|grow|grew|trend|"
-                  r"monthly|quarterly|by (?:month|quarter|year)|compare|20\d\d)\b")
-RUN_ID = r"(local-[0-9a-f-]+|\d+)"
-RUN_MENTION = re.compile(rf'"run_id"\s*:\s*"?{RUN_ID}|\brun(?:\s+id)?\s*[:#]?\s*{RUN_ID}', re.I)
-
-
-def stand_in_reply(body: dict) -> dict:
-    """A full chat.completion response to an OpenAI chat-completions request body, by fixed rules."""
-    messages = body.get("messages") or []
-    tools = {(t.get("function") or {}).get("name") for t in body.get("tools") or []}
-    if "query_genie" in tools:
-        content, calls = _worker_turn(messages)
-    elif "start_databricks_job" in tools:
-        content, calls = _primary_turn(messages)
-    else:
-        content, calls = f"(offline stand-in model) You said: {_last_user(messages)[:200]}", []
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
-    message = {"role": "assistant", "content": content}
-    if calls:
-        message["tool_calls"] = [{"id": f"call_{digest[:20]}{i}", "type": "function",
-                                  "function": {"name": name, "arguments": json.dumps(args)}}
-                                 for i, (name, args) in enumerate(calls)]
-    prompt = sum(len(_text(m.get("content"))) for m in messages) // 4 + 1
-    completion = len(json.dumps(message)) // 4
-    return {"id": f"chatcmpl-{digest[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model") or MODEL,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "tool_calls" if calls else "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}}
-
-
-def _text(content) -> str:
-    if isinstance(content, list):  # content parts
-        return " ".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    return content or ""
-
-
-def _last_user(messages) -> str:
-    return next((_text(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), "").strip()
-
-
-def _tool_results(messages) -> list[tuple[str, str]]:
-    """(tool name, content) of the tool messages at the end of the conversation, oldest first."""
-    names = {c.get("id"): c["function"]["name"] for m in messages for c in m.get("tool_calls") or []}
-    tail = []
-    for m in reversed(messages):
-        if m.get("role") != "tool":
-            break
-        tail.append((names.get(m.get("tool_call_id"), "tool"), _text(m.get("content"))))
-    return tail[::-1]
-
-
-def _worker_turn(messages):
-    results = _tool_results(messages)
-    if results:
-        return "\n\n".join(_restate(output) for _, output in results), []
-    request = _last_user(messages)
-    if not request:
-        return "There is no request to answer.", []
-    parts = [p.strip(" ?.") + "?" for p in re.split(r"(?i)\s+and also\s+", request) if p.strip(" ?.")]
-    return None, [("query_genie", {"question": p if len(parts) > 1 else request}) for p in parts]
-
-
-def _restate(output: str) -> str:
-    """A final answer from one query_genie result: Genie's answer and its rows, or why there is none."""
-    if output.startswith("Error:"):
-        return f"I could not get the data: {output[len('Error:'):].strip()}"
-    answer = re.search(r"^Genie: (.*?)(?:\n\n|\Z)", output, re.S)
-    rows = re.search(r"^Rows \(.*", output, re.S | re.M)
-    text = answer.group(1).strip() if answer else output.strip()
-    return f"{text}\n\n{rows.group(0).strip()}" if rows else text
-
-
-def _primary_turn(messages):
-    results = _tool_results(messages)
-    if results:
-        return "\n\n".join(_relay(name, output) for name, output in results), []
-    text = _last_user(messages)
-    low = text.lower()
-    if CANCEL.search(low):
-        return _about_run(messages, text, "terminate_databricks_job", "cancel")
-    if STATUS.search(low) or (MAYBE_STATUS.search(low) and not DATA.search(low)):
-        return _about_run(messages, text, "poll_databricks_job", "check on")
-    if DATA.search(low):
-        return None, [("start_databricks_job", {"request": _standalone(messages, text)})]
-    if GREETING.search(low):
-        return ("You're welcome! " if re.search(r"\bthank|\bcheers", low) else "Hello! ") + ABOUT, []
-    return CLARIFY, []
-
-
-def _standalone(messages, text) -> str:
-    """The job's worker does not see this conversation: a follow-up ("what about 2024?") is sent together with
-    the request it follows, which the worker asks Genie as two questions in one conversation."""
-    if not FOLLOW_UP.search(text.lower()):
-        return text
-    earlier = [json.loads(c["function"]["arguments"]).get("request", "") for m in messages[:-1]
-               for c in m.get("tool_calls") or [] if c["function"]["name"] == "start_databricks_job"]
-    if not (earlier and earlier[-1]):
-        return text
-    follow_up = re.sub(r"(?i)^and\s+", "", text)
-    return f"{earlier[-1].split(' and also ')[0]} and also {follow_up}"
-
-
-def _about_run(messages, text, tool, verb):
-    """Call `tool` on the run the user names, else on the latest run mentioned earlier; or ask which run."""
-    earlier = [m for msg in messages[:-1] if msg.get("role") != "system" for m in RUN_MENTION.finditer(
-        _text(msg.get("content")) + " ".join(c["function"]["arguments"] for c in msg.get("tool_calls") or []))]
-    said = RUN_MENTION.search(text) or re.search(rf"\b(?!20\d\d\b){RUN_ID}\b", text)  # a number, not a year
-    found = said or (earlier[-1] if earlier else None)
-    if found is None:
-        return f"Which run should I {verb}? Tell me its run id, for example \"run 123\".", []
-    return None, [(tool, {"run_id": next(g for g in found.groups() if g)})]
-
-
-def _relay(name: str, output: str) -> str:
-    """A tool result in plain words: the run id, state, steps and the answer or error of a job run."""
-    if output.startswith("Error:"):
-        return f"That did not work: {output[len('Error:'):].strip()}"
-    try:
-        data = json.loads(output)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        return output
-    run = data.get("run_id", "?")
-    if name == "start_databricks_job":
-        return f"I started a job to answer that: run {run}. Ask me \"is it done?\" in a moment to see how it goes."
-    steps = data.get("steps")
-    count = len(steps) if isinstance(steps, list) else steps
-    lead = f"I asked to cancel run {run}; it is now" if name == "terminate_databricks_job" else f"Run {run} is"
-    parts = [f"{lead} {data.get('state') or 'in an unknown state'}"
-             + (f", with {count} steps logged." if count is not None else ".")]
-    for key, title in (("answer", "Answer:\n"), ("error", "Error: "), ("cancelled", "Cancelled: "),
-                       ("state_message", "Details: ")):
-        if data.get(key):
-            parts.append(f"{title}{data[key]}")
-    return "\n\n".join(parts)

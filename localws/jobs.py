@@ -1,6 +1,6 @@
 """The Jobs side of the local workspace emulator: jobs, runs, and the processes that run them.
 
-`Jobs` is mixed into `local.Emulator`, whose route table sends the Jobs 2.2 requests (run-now, runs get/list/cancel,
+`Jobs` is mixed into `localws.Emulator`, whose route table sends the Jobs 2.2 requests (run-now, runs get/list/cancel,
 jobs get/list) to its methods. A run is a real subprocess, `python <spark_python_task.python_file> <parameters>`,
 with `{{job.parameters.x}}`, `{{job.run_id}}`, ... substituted; its lifecycle (QUEUED, PENDING, RUNNING, TERMINATING,
 TERMINATED or SKIPPED) follows the process. Run records are kept in memory, or with a DSN in Postgres schema
@@ -25,7 +25,7 @@ from pathlib import Path
 import psycopg
 from psycopg.types.json import Jsonb
 
-from local_api import bad, now_ms
+from localws.emulator import bad, now_ms
 
 SHUTDOWN_MESSAGE = "the local workspace stopped while this run was active"
 CLOSED_MESSAGE = "the local workspace was closed while this run was active"
@@ -143,8 +143,16 @@ class _PostgresRuns:
 
 
 class Jobs:
-    """Mixed into `local.Emulator`: uses its `_lock`, `_closing`, `url`, `token` and `user`; `_init_jobs()` and
+    """Mixed into `localws.Emulator`: uses its `_lock`, `_closing`, `url`, `token` and `user`; `_init_jobs()` and
     `_close_jobs()` are called by its `__init__()` and `close()`."""
+    ROUTES = [
+        ("POST", r"/api/2\.2/jobs/run-now", "_run_now"),
+        ("GET", r"/api/2\.2/jobs/runs/get", "_get_run"),
+        ("POST", r"/api/2\.2/jobs/runs/cancel", "_cancel_run"),
+        ("GET", r"/api/2\.2/jobs/runs/list", "_list_runs"),
+        ("GET", r"/api/2\.2/jobs/get", "_get_job"),
+        ("GET", r"/api/2\.2/jobs/list", "_list_jobs"),
+    ]
     _open_instances = set()  # owner ids of emulators not closed yet, in this process
 
     def _init_jobs(self, dsn, project_dir, env, log_dir, cancel_grace):
@@ -493,7 +501,8 @@ def _page(items, query, limit_max, default=20):
             offset = int(base64.urlsafe_b64decode(query["page_token"].encode()).decode().removeprefix("offset:"))
         except ValueError:
             raise bad(f"invalid page_token {query['page_token']!r}") from None
-    token = lambda n: base64.urlsafe_b64encode(f"offset:{n}".encode()).decode()
+    def token(n):
+        return base64.urlsafe_b64encode(f"offset:{n}".encode()).decode()
     page = {"has_more": offset + limit < len(items)}
     if page["has_more"]:
         page["next_page_token"] = token(offset + limit)

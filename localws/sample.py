@@ -1,0 +1,56 @@
+"""The sample dataset of the local workspace: `sample_data/*.csv` loaded into Postgres schema `sample`.
+
+`load_sample(conn)` loads it once (safe from two processes); the offline Genie (answerer.py) and a real model
+writing SQL both read it there. Orders run from 2024-01-01 to 2025-12-31.
+"""
+import hashlib
+import logging
+from pathlib import Path
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).parent / "sample_data"
+MARKER = "offline sample data"  # schema comment prefix: the schema is ours to reload
+SCHEMA = """\
+create table sample.customers (customer_id int primary key, name text not null unique, region text not null,
+    segment text not null, signup_date date not null);
+create table sample.products (product_id int primary key, name text not null unique, category text not null,
+    unit_price numeric(10,2) not null check (unit_price > 0));
+create table sample.orders (order_id int primary key,
+    customer_id int not null references sample.customers, product_id int not null references sample.products,
+    order_date date not null, quantity int not null check (quantity > 0), amount numeric(12,2) not null,
+    status text not null check (status in ('completed', 'shipped', 'cancelled', 'returned')));
+create index on sample.orders (order_date);"""
+TABLES = {"customers": "customer_id, name, region, segment, signup_date",
+          "products": "product_id, name, category, unit_price",
+          "orders": "order_id, customer_id, product_id, order_date, quantity, amount, status"}
+
+
+def load_sample(conn, data_dir=DATA_DIR) -> bool:
+    """Create schema `sample` and load the CSVs unless this exact data is there; True if it loaded now."""
+    files = {t: (Path(data_dir) / f"{t}.csv").read_bytes() for t in TABLES}
+    marker = f"{MARKER} {hashlib.sha256(b''.join(files.values())).hexdigest()[:16]}"
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext('offline.load_sample'))")  # a second loader waits
+        row = conn.execute("select obj_description(oid, 'pg_namespace') from pg_namespace "
+                           "where nspname = 'sample'").fetchone()
+        if row and row[0] == marker:
+            return False
+        if row and not (row[0] or "").startswith(MARKER):
+            raise RuntimeError("schema 'sample' exists and was not made by localws.sample.load_sample; "
+                               "drop or rename it, or use another database")
+        if row:
+            log.info("sample data changed: reloading schema sample")
+            conn.execute("drop schema sample cascade")
+        conn.execute("create schema sample")
+        for statement in SCHEMA.split(";\n"):
+            conn.execute(statement)
+        with conn.cursor() as cur:
+            for table, columns in TABLES.items():  # parents first, for the foreign keys
+                with cur.copy(f"copy sample.{table} ({columns}) from stdin with (format csv, header true)") as copy:
+                    copy.write(files[table])
+        conn.execute(psycopg.sql.SQL("comment on schema sample is {}").format(psycopg.sql.Literal(marker)))
+    log.info("loaded the sample data into schema sample")
+    return True
