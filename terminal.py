@@ -7,6 +7,7 @@ not at the top), and `Terminal` runs the chat, with `/watch` following a run's s
 """
 import argparse
 import configparser
+import dataclasses
 import itertools
 import logging
 import os
@@ -21,16 +22,9 @@ import psycopg
 import lakebase
 import llm
 from agent_io import BadRequest, check_thread_id
-from primary import (
-    DEFAULT_ENDPOINT,
-    FINISHED,
-    AgentConfig,
-    PrimaryAgent,
-    TurnFailed,
-    describe_step,
-    one_line,
-    run_state,
-)
+from llm import DEFAULT_ENDPOINT
+from primary import AgentConfig, ConfigError, PrimaryAgent, TurnFailed, build_agent
+from runs import FINISHED, describe_step, run_state, shorten
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,9 +53,16 @@ class SetupError(Exception):
 @dataclass
 class Config(AgentConfig):
     watch_interval: float = 1.0  # seconds between polls of /watch
+    workspace: str | None = None  # what configures a Databricks workspace here (DATABRICKS_HOST, a profile), or None
+    log_level: str = "WARNING"  # LOG_LEVEL
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Config":
+        return dataclasses.replace(super().from_env(env), workspace=workspace_source(env),
+                                   log_level=env.get("LOG_LEVEL") or "WARNING")
 
 
-def workspace_source(env=os.environ) -> str | None:
+def workspace_source(env) -> str | None:
     """What configures a Databricks workspace here, or None."""
     if env.get("DATABRICKS_HOST") or env.get("DATABRICKS_CONFIG_PROFILE"):
         return "DATABRICKS_HOST" if env.get("DATABRICKS_HOST") else f"profile {env['DATABRICKS_CONFIG_PROFILE']}"
@@ -74,48 +75,41 @@ def workspace_source(env=os.environ) -> str | None:
     return f"the DEFAULT profile of {path}" if profiles.defaults().get("host") else None
 
 
-def check_workspace_config(config: Config, source: str):
-    """With a workspace, the job and the database must be configured too."""
+def setup(args, config: Config):
+    """(agent, close): on the configured workspace, or on the local one; prints where it runs."""
+    source = None if args.local else config.workspace
+    if not source:
+        return setup_local(args, config)
     problems = config.problems()
     if problems:
         raise SetupError(f"a workspace is configured ({source}) but {'; '.join(problems)}")
+    agent = build_agent(config)
+    print(f"workspace {agent.jobs.workspace.config.host} ({source}), job {config.job_id}", flush=True)
+    return agent, agent.db.close
 
 
-def setup(args, config: Config):
-    """(agent, pool, close): on the configured workspace, or on the local one; prints where it runs."""
-    source = None if args.local else workspace_source()
-    if source:
-        check_workspace_config(config, source)
-    from databricks.sdk import WorkspaceClient  # here, not at the top: importing the SDK takes seconds
-    from databricks.sdk.core import Config as SdkConfig
+def setup_local(args, config: Config):
+    """The agent on the local workspace, which it starts (Postgres, emulator, stand-ins) and says so."""
+    import localws
 
-    close = lambda: None  # noqa: E731
-    if source:
-        workspace = WorkspaceClient(config=SdkConfig(retry_timeout_seconds=config.jobs_retry_seconds))
-        db_config, job_id = config.database, int(config.job_id)
-        print(f"workspace {workspace.config.host} ({source}), job {job_id}", flush=True)
-    else:
-        import localws
-
-        data_dir = Path(args.data_dir or localws.DEFAULT_DATA_DIR).expanduser()
-        ws = localws.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None)
-        close, job_id, db_config = ws.close, ws.job_id, lakebase.LakebaseConfig(dsn=ws.dsn)
-        workspace = WorkspaceClient(config=SdkConfig(host=ws.host, token=ws.token, auth_type="pat",
-                                                     retry_timeout_seconds=config.jobs_retry_seconds))
-        where = f"embedded Postgres (data in {data_dir / 'pgdata'})" if ws.postgres else "Postgres at LAKEBASE_DSN"
-        model = (f"the model at {config.chat.base_url}" if config.chat.base_url
-                 else "the offline deterministic stand-in model")
-        print(f"local workspace: emulated Databricks API at {ws.host}, jobs as local worker.py processes, Genie over "
-              f"the sample dataset, {where}, {model}", flush=True)
+    data_dir = Path(args.data_dir or localws.DEFAULT_DATA_DIR).expanduser()
+    ws = localws.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None, chat=config.chat)
+    where = f"embedded Postgres (data in {data_dir / 'pgdata'})" if ws.postgres else "Postgres at LAKEBASE_DSN"
+    model = (f"the model at {config.chat.base_url}" if config.chat.base_url
+             else "the offline deterministic stand-in model")
+    print(f"local workspace: emulated Databricks API at {ws.host}, jobs as local worker.py processes, Genie over "
+          f"the sample dataset, {where}, {model}", flush=True)
+    local = dataclasses.replace(config, job_id=str(ws.job_id), database=lakebase.LakebaseConfig(dsn=ws.dsn))
     try:
-        chat = config.chat.client(workspace.config)
-        pool = lakebase.open_pool(db_config, workspace)
-        with pool.connection() as conn:
-            lakebase.migrate(conn)
+        agent = build_agent(local, host=ws.host, token=ws.token)
     except BaseException:
-        close()
+        ws.close()
         raise
-    return PrimaryAgent(chat, workspace, pool, job_id), pool, close
+
+    def close():
+        agent.db.close()
+        ws.close()
+    return agent, close
 
 
 class Terminal:
@@ -185,10 +179,10 @@ class Terminal:
             print("no job runs in this thread yet")
         for run in runs:
             try:
-                state = run_state(self.agent.get_run(run["run_id"]))
+                state = run_state(self.agent.jobs.get(run["run_id"]))
             except llm.ToolError as e:
                 state = f"(state unavailable: {e})"
-            print(f"run {run['run_id']}  {state}  {run['created_at']:%Y-%m-%d %H:%M}  {one_line(run['request'], 60)}")
+            print(f"run {run['run_id']}  {state}  {run['created_at']:%Y-%m-%d %H:%M}  {shorten(run['request'], 60)}")
 
     def watch(self, arg: str):
         """Print the run's steps as they are logged, until it ends, with a spinner (a dot per poll off a TTY)."""
@@ -197,7 +191,7 @@ class Terminal:
         marked = False  # a progress mark is on the current line
         try:
             while True:
-                state = run_state(self.agent.get_run(run_id))
+                state = run_state(self.agent.jobs.get(run_id))
                 with self.agent.db.connection() as conn:
                     steps = lakebase.read_steps(conn, run_id, after=cursor)
                 ended = state.split()[0] in FINISHED  # steps read after the end are all the steps
@@ -234,18 +228,17 @@ def main(argv=None) -> int:
 
         return serving.deploy_main(argv[1:])
     args = parser().parse_args(argv)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "WARNING"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = Config.from_env()
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         thread_id = check_thread_id(args.thread or uuid.uuid4().hex)
-        agent, pool, close = setup(args, config)
-    except (SetupError, BadRequest, lakebase.LakebaseError, psycopg.Error) as e:
+        agent, close = setup(args, config)
+    except (SetupError, ConfigError, BadRequest, lakebase.LakebaseError, psycopg.Error) as e:
         print(f"primary.py: {lakebase.redact(str(e))}", file=sys.stderr)
         return 2
     try:
         Terminal(agent, thread_id, config.watch_interval).loop()
     finally:
-        pool.close()
         close()
     return 0

@@ -84,6 +84,7 @@ class WorkerConfig:
     db: lakebase.LakebaseConfig = dataclasses.field(default_factory=lakebase.LakebaseConfig)  # the step log
     max_calls: int = 12  # model calls per run
     retry_seconds: int = 120  # how long the SDK keeps retrying 429/503 (Genie allows ~5 questions a minute)
+    log_level: str = "INFO"  # LOG_LEVEL
 
     @classmethod
     def from_args(cls, args, env=os.environ) -> "WorkerConfig":
@@ -95,7 +96,8 @@ class WorkerConfig:
         return cls(request=args.request, run_id=args.run_id or f"local-{uuid.uuid4()}", thread_id=args.thread_id,
                    genie_space_id=args.genie_space_id or env.get("GENIE_SPACE_ID", ""),
                    genie_description=env.get("GENIE_DESCRIPTION", ""),
-                   chat=ChatConfig.from_env(env, endpoint=args.llm_endpoint), db=db)
+                   chat=ChatConfig.from_env(env, endpoint=args.llm_endpoint), db=db,
+                   log_level=env.get("LOG_LEVEL") or "INFO")
 
     def check(self):
         request = self.request.strip()
@@ -165,23 +167,18 @@ def workspace_client(config: WorkerConfig):
     return WorkspaceClient(config=Config(retry_timeout_seconds=config.retry_seconds))
 
 
-def clients(config: WorkerConfig, workspace):
-    """The chat client and the Genie settings."""
-    genie = GenieConfig(config.genie_space_id, description=config.genie_description or DEFAULT_DESCRIPTION)
-    return config.chat.client(workspace.config), genie
-
-
 def _cancel(signum, frame):
     raise Cancelled(f"received {signal.Signals(signum).name}: the run was cancelled")
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = WorkerConfig.from_args(parser().parse_args(argv))
-    if not lakebase.ID_PATTERN.fullmatch(config.run_id):  # else the step log refuses every step
-        print(f"worker: invalid run id {config.run_id!r}: 1-128 letters, digits or _.:-, starting with a letter "
-              f"or digit", file=sys.stderr)
+    logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        lakebase.check_id(config.run_id, "run id")  # else the step log refuses every step
+    except ValueError as e:
+        print(f"worker: {e}", file=sys.stderr)
         return 2
     try:
         # Lakebase mints its login tokens through the workspace; a plain DSN needs none
@@ -190,7 +187,7 @@ def main(argv=None) -> int:
         step = StepLog(connect, config.run_id)
         lakebase.migrate(step.conn)
     except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:  # ValueError: the SDK's auth config
-        print(f"worker: cannot reach the step-log database: {_one_line(e)}", file=sys.stderr)
+        print(f"worker: cannot reach the step-log database: {_error_text(e)}", file=sys.stderr)
         return 3
     print(f"worker: run {config.run_id}", file=sys.stderr)
     started = time.monotonic()
@@ -199,8 +196,8 @@ def main(argv=None) -> int:
         step("started", {"request": config.request[:MAX_REQUEST_CHARS], "thread_id": config.thread_id or None})
         config.check()
         workspace = workspace or workspace_client(config)
-        chat, genie_config = clients(config, workspace)
-        answer = run(config, chat, Genie(workspace, genie_config), step)
+        genie = GenieConfig(config.genie_space_id, description=config.genie_description or DEFAULT_DESCRIPTION)
+        answer = run(config, config.chat.client(workspace.config), Genie(workspace, genie), step)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # answered: too late to cancel
     except Cancelled as e:
         return _end(step, "cancelled", {"reason": str(e)}, f"worker: {e}", 128 + signal.SIGTERM)
@@ -222,7 +219,7 @@ def _end(step: StepLog, status: str, payload: dict, message: str, code: int) -> 
         step(status, payload)
     except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:
         why = payload.get("error") or payload.get("reason")
-        print(f"worker: could not log the run's end ({f'{status}: {why}' if why else status}): {_one_line(e)}",
+        print(f"worker: could not log the run's end ({f'{status}: {why}' if why else status}): {_error_text(e)}",
               file=sys.stderr)
         return 3
     print(message, file=sys.stderr)
@@ -232,11 +229,11 @@ def _end(step: StepLog, status: str, payload: dict, message: str, code: int) -> 
 def _describe(e: Exception, max_calls: int) -> str:
     if isinstance(e, LimitReached):
         return f"no final answer after {max_calls} model calls; the request may need narrowing"
-    return f"the chat model failed: {_one_line(e)}" if isinstance(e, LLMError) else _one_line(e)
+    return f"the chat model failed: {_error_text(e)}" if isinstance(e, LLMError) else _error_text(e)
 
 
-def _one_line(e: BaseException) -> str:
-    """The error for a person: no secrets, on one line (an endpoint's error page or libpq may give several)."""
+def _error_text(e: BaseException) -> str:
+    """An error for a person: no secrets, on one line (an endpoint's error page or libpq may give several)."""
     return " ".join(lakebase.redact(str(e)).split()) or type(e).__name__
 
 

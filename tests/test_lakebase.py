@@ -109,14 +109,14 @@ def test_append_and_load_a_thread(conn):
         (1, 1), (2, 1), (3, 2), (4, 2), (5, 2), (6, 2)]
 
 
-def test_window_of_last_messages_never_starts_with_a_tool_result(conn):
+def test_the_last_messages_are_the_last_n_in_order(conn):
     call = {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
     result = {"role": "tool", "tool_call_id": "c1", "content": "ok"}
     lakebase.append_turn(conn, "t", [user("one"), assistant("1")])
     lakebase.append_turn(conn, "t", [user("two"), call, result, assistant("2")])
     assert lakebase.load_messages(conn, "t", last=3) == [call, result, assistant("2")]
-    assert lakebase.load_messages(conn, "t", last=2) == [assistant("2")]  # its tool call fell outside
+    assert lakebase.load_messages(conn, "t", last=2) == [result, assistant("2")]  # primary.py cuts the window
     assert lakebase.load_messages(conn, "t", last=100) == lakebase.load_messages(conn, "t")
     assert lakebase.load_messages(conn, "t", last=0) == []
 
@@ -359,7 +359,9 @@ def test_pg_variables_are_a_configuration(monkeypatch, pg_dsn):
     monkeypatch.setenv("PGHOST", params["host"])
     monkeypatch.setenv("PGDATABASE", params["dbname"])
     monkeypatch.setenv("PGUSER", params["user"])
-    with lakebase.connect(LakebaseConfig()) as conn:
+    config = LakebaseConfig.from_env()
+    assert config.configured() and not config.dsn
+    with lakebase.connect(config) as conn:
         assert conn.execute("select current_database()").fetchone()[0] == params["dbname"]
 
 

@@ -581,7 +581,7 @@ def local_agent(pg_dsn, tmp_path, monkeypatch):
         pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=ws.dsn), w)
         with pool.connection() as conn:
             lakebase.migrate(conn)
-        chat = llm.databricks_chat(primary.DEFAULT_ENDPOINT, w.config)
+        chat = llm.databricks_chat(llm.DEFAULT_ENDPOINT, w.config)
         yield primary.PrimaryAgent(chat, w, pool, ws.job_id), w, pool
     finally:
         if pool is not None:

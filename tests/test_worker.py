@@ -264,7 +264,7 @@ def test_an_unreachable_database_fails_with_one_line(pg_dsn):
 def test_a_run_id_the_step_log_refuses_fails_with_one_line(pg_dsn):
     result = run_worker("--request=total sales", "--run-id=-5", env=worker_env(dsn=pg_dsn))
     assert result.returncode == 2
-    assert last_line(result.stderr) == ("worker: invalid run id '-5': 1-128 letters, digits or _.:-, starting with "
+    assert last_line(result.stderr) == ("worker: invalid run id '-5': use 1-128 letters, digits or _.:-, starting with "
                                         "a letter or digit")
 
 
