@@ -8,7 +8,9 @@ works); `openai_chat(base_url, model)` talks to any OpenAI-compatible server (vL
 `run_tools()` is the bounded tool loop. What the model can fix (unknown tool, bad arguments, a tool that
 raises) goes back to it as an "Error: ..." tool message; what it can't (LLMError, the caller's `fatal` types)
 is raised. The loop ends in one of three ways: it returns the model's text answer, or re-raises the `EndTurn`
-a tool raised, or raises `LimitReached`.
+a tool raised, or raises `LimitReached`. A tool that has more to say to the caller's log than to the model
+returns a `ToolResult(content, detail)` (or raises `ToolError(message, detail=...)`): the model sees the
+content, `on_message` gets the detail.
 """
 import itertools
 import json
@@ -228,8 +230,18 @@ class Tool:
                 "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
 
 
+@dataclass
+class ToolResult:
+    content: str  # what the model sees
+    detail: object = None  # what only on_message sees, as info["detail"]
+
+
 class ToolError(Exception):
     """Raised by a tool (or the loop) for a failure the model can act on: sent to it as "Error: <message>"."""
+
+    def __init__(self, message: str, *, detail=None):
+        super().__init__(message)
+        self.detail = detail
 
 
 class EndTurn(Exception):
@@ -255,7 +267,8 @@ def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, fa
     2. append its message; on_message(message, {"duration_s"})
     3. no tool calls? return its text
     4. run each tool call; a model-caused failure becomes the result "Error: ..."
-    5. append each result; on_message(message, {"call_id", "name", "arguments", "duration_s", "error", "end_turn"})
+    5. append each result; on_message(message, {"call_id", "name", "arguments", "duration_s", "error", "end_turn",
+       "detail"}), where detail is the ToolResult's or ToolError's detail (else None)
     6. a tool raised EndTurn? re-raise it now that every call has its result; else back to 1
     LLMError and exceptions of the types in `fatal` propagate as they are.
     """
@@ -284,7 +297,8 @@ def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, fa
 def _run_call(call, tools: dict, fatal: tuple) -> tuple[str, dict]:
     """Check and run one tool call: (the content the model sees, info for on_message)."""
     name, arguments = call["function"]["name"], call["function"]["arguments"]
-    info = {"call_id": call["id"], "name": name, "arguments": arguments, "error": None, "end_turn": None}
+    info = {"call_id": call["id"], "name": name, "arguments": arguments, "error": None, "end_turn": None,
+            "detail": None}
     started = time.monotonic()
     try:
         tool = tools.get(name)
@@ -293,13 +307,15 @@ def _run_call(call, tools: dict, fatal: tuple) -> tuple[str, dict]:
         info["arguments"] = kwargs = _parse_arguments(tool.name, arguments)
         _check_arguments(tool, kwargs)
         content = tool.fn(**kwargs)
+        if isinstance(content, ToolResult):
+            content, info["detail"] = content.content, content.detail
         content = content if isinstance(content, str) else json.dumps(content, default=str)
     except EndTurn as e:
         content, info["end_turn"] = e.content, e
     except (LLMError, *fatal):
         raise
     except ToolError as e:
-        content, info["error"] = f"Error: {e}", e
+        content, info["error"], info["detail"] = f"Error: {e}", e, e.detail
     except Exception as e:
         log.warning("tool %s raised", name, exc_info=True)
         hint = "Check the arguments, or answer without this tool."

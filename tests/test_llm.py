@@ -17,6 +17,7 @@ from llm import (
     LLMResponseError,
     Tool,
     ToolError,
+    ToolResult,
     databricks_chat,
     openai_chat,
     run_tools,
@@ -324,6 +325,20 @@ def test_tool_raising_tool_error(scripted_model, client):
     assert info["error"] is not None and str(info["error"]) == "the space is rate limited; wait a minute."
 
 
+def test_a_tool_hands_the_log_a_detail_beside_what_the_model_sees(scripted_model, client):
+    def answer(q):
+        if q == "fail":
+            raise ToolError("no data for that.", detail={"status": "FAILED"})
+        return ToolResult("42 rows", detail={"rows": 42}) if q == "rows" else "plain"
+
+    ask = tool("ask", answer, q={"type": "string"})
+    for q, content, detail in (("rows", "42 rows", {"rows": 42}), ("fail", "Error: no data for that.",
+                                                                   {"status": "FAILED"}), ("plain", "plain", None)):
+        message, info = run_one_call(scripted_model, client, [ask], "ask", {"q": q})
+        assert (message["content"], info["detail"]) == (content, detail)
+        assert "detail" not in message  # the model sees the content only
+
+
 def test_tool_raising_any_exception(scripted_model, client):
     def broken(q):
         return {}["missing"]
@@ -391,7 +406,7 @@ def test_on_message_sees_every_append(scripted_model, client):
     assert [m for m, _ in seen] == messages[1:]
     assert set(seen[0][1]) == {"duration_s"}
     assert seen[1][1] == {"call_id": "c1", "name": "add", "arguments": {"a": 1, "b": 2}, "error": None,
-                          "end_turn": None, "duration_s": seen[1][1]["duration_s"]}
+                          "end_turn": None, "detail": None, "duration_s": seen[1][1]["duration_s"]}
     assert seen[2][1]["name"] == "nope" and isinstance(seen[2][1]["error"], ToolError)
     assert set(seen[3][1]) == {"duration_s"}
 
