@@ -93,7 +93,8 @@ def setup_local(args, config: Config):
     import localws
 
     data_dir = Path(args.data_dir or localws.DEFAULT_DATA_DIR).expanduser()
-    ws = localws.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None, chat=config.chat)
+    ws = localws.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None, chat=config.chat,
+                       quirks=localws.quirks.HARSH if args.harsh else localws.quirks.from_env())
     where = f"embedded Postgres (data in {data_dir / 'pgdata'})" if ws.postgres else "Postgres at LAKEBASE_DSN"
     model = (f"the model at {config.chat.base_url}" if config.chat.base_url
              else "the offline deterministic stand-in model")
@@ -218,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="use the local workspace even when one is configured")
     p.add_argument("--data-dir", help="the local workspace's data directory (default ~/.local/share/async-agent)")
     p.add_argument("--thread", help="continue this thread (default: a new one)")
+    p.add_argument("--harsh", action="store_true", help="a local workspace as harsh as the real one (LOCALWS_HARSH=1)")
     return p
 
 

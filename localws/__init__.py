@@ -20,6 +20,7 @@ from pathlib import Path
 import psycopg
 
 import llm
+from localws import quirks as quirks_module
 from localws.emulator import DEFAULT_USER, Server, load_job
 from localws.genie_server import Genie
 from localws.jobs import Jobs
@@ -37,14 +38,16 @@ class Emulator(Jobs, Genie, Server):
     `os.environ` + `env` (a None value removes a variable; DATABRICKS_* come from the emulator).
     Genie: `add_genie_space(space_id, answerer)`; `answerer.answer(question, history)` gets the earlier
     answered messages of the conversation as `[{"question", "text", "sql"}]`, oldest first.
+    `quirks`: names from localws.quirks.QUIRKS, the real services' harsher behaviours to play (default none).
     The rest (identity, Lakebase, serving, faults) is `Server`'s.
     """
     ROUTES = Server.ROUTES + Jobs.ROUTES + Genie.ROUTES
 
     def __init__(self, *, dsn=None, project_dir=".", env=None, log_dir=None, cancel_grace=10.0, genie_delay=0.3,
-                 genie_rate_limit=None, genie_rate_window=60.0, **server):
+                 genie_rate_limit=None, genie_rate_window=60.0, genie_result_ttl=3.0, quirks=(), **server):
         super().__init__(**server)
-        self._init_genie(genie_delay, genie_rate_limit, genie_rate_window)
+        self.quirks = quirks_module.check(quirks)
+        self._init_genie(genie_delay, genie_rate_limit, genie_rate_window, genie_result_ttl)
         self._init_jobs(dsn, project_dir, env, log_dir, cancel_grace)  # recovers the runs of workspaces that died
         self._serve()
 
@@ -86,14 +89,18 @@ class LocalWorkspace:
 
 
 def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFAULT_USER, cancel_grace=10.0,
-          genie_delay=1.0, genie_rate_limit=None, chat: llm.ChatConfig | None = None) -> LocalWorkspace:
+          genie_delay=1.0, genie_rate_limit=None, chat: llm.ChatConfig | None = None, quirks=()) -> LocalWorkspace:
     """Bring up the local workspace: Postgres (embedded under `data_dir`, or `dsn`), the sample data, and the
     emulator with the bundle's job as job 1, Genie space `local-sample` and the offline stand-in model.
     `chat`: the agents' chat model settings; its endpoint name is served by the stand-in, and with a `base_url`
-    the local Genie asks that model for its SQL. (LLM_BASE_URL... reach the workers through their environment.)"""
+    the local Genie asks that model for its SQL. (LLM_BASE_URL... reach the workers through their environment.)
+    `quirks`: the real services' behaviours to play (localws/quirks.py; `quirks.from_env()` reads LOCALWS_HARSH)."""
     import lakebase
     from localws import answerer, sample, stand_in
 
+    quirks = quirks_module.check(quirks)
+    if quirks:
+        log.warning("the local workspace plays these behaviours of the real services: %s", ", ".join(sorted(quirks)))
     project_dir = Path(project_dir).resolve()
     data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +122,7 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
                "LAKEBASE_ENDPOINT": None}
         emulator = Emulator(user=user, dsn=dsn, project_dir=project_dir, env=env, log_dir=data_dir / "runs",
                             cancel_grace=cancel_grace, genie_delay=genie_delay, genie_rate_limit=genie_rate_limit,
+                            quirks=quirks,
                             serving=dict.fromkeys(endpoints, stand_in.stand_in_reply))
         job_id = emulator.add_job(job, job_id=1)
         genie = answerer.GenieAnswerer(dsn, chat=chat.client() if chat.base_url else None)

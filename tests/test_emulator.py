@@ -182,6 +182,58 @@ def test_contract_genie_bodies(emu, w):
     roundtrip(dashboards.GenieSpace, w.api_client.do("GET", "/api/2.0/genie/spaces/s1"))
 
 
+def test_contract_genie_bodies_as_harsh_as_the_real_genie(tmp_path):
+    """Every shape the quirks add: self-correction, a summary without id, suggestions, a description-only answer,
+    a clarifying question, a failed attempt's result, PENDING and RUNNING results, an expired message."""
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.06, quirks=localws.quirks.HARSH) as emu:
+        emu.add_genie_space("s1", Answerer())
+        emu.genie_result_delay = 1.0  # a re-executed result is PENDING for 0.5 s, then RUNNING for 0.5 s
+        w = client(emu)
+
+        def ask(content, cid=None):
+            path = f"/api/2.0/genie/spaces/s1/conversations/{cid}/messages" if cid else \
+                "/api/2.0/genie/spaces/s1/start-conversation"
+            sent = w.api_client.do("POST", path, body={"content": content})
+            base = f"/api/2.0/genie/spaces/s1/conversations/{sent['conversation_id']}/messages/{sent['message_id']}"
+            message = wait_for(lambda: (m := w.api_client.do("GET", base))["status"] == "COMPLETED" and m,
+                               what="COMPLETED")
+            roundtrip(dashboards.GenieMessage, message)
+            kinds = [next(k for k in ("query", "text", "suggested_questions") if k in attachment)
+                     for attachment in message["attachments"]]
+            return base, message, kinds
+
+        base, message, kinds = ask("total sales")
+        assert kinds == ["query", "text", "query", "text", "suggested_questions"]
+        attempt, superseded, query, summary, _ = message["attachments"]
+        assert "attachment_id" not in summary and summary["text"]["purpose"] == "TEXT_ATTACHMENT_PURPOSE_ANSWER"
+        failed = w.api_client.do("GET", f"{base}/attachments/{attempt['attachment_id']}/query-result")
+        roundtrip(dashboards.GenieGetMessageQueryResultResponse, failed)
+        assert failed["statement_response"]["status"]["state"] == "FAILED"
+        states = [w.api_client.do("POST", f"{base}/attachments/{query['attachment_id']}/execute-query", body={})]
+        while states[-1]["statement_response"]["status"]["state"] != "SUCCEEDED":
+            time.sleep(0.05)
+            states.append(w.api_client.do("GET", f"{base}/attachments/{query['attachment_id']}/query-result"))
+        for state in states:
+            roundtrip(dashboards.GenieGetMessageQueryResultResponse, state)
+        seen = [s["statement_response"]["status"]["state"] for s in states]
+        order = ["PENDING", "RUNNING", "SUCCEEDED"]
+        assert seen[0] == "PENDING" and "RUNNING" in seen and seen == sorted(seen, key=order.index)
+        _, second, kinds = ask("and by month?", message["conversation_id"])  # every second answer has no text
+        assert kinds == ["query", "text", "query", "suggested_questions"]
+        assert second["attachments"][2]["query"]["description"] == "Answer to and by month?"
+        _, clarifying, kinds = ask("something unanswerable", message["conversation_id"])
+        assert kinds == ["text"] and clarifying["attachments"][0]["text"]["purpose"] == "FOLLOW_UP_QUESTION"
+        emu.genie_result_ttl = 0.0  # every result has expired
+        expired = w.api_client.do("GET", base)
+        roundtrip(dashboards.GenieMessage, expired)
+        closed = w.api_client.do("GET", f"{base}/attachments/{query['attachment_id']}/query-result")
+        roundtrip(dashboards.GenieGetMessageQueryResultResponse, closed)
+        assert (expired["status"], closed["statement_response"]["status"]["state"]) == ("QUERY_RESULT_EXPIRED",
+                                                                                        "CLOSED")
+        roundtrip(dashboards.GenieListConversationMessagesResponse, w.api_client.do(
+            "GET", f"/api/2.0/genie/spaces/s1/conversations/{message['conversation_id']}/messages"))
+
+
 def test_contract_lakebase_and_scim_bodies(tmp_path):
     endpoint = "projects/p/branches/main/endpoints/rw"
     with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, database_instances={"db1": "db1.local"},
@@ -608,6 +660,31 @@ def test_genie_rate_limit_answers_429_and_the_sdk_retries(tmp_path):
         w.genie.get_space("space")  # reads are not limited
 
 
+def test_quirks_are_one_registry_off_by_default_all_on_with_localws_harsh(emu, caplog):
+    assert emu.quirks == frozenset() and set(localws.quirks.HARSH) == set(localws.quirks.QUIRKS)
+    assert all(isinstance(text, str) and text and "\n" not in text for text in localws.quirks.QUIRKS.values())
+    with pytest.raises(ValueError, match="unknown local workspace quirk.s. nope; known: genie_clarifying_question, "):
+        localws.Emulator(project_dir=ROOT, quirks={"nope"})
+    assert localws.quirks.from_env({"LOCALWS_HARSH": "1"}) == localws.quirks.HARSH
+    assert localws.quirks.from_env({}) == localws.quirks.from_env({"LOCALWS_HARSH": "0"}) == frozenset()
+    assert localws.quirks.from_env({"LOCALWS_HARSH": "genie_rate_limit, nope"}) == {"genie_rate_limit"}
+    assert "LOCALWS_HARSH: unknown quirk(s) nope left out" in caplog.text
+
+
+def test_genie_rate_limit_quirk_is_five_questions_a_minute_per_workspace(tmp_path):
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, quirks={"genie_rate_limit"}) as emu:
+        emu.add_genie_space("space", Answerer())
+        emu.add_genie_space("other", Answerer())
+
+        def post(space):
+            return requests.post(f"{emu.url}/api/2.0/genie/spaces/{space}/start-conversation", json={"content": "q"},
+                                 headers={"Authorization": f"Bearer {localws.emulator.TOKEN}"}, timeout=5)
+        assert [post(space).status_code for space in ["space", "other"] * 2 + ["space"]] == [200] * 5
+        refused = post("other")  # the limit is the workspace's, across spaces
+        assert refused.status_code == 429 and refused.json()["error_code"] == "RESOURCE_EXHAUSTED"
+        assert 50 <= int(refused.headers["Retry-After"]) <= 60
+
+
 # ------------------------------------------------------------------ Lakebase credentials
 
 def test_database_instance_credentials_can_become_a_real_password(pg_dsn, tmp_path):
@@ -731,6 +808,7 @@ def test_embedded_postgres_keeps_its_data_across_restarts():
 
 def test_local_start_composes_the_workspace(pg_dsn, tmp_path):
     with localws.start(ROOT, data_dir=tmp_path, dsn=pg_dsn, cancel_grace=1, genie_delay=0.05) as ws:
+        assert ws.emulator.quirks == frozenset() and ws.emulator.genie_rate_limit is None  # kind by default
         w = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat", retry_timeout_seconds=10))
         roundtrip(jobs.Job, w.api_client.do("GET", "/api/2.2/jobs/get", query={"job_id": ws.job_id}))
         job = w.jobs.get(ws.job_id).settings
@@ -745,3 +823,8 @@ def test_local_start_composes_the_workspace(pg_dsn, tmp_path):
         assert ws.emulator.env["LAKEBASE_DSN"] == pg_dsn and ws.emulator.env["GENIE_SPACE_ID"] == localws.GENIE_SPACE
     with psycopg.connect(pg_dsn) as conn:
         assert conn.execute("select to_regclass('local_workspace.runs')").fetchone()[0] is not None
+
+
+def test_local_start_plays_the_quirks_it_is_given(pg_dsn, tmp_path):
+    with localws.start(ROOT, data_dir=tmp_path, dsn=pg_dsn, genie_delay=0.05, quirks=localws.quirks.HARSH) as ws:
+        assert ws.emulator.quirks == localws.quirks.HARSH and ws.emulator.genie_rate_limit == 5
