@@ -140,11 +140,10 @@ def run(config: WorkerConfig, chat, genie: Genie, step: StepLog) -> str:
             for call in message.get("tool_calls", []):
                 step("tool_call", {"call_id": call["id"], "name": call["function"]["name"],
                                    "arguments": _arguments(call["function"]["arguments"])})
-        elif message["role"] == "tool":  # Genie's full result, if this call reached Genie (then forget it)
-            detail, genie.last = (genie.last.as_dict() if genie.last else {}), None
+        elif message["role"] == "tool":  # detail: Genie's outcome, if this call reached Genie
             step("tool_result", {"call_id": info["call_id"], "name": info["name"], "output": message["content"],
                                  "duration_ms": round(info["duration_s"] * 1000), "error": info["error"] is not None,
-                                 "detail": detail})
+                                 "detail": info["detail"] or {}})
 
     answer = run_tools(chat, messages, [genie.tool()], max_calls=config.max_calls, on_message=on_message,
                        fatal=(psycopg.Error, GenieUnavailable))

@@ -93,7 +93,7 @@ def _restate(output: str) -> str:
     if output.startswith("Error:"):
         return f"I could not get the data: {output[len('Error:'):].strip()}"
     answer = re.search(r"^Genie: (.*?)(?:\n\n|\Z)", output, re.S)
-    rows = re.search(r"^Rows \(.*", output, re.S | re.M)
+    rows = re.search(r"^Rows \(.*?(?=\n\nGenie suggests|\Z)", output, re.S | re.M)
     text = answer.group(1).strip() if answer else output.strip()
     return f"{text}\n\n{rows.group(0).strip()}" if rows else text
 

@@ -603,6 +603,13 @@ def test_worker_asks_genie_then_restates_its_answer_with_the_table():
     assert content == "Total revenue in 2025: $735,672.70.\n\nRows (1 in all):\nrevenue\n735672.70"
 
 
+def test_worker_restates_an_answer_without_genie_s_suggestions():
+    request = [user("total revenue in 2025"), assistant_call("query_genie", {"question": "total revenue"}, "g1"),
+               tool_result("g1", GENIE_OUTPUT + "\n\nGenie suggests asking next: And by month? | What about 2024?")]
+    content, _ = reply(request, WORKER)
+    assert content == "Total revenue in 2025: $735,672.70.\n\nRows (1 in all):\nrevenue\n735672.70"
+
+
 def test_worker_splits_two_questions_and_answers_both():
     request = [user("top 3 products by revenue and also orders by month in 2025")]
     content, calls = reply(request, WORKER)
@@ -638,13 +645,14 @@ class InProcess:
 
 
 def test_worker_loop_with_the_offline_genie(genie):
-    from genie import Answer, render
+    from genie import Answer, render, table
     from llm import Tool, run_tools
 
     def query_genie(question):
         result = genie.answer(question)
-        return render(Answer(question, "c", "m", "COMPLETED", result.text, result.sql,
-                             [c["name"] for c in result.columns], result.rows, len(result.rows)), 6000)
+        columns = [c["name"] for c in result.columns]
+        return render(Answer(question, status="COMPLETED", text=result.text, query=result.sql, columns=columns,
+                             row_count=len(result.rows), table=table(columns, result.rows, 6000)))
 
     tool = Tool("query_genie", "Ask Genie.", WORKER[0]["function"]["parameters"], query_genie)
     answer = run_tools(InProcess(), [user("revenue by quarter in 2025")], [tool], max_calls=3)

@@ -802,7 +802,7 @@ def test_sql_injection_in_genie_questions_leaves_the_data_intact(pg_dsn, tmp_pat
         outcomes = []
         for text in INJECTIONS:
             try:
-                outcomes.append(tool.query_genie(f"total revenue in 2025 {text}"))
+                outcomes.append(tool.query_genie(f"total revenue in 2025 {text}").content)
             except llm.ToolError as e:  # refused: a question it can't answer
                 outcomes.append(f"Error: {e}")
         fault(len(INJECTIONS))

@@ -19,7 +19,7 @@ import lakebase
 import localws
 import localws.emulator
 import worker
-from genie import Genie, GenieConfig
+from genie import LOG_ROWS, Genie, GenieConfig
 from llm import LimitReached, openai_chat
 from worker import StepLog, WorkerConfig
 
@@ -36,8 +36,14 @@ def answerer():
 
 
 @pytest.fixture
-def emu(tmp_path, answerer):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", genie_delay=0.03) as emulator:
+def quirks():
+    """The real services' behaviours the emulator plays (localws/quirks.py): none unless a test names them."""
+    return ()
+
+
+@pytest.fixture
+def emu(tmp_path, answerer, quirks):
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", genie_delay=0.03, quirks=quirks) as emulator:
         emulator.add_genie_space("space", answerer)
         yield emulator
 
@@ -467,10 +473,13 @@ def test_two_questions_in_one_run_are_one_genie_conversation(emu, db, pg_dsn, sc
     ("hang", "EXECUTING_QUERY", "Error: Genie did not answer within 0.5 s (last status EXECUTING_QUERY)"),
     ("expired", "QUERY_RESULT_EXPIRED", "Genie: Answer to total sales\n\nSQL:"),
     ("429", "NOT_SENT", "Error: Genie is rate limited (about 5 questions a minute per workspace)"),
-    ("429 once", "COMPLETED", "Genie: Answer to total sales\n\nSQL:")])
+    ("429 once", "COMPLETED", "Genie: Answer to total sales\n\nSQL:"),
+    ("500", "SUBMITTED", "Error: Genie failed while we waited for its answer: INTERNAL_ERROR: the backend fell over")])
 def test_genie_outcomes_reach_the_model_and_the_step_log(emu, db, pg_dsn, scripted_model, workspace, fault, status,
                                                          output):
-    if fault.startswith("429"):
+    if fault == "500":  # not retried by the SDK
+        emu.inject("GET", f"{GENIE}/conversations/", 500, "INTERNAL_ERROR", "the backend fell over", times=None)
+    elif fault.startswith("429"):
         emu.inject("POST", f"{GENIE}/start-conversation", 429, "RESOURCE_EXHAUSTED", "too many questions",
                    times=1 if fault == "429 once" else None, retry_after=1)
     else:
@@ -499,8 +508,8 @@ def test_a_call_that_never_reaches_genie_has_no_genie_detail(emu, db, pg_dsn, sc
     assert second["detail"] == {}  # not the first question's result again
 
 
-def test_a_large_result_is_cut_for_the_model_and_kept_whole_in_the_step_log(emu, db, pg_dsn, scripted_model,
-                                                                             workspace, answerer):
+def test_a_large_result_is_cut_for_the_model_and_bounded_in_the_step_log(emu, db, pg_dsn, scripted_model, workspace,
+                                                                          answerer):
     answerer.rows = [[f"r{i:04d}", str(i)] for i in range(2000)]
     scripted_model.call_tool("query_genie", {"question": "sales per order"}).reply("Done.")
     _, log = run_in_process(db, pg_dsn, scripted_model, workspace, max_chars=1000)
@@ -509,7 +518,25 @@ def test_a_large_result_is_cut_for_the_model_and_kept_whole_in_the_step_log(emu,
     assert seen == result["output"] and len(seen.split("Rows (2000 in all):\n")[1]) <= 1000
     assert "\nr0000 | 0\n" in seen and seen.endswith("\nr1999 | 1999") and " rows (" in seen
     assert "r1000 | 1000" not in seen
-    assert result["detail"]["rows"] == answerer.rows and result["detail"]["row_count"] == 2000
+    detail = result["detail"]
+    assert detail["rows"] == answerer.rows[:LOG_ROWS] and detail["row_count"] == 2000  # the first 1,000
+    assert detail["rows_left_out"] == 1000 and detail["note"].startswith("the step log keeps 1,000 of the 2,000 rows")
+
+
+@pytest.mark.parametrize("quirks", [localws.quirks.HARSH])
+def test_a_run_on_a_workspace_as_harsh_as_the_real_one(emu, db, pg_dsn, scripted_model, workspace):
+    for question in ("total sales by region", "and by month?", "and the weather?"):
+        scripted_model.call_tool("query_genie", {"question": question})
+    scripted_model.reply("Done.")
+    answer, log = run_in_process(db, pg_dsn, scripted_model, workspace, run_id="harsh")
+    outputs = [p["output"] for _, s, p in log if s == "tool_result"]
+    assert answer == "Done." and [p["error"] for _, s, p in log if s == "tool_result"] == [False] * 3
+    assert outputs[0].startswith(f"Genie: Answer to total sales by region\n\nSQL:\n{SQL}\n\nRows (2 in all)")
+    assert outputs[1].startswith(f"Genie: Answer to and by month?\n\nSQL:\n{SQL}\n\nRows (2 in all)")
+    assert outputs[2].startswith("Genie asks back: I can only answer questions about sales.")
+    assert all("missing_column" not in output for output in outputs)  # the self-corrected attempts stay in the log
+    details = [p["detail"] for _, s, p in log if s == "tool_result"]
+    assert ["missing_column" in d["attempts"][0]["query"] for d in details[:2]] == [True, True]
 
 
 def test_the_loop_is_bounded(emu, db, pg_dsn, scripted_model, workspace):
