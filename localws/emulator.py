@@ -4,7 +4,8 @@
 like the real services (error bodies `{"error_code", "message"}`, host metadata, Retry-After on 429/503) and
 serves the routes that need no state of their own: the current user, Lakebase database instances, postgres
 endpoints and credentials for both, and chat models (`/serving-endpoints/{name}/invocations` and
-`/serving-endpoints/chat/completions`). Jobs (jobs.py) and Genie (genie_server.py) add their routes to it in
+`/serving-endpoints/chat/completions`; `"stream": true` is answered with server-sent chunks, as a real endpoint
+does: `completion_chunks()`). Jobs (jobs.py) and Genie (genie_server.py) add their routes to it in
 `localws.Emulator`. For tests: `inject()` a fault before a route, and a request log (`calls()`).
 `ApiError` (and `bad`, `missing`) is the error every route raises.
 """
@@ -51,6 +52,50 @@ WORKSPACE_ID = "1"  # host metadata names it; the SDK then sends it on every cal
 STATUS_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                 409: "RESOURCE_CONFLICT", 429: "REQUEST_LIMIT_EXCEEDED", 500: "INTERNAL_ERROR",
                 503: "TEMPORARILY_UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+# ---------------------------------------------------------------- streamed chat completions
+
+def completion_chunks(completion: dict, size=8) -> list[dict]:
+    """A chat.completion as the `chat.completion.chunk`s a streaming endpoint sends for it: the role, the text in
+    pieces of `size` characters (content parts one by one), each tool call's id and name and then its arguments in
+    pieces, the finish reason, and the usage on a last chunk without choices."""
+    head = {key: completion.get(key) for key in ("id", "created", "model")}
+    choice = completion["choices"][0]
+    message = choice["message"]
+    content = message.get("content")
+    deltas = [{"role": "assistant", "content": ""}]
+    if isinstance(content, list):
+        deltas += [{"content": [part]} for part in content]
+    elif isinstance(content, str):
+        deltas += [{"content": content[i:i + size]} for i in range(0, len(content), size)]
+    elif content is not None:  # not a message's content: sent as it is, for the client to refuse
+        deltas.append({"content": content})
+    for index, call in enumerate(message.get("tool_calls") or []):
+        function, arguments = call["function"], call["function"]["arguments"]
+        pieces = [arguments]  # not a string: sent whole, for the client to refuse
+        if isinstance(arguments, str):
+            pieces = [arguments[i:i + size] for i in range(0, len(arguments), size)]
+        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": function["name"], "arguments": ""}}]})
+        deltas += [{"tool_calls": [{"index": index, "function": {"arguments": piece}}]} for piece in pieces]
+    choices = [[{"index": 0, "delta": delta, "finish_reason": None}] for delta in deltas]
+    choices.append([{"index": 0, "delta": {}, "finish_reason": choice.get("finish_reason") or "stop"}])
+    chunks = [{**head, "object": "chat.completion.chunk", "choices": c} for c in choices]
+    if completion.get("usage"):
+        chunks.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": completion["usage"]})
+    return chunks
+
+
+def sse(data) -> bytes:
+    """One server-sent event: a chunk (JSON) or a marker such as [DONE]."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+@dataclass
+class Stream:
+    """A route's answer sent as server-sent events (Content-Type text/event-stream, chunked), ending in [DONE]."""
+    chunks: list
 
 
 # ---------------------------------------------------------------- the bundle job
@@ -132,6 +177,7 @@ def _rfc3339(ts):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # a streamed chunk goes out at once, not after the previous one's ACK
     emulator = None  # set on a per-emulator subclass
 
     def do_GET(self):
@@ -147,7 +193,7 @@ class Server:
     """The emulator's HTTP server at `url`, with the routes in `ROUTES` (method, path pattern, method name).
     `localws.Emulator` adds the Jobs and Genie routes; `_serve()` starts answering, `close()` stops.
 
-    Serving: `serving={endpoint name: chat(body) -> chat.completion dict}`.
+    Serving: `serving={endpoint name: chat(body) -> chat.completion dict}` (streamed when the request asks).
     Lakebase: `database_instances` / `postgres_endpoints` map names to hosts; `on_credential(user, token,
     expires_at)` is called for each token minted.
     """
@@ -232,8 +278,11 @@ class Server:
         except Exception as e:  # our bug or a hook's: answer like the service would, keep the traceback
             log.exception("local workspace: %s %s failed", req.method, req.path)
             status, payload, error = 500, {"error_code": "INTERNAL_ERROR", "message": f"{type(e).__name__}: {e}"}, None
-        data, req.status = json.dumps(payload).encode(), status
+        req.status = status
         h.close_connection = h.close_connection or self._closing.is_set()  # don't keep serving after close()
+        if isinstance(payload, Stream):
+            return self._send_stream(h, payload)
+        data = json.dumps(payload).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
@@ -241,6 +290,17 @@ class Server:
             h.send_header("Retry-After", str((error and error.retry_after) or 1))
         h.end_headers()
         h.wfile.write(data)
+
+    @staticmethod
+    def _send_stream(h, stream: Stream):
+        h.send_response(200)
+        h.send_header("Content-Type", "text/event-stream")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        for event in [*map(sse, stream.chunks), sse("[DONE]")]:
+            h.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+            h.wfile.flush()
+        h.wfile.write(b"0\r\n\r\n")
 
     def _dispatch(self, req):
         if self._closing.is_set():  # a kept-alive connection of a client from before close()
@@ -341,8 +401,8 @@ class Server:
     def _chat(self, name, body):
         if name not in self.serving:
             raise missing(f"Endpoint with name '{name}' does not exist.")
-        if body.get("stream"):
-            raise ApiError(400, "BAD_REQUEST", "stream=true is not supported by the local workspace")
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             raise ApiError(400, "BAD_REQUEST", "messages must be a non-empty list")
+        if body.get("stream") is True:
+            return Stream(completion_chunks(self.serving[name]({k: v for k, v in body.items() if k != "stream"})))
         return self.serving[name](body)

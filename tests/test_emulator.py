@@ -756,6 +756,23 @@ def test_serving_routes(tmp_path):
         assert missing.status_code == 404 and missing.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
 
 
+def test_chat_routes_stream_when_asked_like_a_serving_endpoint(tmp_path):
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"model-a": chat_reply}) as emu:
+        headers = {"Authorization": f"Bearer {localws.emulator.TOKEN}"}
+        body = {"messages": [{"role": "user", "content": "hi there, model"}], "stream": True}
+        with requests.post(emu.url + "/serving-endpoints/model-a/invocations", headers=headers, json=body,
+                           stream=True, timeout=5) as answer:
+            assert answer.headers["Content-Type"] == "text/event-stream"
+            assert answer.headers["Transfer-Encoding"] == "chunked"
+            events = [line.removeprefix("data: ") for line in answer.iter_lines(decode_unicode=True) if line]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(event) for event in events[:-1]]
+        assert {(c["object"], c["id"]) for c in chunks} == {("chat.completion.chunk", "chatcmpl-1")}
+        deltas = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+        assert deltas[0] == "" and len(deltas) > 3 and "".join(filter(None, deltas)) == "echo hi there, model"
+        assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["total_tokens"] == 2
+
+
 def test_injected_faults_come_before_the_route(emu, w):
     job_id = emu.add_job(fake_job())
     run_id = w.jobs.run_now(job_id).run_id
