@@ -3,7 +3,10 @@
 `databricks_chat(endpoint)` talks to a Databricks serving endpoint (`{host}/serving-endpoints/{name}/invocations`,
 auth headers from the SDK's `Config.authenticate()` on every request, so every auth method and token refresh
 works); `openai_chat(base_url, model)` talks to any OpenAI-compatible server (vLLM, Ollama, a proxy).
-`ChatClient.complete()` returns the assistant message normalised, ready to append to the message list.
+`ChatClient.complete()` returns the assistant message normalised, ready to append to the message list. It asks the
+server to stream (`"stream": true`, server-sent events of `chat.completion.chunk`s, as Databricks serving endpoints,
+vLLM and Ollama send them): text deltas go to `on_text` as they arrive, tool calls are assembled from their deltas
+by index. A server that answers one JSON completion instead (it ignores `stream`, or a proxy buffers) works too.
 
 `run_tools()` is the bounded tool loop. What the model can fix (unknown tool, bad arguments, a tool that
 raises) goes back to it as an "Error: ..." tool message; what it can't (LLMError, the caller's `fatal` types)
@@ -42,7 +45,14 @@ class LLMHTTPError(LLMError):
 
 
 class LLMResponseError(LLMError):
-    """The endpoint answered 2xx with a body that is not a chat completion."""
+    """The endpoint answered 2xx with a body that is not a chat completion, or a stream that stopped mid-way."""
+
+
+@dataclass
+class Completion:
+    message: dict  # {"role": "assistant", "content": str | None, "tool_calls": [...] (only if any)}
+    finish_reason: str | None = None  # "stop", "tool_calls", "length" (cut at max_tokens)...
+    usage: dict | None = None  # prompt_tokens, completion_tokens, total_tokens, if the server counted them
 
 
 @dataclass
@@ -54,6 +64,7 @@ class ChatClient:
     retry_seconds: float = 60.0  # no retry starts later than this after the first try (+ one timeout in total)
     backoff: float = 1.0  # first wait before a retry without Retry-After; doubles each time
     max_backoff: float = 20.0
+    stream: bool = True  # ask for server-sent events; False for a server that refuses "stream": true
     session: requests.Session = field(default_factory=requests.Session, repr=False)
 
     def __post_init__(self):
@@ -62,18 +73,49 @@ class ChatClient:
         self.where = parts._replace(netloc=f"***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
                                     ).geturl() if parts.password else self.url
 
-    def complete(self, messages, *, tools=None, tool_choice=None, max_tokens=None, temperature=None) -> dict:
-        """One chat completion: {"role": "assistant", "content": str | None, "tool_calls": [...] (only if any)}."""
+    def complete(self, messages, *, tools=None, tool_choice=None, max_tokens=None, temperature=None,
+                 on_text=None) -> dict:
+        """One chat completion: {"role": "assistant", "content": str | None, "tool_calls": [...] (only if any)}.
+        `on_text(delta)` gets the text as it arrives (all of it at once from a server that does not stream)."""
+        return self.completion(messages, tools=tools, tool_choice=tool_choice, max_tokens=max_tokens,
+                               temperature=temperature, on_text=on_text).message
+
+    def completion(self, messages, *, tools=None, tool_choice=None, max_tokens=None, temperature=None,
+                   on_text=None) -> Completion:
+        """complete(), with the finish reason and the token usage."""
         body = {"model": self.model, "messages": messages, "tools": tools, "tool_choice": tool_choice,
-                "max_tokens": max_tokens, "temperature": temperature}
+                "max_tokens": max_tokens, "temperature": temperature, "stream": self.stream or None}
         body = {key: value for key, value in body.items() if value is not None}
         log.debug("POST %s %s", self.where, json.dumps(body, default=str))
         started = time.monotonic()
-        response = self._post(body)
-        message = _parse_completion(response, self.where)
-        log.info("chat completion from %s in %.1f s (%d tool calls)", self.where, time.monotonic() - started,
-                 len(message.get("tool_calls", [])))
-        return message
+        with self._post(body) as response:
+            reply = self._read(response, on_text or (lambda delta: None))
+        if reply.finish_reason == "length":
+            log.warning("the reply from %s was cut at max_tokens", self.where)
+        log.info("chat completion from %s in %.1f s (%d tool calls, finish %s, usage %s)", self.where,
+                 time.monotonic() - started, len(reply.message.get("tool_calls", [])), reply.finish_reason,
+                 reply.usage)
+        return reply
+
+    def _read(self, response, on_text) -> Completion:
+        """Read the answer as it arrives: server-sent events of chunks, or one JSON completion. Once its first byte
+        has been read the request is not retried: part of the answer may have been used."""
+        stream = _Stream(self.where, on_text) if "event-stream" in response.headers.get("Content-Type", "") else None
+        whole = bytearray()
+        try:
+            for data in response.iter_content(chunk_size=None):  # each piece as it comes off the connection
+                if stream is None:
+                    whole += data
+                else:
+                    stream.feed(data)
+        except requests.RequestException as e:
+            raise LLMResponseError(f"the answer from {self.where} stopped mid-way: {type(e).__name__}: {e}") from e
+        if stream is not None:
+            return stream.end()
+        reply = _parse_completion(bytes(whole), self.where)
+        if reply.message["content"]:
+            on_text(reply.message["content"])
+        return reply
 
     def _post(self, body) -> requests.Response:
         """POST with retries on 429/502/503/504 and connection errors, honouring Retry-After, within the budget."""
@@ -85,7 +127,8 @@ class ChatClient:
                 raise LLMError(f"could not get auth headers for {self.where}: {e}") from e
             status = error = wait = None
             try:
-                response = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout)
+                response = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout,
+                                             stream=True)
             except (requests.ConnectionError, requests.Timeout) as e:
                 error, problem = e, f"{type(e).__name__}: {e}"
             except requests.RequestException as e:
@@ -161,38 +204,124 @@ def _error_message(response) -> str:
         body = response.json()
     except ValueError:
         body = None
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        message = body.get("message") or error or body.get("detail")
-        if message:
-            return f"{body['error_code']}: {message}" if body.get("error_code") else str(message)
+    if isinstance(body, dict) and (message := _error_text(body)):
+        return message
     return response.text.strip()[:500] or response.reason or "(empty body)"
 
 
-def _parse_completion(response, url) -> dict:
+def _error_text(body: dict) -> str:
+    error = body.get("error")
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    message = body.get("message") or error or body.get("detail")
+    if message:
+        return f"{body['error_code']}: {message}" if body.get("error_code") else str(message)
+    return ""
+
+
+def _parse_completion(body: bytes, url) -> Completion:
+    """A whole chat.completion, from a server that did not stream."""
+    text = body.decode("utf-8", errors="replace")
     try:
-        data = response.json()
+        data = json.loads(text)
     except ValueError:
-        raise LLMResponseError(f"{url} answered with a body that is not JSON: {response.text[:200]!r}") from None
-    log.debug("reply from %s: %s", url, json.dumps(data))
+        raise LLMResponseError(f"{url} answered with a body that is not JSON: {text[:200]!r}") from None
+    log.debug("reply from %s: %s", url, text)
     try:
         choice = data["choices"][0]
         message = choice["message"]
     except (KeyError, IndexError, TypeError):
         message = None
     if not isinstance(message, dict):
-        raise LLMResponseError(f"{url} answered without choices[0].message: {response.text[:200]!r}")
-    if choice.get("finish_reason") == "length":
-        log.warning("the reply from %s was cut at max_tokens", url)
+        raise LLMResponseError(f"{url} answered without choices[0].message: {text[:200]!r}")
     out = {"role": "assistant", "content": _content(message.get("content"), url)}
     calls = message.get("tool_calls") or []
     if not isinstance(calls, list):
         raise LLMResponseError(f"{url} answered with tool_calls that is not a list: {calls!r}")
     if calls:
         out["tool_calls"] = [_tool_call(call, url) for call in calls]
-    return out
+    usage = data.get("usage")
+    return Completion(out, choice.get("finish_reason"), usage if isinstance(usage, dict) else None)
+
+
+class _Stream:
+    """A chat completion assembled from server-sent `chat.completion.chunk`s as they arrive: `feed()` the bytes,
+    then `end()`. Text deltas go to `on_text` at once; tool calls are assembled by their index."""
+
+    def __init__(self, url, on_text):
+        self.url, self.on_text = url, on_text
+        self.buffer, self.data = b"", []  # a line not ended yet; the data lines of the event not ended yet
+        self.text, self.calls, self.finish_reason, self.usage, self.done = [], {}, None, None, False
+
+    def feed(self, data: bytes):
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if not line and self.data:  # a blank line ends an event
+                self._event("\n".join(self.data))
+                self.data = []
+            elif line.startswith(b"data:"):  # comments (":"), event:, id: and retry: carry nothing we use
+                self.data.append(line[5:].removeprefix(b" ").decode("utf-8", errors="replace"))
+
+    def end(self) -> Completion:
+        self.feed(b"\n\n")  # a last event without its blank line
+        if not (self.done or self.finish_reason):
+            raise LLMResponseError(f"the answer from {self.url} stopped mid-way: the stream ended without "
+                                   f"[DONE] or a finish reason")
+        message = {"role": "assistant", "content": "".join(self.text) if self.text else None}
+        calls = [self.calls[index] for index in sorted(self.calls)]
+        for call in calls:
+            arguments = call["function"]["arguments"]
+            if arguments.startswith("{}") and len(arguments) > 2:  # some servers send "{}" first, then the rest
+                call["function"]["arguments"] = arguments[2:]
+        if calls:
+            message["tool_calls"] = [_tool_call(call, self.url) for call in calls]
+        return Completion(message, self.finish_reason, self.usage)
+
+    def _event(self, data: str):
+        log.debug("chunk from %s: %s", self.url, data)
+        if self.done or data.strip() == "[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise LLMResponseError(f"{self.url} streamed a chunk that is not JSON: {data[:200]!r}") from None
+        if not isinstance(chunk, dict):
+            raise LLMResponseError(f"{self.url} streamed a chunk that is not an object: {data[:200]!r}")
+        if chunk.get("error") or chunk.get("error_code"):  # an error the server met after it began to answer
+            raise LLMResponseError(f"the answer from {self.url} stopped mid-way with an error: "
+                                   f"{_error_text(chunk)}")
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            text = _content(delta.get("content"), self.url)
+            if text:
+                self.text.append(text)
+                self.on_text(text)
+            for call in delta.get("tool_calls") or []:
+                self._call(call)
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def _call(self, delta):
+        """One tool-call delta: the first of a call has its id and name, the others more of its arguments."""
+        if not isinstance(delta, dict):
+            raise LLMResponseError(f"{self.url} streamed a malformed tool call: {delta!r}")
+        index = delta.get("index")
+        if not isinstance(index, int):  # servers that leave it out send a call whole, or continue the last one
+            index = len(self.calls) if delta.get("id") or not self.calls else max(self.calls)
+        call = self.calls.setdefault(index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        function = delta.get("function") or {}
+        arguments = function.get("arguments") or ""
+        if not isinstance(arguments, str):
+            raise LLMResponseError(f"{self.url} streamed tool call arguments that are not a string: {delta!r}")
+        call["id"] = delta.get("id") or call["id"]
+        call["function"]["name"] = function.get("name") or call["function"]["name"]
+        call["function"]["arguments"] += arguments
 
 
 def _content(content, url) -> str | None:
@@ -260,10 +389,12 @@ class LimitReached(Exception):
         self.messages, self.max_calls = messages, max_calls
 
 
-def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, fatal=(), **complete_kw) -> str:
+def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, on_text=None, fatal=(),
+              **complete_kw) -> str:
     """Run the tool loop on `messages` (appended in place, never rewritten) and return the model's text answer.
 
-    1. call the model with the tools (at most `max_calls` times, then raise LimitReached)
+    1. call the model with the tools (at most `max_calls` times, then raise LimitReached); on_text(delta) gets
+       its text as it arrives
     2. append its message; on_message(message, {"duration_s"})
     3. no tool calls? return its text
     4. run each tool call; a model-caused failure becomes the result "Error: ..."
@@ -275,6 +406,8 @@ def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, fa
     by_name = {tool.name: tool for tool in tools}
     schemas = [tool.schema() for tool in by_name.values()] or None
     hook = on_message or (lambda message, info: None)
+    if on_text is not None:
+        complete_kw["on_text"] = on_text
     for _ in range(max_calls):
         started = time.monotonic()
         reply = client.complete(messages, tools=schemas, **complete_kw)

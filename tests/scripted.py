@@ -5,7 +5,10 @@
     ...
     model.requests[0].body["messages"]                  # what the client sent
 
-Every POST whose path ends in /chat/completions or /invocations takes the next response. A call with
+Every POST whose path ends in /chat/completions or /invocations takes the next response. A request with
+`"stream": true` gets a completion as server-sent chunks (localws.emulator.completion_chunks), as a real server
+sends it, unless `model.ignores_stream` is set (then one JSON completion, as from a server or proxy that does not
+stream); `stream()` scripts the chunks themselves, their timing, and a stream that breaks off. A call with
 nothing left in the queue is answered 500 with a clear message and remembered; `check()` (run by the
 `scripted_model` fixture after the test) fails on it, and on responses never asked for.
 `GET /.well-known/databricks-config`, which the SDK's `Config()` makes, is answered 404 without using the queue.
@@ -17,6 +20,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from localws.emulator import completion_chunks, sse
+
+GATE_WAIT = 3  # seconds a gated stream waits for its gate; then it goes on, and check() fails
 
 
 @dataclass
@@ -33,6 +40,10 @@ class Response:
     body: object = None  # dict -> JSON, str -> sent as is, callable(Request) -> message dict or text
     headers: dict = field(default_factory=dict)
     delay: float = 0.0  # seconds to wait before answering
+    chunks: list | None = None  # stream(): the events to send, chunk dicts or raw data strings
+    interval: float = 0.0  # stream(): seconds between chunks
+    end: str = "done"  # stream(): "done" ([DONE]), "cut" (the connection drops), "quiet" (the body just ends)
+    gate: threading.Event | None = None  # stream(): after the first chunk, wait until it is set (see GATE_WAIT)
 
 
 class ScriptedModel:
@@ -44,6 +55,7 @@ class ScriptedModel:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._server = None
+        self.ignores_stream = False  # True: one JSON completion even when a request asks to stream
 
     # Scripting: each method queues one response (fault: `times` of them) and returns self, to chain.
 
@@ -83,6 +95,25 @@ class ScriptedModel:
     def malformed(self, body="<html>Bad gateway</html>"):
         """A 200 whose body is not a chat completion: a str is sent as is, a dict/list as JSON."""
         return self._push(f"malformed({body!r})", body)
+
+    def stream(self, *deltas, finish_reason="stop", usage=None, ttft=0.0, interval=0.0, end="done", gate=None):
+        """A streamed answer, whatever the request asked: each delta a dict (`{"content": "Hel"}`, `{"tool_calls":
+        [{"index": 0, ...}]}`) sent as one chunk, or a str sent as the data as is; then a chunk with `finish_reason`
+        (None: none) and one with `usage`. The first chunk after `ttft` seconds, then one every `interval`. `end`:
+        "done" sends [DONE]; "cut" drops the connection before the body ends; "quiet" ends the body without the
+        finish reason and [DONE]. `gate`: after the first chunk, wait until the test sets it, which shows that the
+        client got that chunk before the rest was sent (check() fails if it was not set within GATE_WAIT)."""
+        head = {"id": f"chatcmpl-{next(self._ids)}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": "scripted"}
+        chunks = [d if isinstance(d, str) else {**head, "choices": [{"index": 0, "delta": d, "finish_reason": None}]}
+                  for d in deltas]
+        if end != "quiet" and finish_reason:
+            chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason}]})
+        if end != "quiet" and usage:
+            chunks.append({**head, "choices": [], "usage": usage})
+        self.queue.append(Response(f"stream({len(deltas)} deltas, {end})", delay=ttft, chunks=chunks,
+                                   interval=interval, end=end, gate=gate))
+        return self
 
     def respond(self, fn):
         """A reply computed from the request: fn(Request) -> the assistant message dict, or its text."""
@@ -148,6 +179,8 @@ class ScriptedModel:
 
 class _Handler(BaseHTTPRequestHandler):
     model: ScriptedModel
+    protocol_version = "HTTP/1.1"  # chunked bodies: a stream's chunks reach the client as they are sent
+    disable_nagle_algorithm = True  # as real servers do: a small chunk goes out at once, not after the last's ACK
 
     def do_GET(self):
         self._send(Response("get", 404, {"error_code": "NOT_FOUND", "message": f"no GET {self.path} here"}))
@@ -161,6 +194,7 @@ class _Handler(BaseHTTPRequestHandler):
         request = Request(self.path, dict(self.headers), body)
         response = self.model._next(request)
         if response.delay and self.model._stopped.wait(response.delay):
+            self.close_connection = True
             return
         if callable(response.body):
             try:
@@ -172,7 +206,36 @@ class _Handler(BaseHTTPRequestHandler):
                 message = {"role": "assistant", "content": message} if isinstance(message, str) else message
                 finish = "tool_calls" if message.get("tool_calls") else "stop"
                 response = Response(response.describe, body=self.model._completion(message, finish))
-        self._send(response)
+        wants_stream = (request.body or {}).get("stream") is True and not self.model.ignores_stream
+        if response.chunks is None and wants_stream and response.status == 200 and _is_completion(response.body):
+            response = Response(response.describe, chunks=completion_chunks(response.body))
+        if response.chunks is not None:
+            self._send_stream(response)
+        else:
+            self._send(response)
+
+    def _send_stream(self, response: Response):
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            events = [*map(sse, response.chunks), *([sse("[DONE]")] if response.end == "done" else [])]
+            for i, event in enumerate(events):
+                if i and response.interval and self.model._stopped.wait(response.interval):
+                    break
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+                self.wfile.flush()
+                if i == 0 and response.gate is not None and not response.gate.wait(GATE_WAIT):
+                    with self.model._lock:
+                        self.model.failures.append(f"{response.describe}: the gate was not set within {GATE_WAIT} s "
+                                                   f"of the first chunk: the client did not use it as it came")
+            if response.end == "cut":
+                self.close_connection = True  # the body never ends: the client sees the connection drop
+            else:
+                self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up first
+            self.close_connection = True
 
     def _send(self, response: Response):
         body = response.body if isinstance(response.body, str) else json.dumps(response.body)
@@ -190,3 +253,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):  # keep pytest output clean
         pass
+
+
+def _is_completion(body) -> bool:
+    return isinstance(body, dict) and body.get("object") == "chat.completion"

@@ -773,6 +773,24 @@ def test_chat_routes_stream_when_asked_like_a_serving_endpoint(tmp_path):
         assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["total_tokens"] == 2
 
 
+def test_the_chat_client_reads_the_emulated_stream_as_the_whole_answer(tmp_path):
+    import llm
+    import localws.stand_in
+
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"stand-in": localws.stand_in.stand_in_reply}
+                          ) as emu:
+        config = Config(host=emu.url, token=localws.emulator.TOKEN, auth_type="pat")
+        streamed, whole = llm.databricks_chat("stand-in", config), llm.databricks_chat("stand-in", config, stream=False)
+        tools = [{"type": "function", "function": {"name": "start_databricks_job", "parameters": {}}}]
+        for question in ("hello", "What was the revenue in 2025?"):  # a text answer, then a tool call
+            messages = [{"role": "system", "content": "You are the assistant."}, {"role": "user", "content": question}]
+            texts = []
+            reply = streamed.complete(messages, tools=tools, on_text=texts.append)
+            assert reply == whole.complete(messages, tools=tools) and "".join(texts) == (reply["content"] or "")
+            assert len(texts) > 1 or "tool_calls" in reply
+        assert len(emu.calls("POST", "/serving-endpoints/stand-in")) == 4
+
+
 def test_injected_faults_come_before_the_route(emu, w):
     job_id = emu.add_job(fake_job())
     run_id = w.jobs.run_now(job_id).run_id

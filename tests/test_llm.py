@@ -1,8 +1,10 @@
 """llm.py over real HTTP against the scripted model: the client's wire format, retries and errors, and the tool loop."""
+import json
 import logging
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,14 +45,14 @@ def test_text_reply_and_request_body(scripted_model):
     assert request.path == "/v1/chat/completions"
     assert request.headers["Authorization"] == "Bearer sk-test"
     assert request.body == {"model": "test-model", "messages": USER, "tools": tools, "tool_choice": "auto",
-                            "max_tokens": 100, "temperature": 0}
+                            "max_tokens": 100, "temperature": 0, "stream": True}
 
 
 def test_only_given_fields_are_sent(scripted_model, client):
     scripted_model.reply(None)
     assert client.complete(USER) == {"role": "assistant", "content": None}
     [request] = scripted_model.requests
-    assert request.body == {"model": "test-model", "messages": USER}
+    assert request.body == {"model": "test-model", "messages": USER, "stream": True}
     assert "Authorization" not in request.headers
 
 
@@ -119,6 +121,91 @@ def test_auth_failure_is_an_llm_error(scripted_model):
 def test_importing_llm_does_not_import_the_sdk():
     code = "import sys, llm; assert 'databricks.sdk' not in sys.modules, 'llm imported databricks.sdk'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, timeout=60)
+
+
+# The client: streaming
+
+def test_text_deltas_reach_on_text_in_order_as_they_are_sent(scripted_model, client):
+    first_seen = threading.Event()  # the server sends the rest only once the first delta has reached us
+    scripted_model.stream({"role": "assistant", "content": "Hel"}, {"content": "lo, "},
+                          {"content": "world."}, usage={"prompt_tokens": 9, "completion_tokens": 3}, gate=first_seen)
+    seen = []
+
+    def on_text(delta):
+        seen.append((delta, first_seen.is_set()))
+        first_seen.set()
+
+    reply = client.completion(USER, on_text=on_text)
+    assert seen == [("Hel", False), ("lo, ", True), ("world.", True)]  # "Hel" came before the server went on
+    assert reply.message == {"role": "assistant", "content": "Hello, world."}
+    assert (reply.finish_reason, reply.usage) == ("stop", {"prompt_tokens": 9, "completion_tokens": 3})
+    assert scripted_model.requests[0].body["stream"] is True
+
+
+def test_tool_calls_are_assembled_from_their_deltas_by_index(scripted_model, client):
+    def call(index, **fields):
+        return {"tool_calls": [{"index": index, **fields}]}
+
+    scripted_model.stream(
+        {"content": "Let me add "}, {"content": "that up."},
+        call(0, id="call_a", type="function", function={"name": "add", "arguments": ""}),
+        call(0, function={"arguments": '{"a": 1,'}),
+        call(1, id="call_b", type="function", function={"name": "lookup", "arguments": '{"q"'}),
+        call(0, function={"arguments": ' "b": 2}'}), call(1, function={"arguments": ': "x"}'}),
+        finish_reason="tool_calls")
+    deltas = []
+    reply = client.completion(USER, tools=[ADD.schema()], on_text=deltas.append)
+    assert deltas == ["Let me add ", "that up."] and reply.finish_reason == "tool_calls"
+    assert reply.message == {"role": "assistant", "content": "Let me add that up.", "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
+        {"id": "call_b", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}]}
+
+
+def test_tool_calls_without_an_index_or_with_a_leading_empty_object(scripted_model, client):
+    scripted_model.stream(  # each call whole and without "index"; "{}" first, then the arguments
+        {"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}]},
+        {"tool_calls": [{"id": "c2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+        {"tool_calls": [{"function": {"arguments": '{"tz": "UTC"}'}}]}, finish_reason="tool_calls")
+    calls = client.complete(USER)["tool_calls"]
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("c1", "add", '{"a": 1}'), ("c2", "now", '{"tz": "UTC"}')]
+
+
+@pytest.mark.parametrize("end", ["cut", "quiet"])
+def test_a_stream_that_stops_mid_way_is_an_error_and_not_retried(scripted_model, client, end):
+    scripted_model.stream({"content": "The answer "}, {"content": "is"}, end=end)
+    deltas = []
+    with pytest.raises(LLMResponseError, match=f"the answer from {scripted_model.base_url}/chat/completions "
+                                               f"stopped mid-way") as caught:
+        client.complete(USER, on_text=deltas.append)
+    assert deltas == ["The answer ", "is"]  # used already: a retry would send them twice
+    assert len(scripted_model.requests) == 1
+    assert ("ChunkedEncodingError" if end == "cut" else "without [DONE] or a finish reason") in str(caught.value)
+
+
+def test_an_error_chunk_in_the_stream_is_an_error_with_its_message(scripted_model, client):
+    scripted_model.stream({"content": "Hi"}, json.dumps({"error": {"message": "model overloaded", "code": 503}}))
+    with pytest.raises(LLMResponseError, match="stopped mid-way with an error: model overloaded"):
+        client.complete(USER)
+
+
+def test_a_server_that_ignores_stream_answers_whole(scripted_model, client):
+    scripted_model.ignores_stream = True
+    scripted_model.reply("all at once").call_tool("add", {"a": 1, "b": 2}, id="c1", content="Adding.")
+    deltas = []
+    reply = client.completion(USER, on_text=deltas.append)
+    assert reply.message == {"role": "assistant", "content": "all at once"} and deltas == ["all at once"]
+    assert (reply.finish_reason, reply.usage["total_tokens"]) == ("stop", 2)
+    message = client.complete(USER, on_text=deltas.append)
+    assert message["tool_calls"][0]["function"]["arguments"] == '{"a": 1, "b": 2}' and deltas[-1] == "Adding."
+    assert all(request.body["stream"] is True for request in scripted_model.requests)
+
+
+def test_stream_false_asks_for_one_json_completion(scripted_model):
+    scripted_model.reply("whole")
+    client = openai_chat(scripted_model.base_url, "m", stream=False)
+    assert client.complete(USER) == {"role": "assistant", "content": "whole"}
+    assert "stream" not in scripted_model.requests[0].body
 
 
 # The client: retries and errors
