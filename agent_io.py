@@ -5,8 +5,11 @@ share them; nothing here needs mlflow.
 Request: `{"input": [items], "custom_inputs": {"thread_id", "request_id"}, "context": {"conversation_id",
 "user_id"}}`, items `{"role", "content": str | [text parts]}` (or typed `message`, `function_call`,
 `function_call_output`). Output items and events are shaped like mlflow.types.responses' `create_*_item`
-helpers; a bad request raises `BadRequest` naming the first problem.
+helpers; a bad request raises `BadRequest` naming the first problem. A stream is text deltas (`text_delta`), each
+under the id of the message item that then arrives in its `response.output_item.done` event (`item_done`), and,
+if the turn fails part-way, an `error` event (`error_event`).
 """
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -15,6 +18,7 @@ import lakebase
 MAX_CONTENT_CHARS = 32_000  # per input message; longer ones are refused (BadRequest)
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
+URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I)
 
 
 class BadRequest(ValueError):
@@ -101,22 +105,35 @@ def _message(where, item) -> dict | None:
     return {"role": role, "content": content}
 
 
-def output_items(message: dict, final=False) -> list[dict]:
-    """A chat message as output items, shaped like mlflow.types.responses' create_*_item helpers."""
+def message_id() -> str:
+    return f"msg_{uuid.uuid4().hex}"
+
+
+def output_items(message: dict, final=False, item_id=None) -> list[dict]:
+    """A chat message as output items, shaped like mlflow.types.responses' create_*_item helpers; `item_id`: the id
+    its text was streamed under."""
     if message["role"] == "tool":
         return [{"type": "function_call_output", "call_id": message["tool_call_id"], "output": message["content"]}]
     items = []
     if final or message.get("content"):
-        items.append({"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant",
+        items.append({"type": "message", "id": item_id or message_id(), "role": "assistant",
                       "content": [{"type": "output_text", "text": message.get("content") or "", "annotations": []}]})
     return items + [{"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
                      "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
                     for call in message.get("tool_calls", [])]
 
 
-def stream_events(item: dict, custom=None) -> list[dict]:
-    """Stream events for one item: a text delta first for a message; custom_outputs on the last event."""
-    events = [{"type": "response.output_text.delta", "item_id": item["id"], "delta": item["content"][0]["text"]}
-              ] if item["type"] == "message" else []
+def text_delta(item_id: str, delta: str) -> dict:
+    return {"type": "response.output_text.delta", "item_id": item_id, "delta": delta}
+
+
+def item_done(item: dict, custom=None) -> dict:
+    """The event that delivers an output item; the last one of a stream carries custom_outputs."""
     done = {"type": "response.output_item.done", "item": item}
-    return events + [{**done, "custom_outputs": custom} if custom is not None else done]
+    return {**done, "custom_outputs": custom} if custom is not None else done
+
+
+def error_event(message: str, code: str) -> dict:
+    """The Responses API's `error` event, which ends a stream that failed part-way. An address in the message (a
+    model endpoint's URL) is left out: it is for the logs, not for the person reading the chat."""
+    return {"type": "error", "code": code, "message": URL.sub("(address withheld)", message)}

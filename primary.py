@@ -27,7 +27,16 @@ import psycopg_pool
 import lakebase
 import llm
 import runs
-from agent_io import BadRequest, TurnRequest, output_items, parse_request, stream_events
+from agent_io import (
+    BadRequest,
+    TurnRequest,
+    error_event,
+    item_done,
+    message_id,
+    output_items,
+    parse_request,
+    text_delta,
+)
 
 log = logging.getLogger("primary")
 
@@ -119,30 +128,36 @@ class PrimaryAgent:
     def predict(self, request: dict) -> dict:
         """One turn: {"output": [items], "custom_outputs": {"thread_id", "turn", "run_ids"}}."""
         output = []
-        final, custom = self._turn(request, output.append)
+        final, custom = self._turn(request, lambda event: output.append(event["item"]) if "item" in event else None)
         return {"output": [*output, final], "custom_outputs": custom}
 
     def predict_stream(self, request: dict) -> Iterator[dict]:
-        """One turn as ResponsesAgent stream events, as they happen; the last one carries custom_outputs."""
+        """One turn as ResponsesAgent stream events, as they happen: the model's text as it arrives, each tool call
+        and result; the last event carries custom_outputs. A failure before the first event is raised; a failure
+        after it ends the stream with an `error` event saying what to check (nothing of the turn is stored)."""
         events = queue.Queue()
 
         def work():
             try:
-                final, custom = self._turn(request, lambda item: [events.put(e) for e in stream_events(item)])
-                for event in stream_events(final, custom):
-                    events.put(event)
-            except BaseException as e:  # handed to the consumer, which raises it
+                final, custom = self._turn(request, events.put)
+                events.put(item_done(final, custom))
+            except BaseException as e:  # handed to the consumer
                 events.put(e)
             events.put(None)
 
         threading.Thread(target=work, name="primary-turn", daemon=True).start()
+        sent = False
         while (event := events.get()) is not None:
             if isinstance(event, BaseException):
-                raise event
+                if not sent:
+                    raise event
+                event = _error_event(event)
+            sent = True
             yield event
 
     def _turn(self, request, emit) -> tuple[dict, dict]:
-        """Check the request, open the turn, run its loop (emit(item) for each tool call and result), store it."""
+        """Check the request, open the turn, run its loop (emit(event) as it streams), store it: (the final
+        message's item, custom_outputs)."""
         request = parse_request(request)
         with _failures_explained():
             with self.db.connection() as conn:
@@ -156,7 +171,7 @@ class PrimaryAgent:
             with self.db.connection() as conn:
                 turn.number = lakebase.append_turn(conn, request.thread_id, turn.new_messages(),
                                                    owner=request.user_id)
-        return output_items(final, final=True)[0], turn.custom_outputs()
+        return final, turn.custom_outputs()
 
     def own_run(self, thread_id: str, run_id) -> str:
         """The run id as text, if this thread started that run; else a ToolError."""
@@ -170,6 +185,17 @@ class PrimaryAgent:
             ours = [run["run_id"] for run in lakebase.list_runs(conn, thread_id)]
         raise llm.ToolError(f"run {text} was not started in this conversation, so it can't be read or cancelled "
                             f"here. Runs started in this conversation: {', '.join(ours) or 'none'}")
+
+
+def _error_event(e: BaseException) -> dict:
+    """The event that ends a stream whose turn failed after its first event: the client shows it under the part of
+    the answer it already has."""
+    if isinstance(e, TurnFailed):
+        log.warning("a streamed turn failed: %s", e)
+        return error_event(str(e), "TEMPORARILY_UNAVAILABLE")
+    log.error("a streamed turn failed", exc_info=e)
+    return error_event(f"the agent failed ({type(e).__name__}) and nothing of this turn was stored. Send the "
+                       f"message again; if it fails again, the agent's logs say why", "INTERNAL_ERROR")
 
 
 @contextlib.contextmanager
@@ -201,21 +227,35 @@ class Turn:
         self.first = len(self.messages) - 1  # where this turn's own messages start
 
     def run(self, emit) -> dict:
-        """The bounded tool loop; a job start or the bound ends it with our own final message."""
+        """The bounded tool loop, streamed: emit(event) gets the model's text as it arrives and each tool call and
+        result. A job start or the bound ends it with our own final message. Returns the final message's item, under
+        the id its text was streamed with."""
+        text_id = None  # the message item the text of the current model call streams into
+
+        def on_text(delta):
+            nonlocal text_id
+            text_id = text_id or message_id()
+            emit(text_delta(text_id, delta))
+
         def on_message(message, info):
+            nonlocal text_id
             if message["role"] == "tool" or message.get("tool_calls"):
-                for item in output_items(message):
-                    emit(item)
+                for item in output_items(message, item_id=text_id):
+                    emit(item_done(item))
+                text_id = None
 
         try:
             llm.run_tools(self.agent.chat, self.messages, self.tools(), max_calls=self.agent.max_calls,
-                          on_message=on_message, fatal=(psycopg.Error, lakebase.LakebaseError, PermissionError))
+                          on_message=on_message, on_text=on_text,
+                          fatal=(psycopg.Error, lakebase.LakebaseError, PermissionError))
         except llm.EndTurn:
             self.messages.append({"role": "assistant", "content": _started_reply(self.started)})
+            on_text(self.messages[-1]["content"])
         except llm.LimitReached:
             self.messages.append({"role": "assistant", "content": f"I could not finish this within "
                                   f"{self.agent.max_calls} steps. Please ask again, perhaps more narrowly."})
-        return self.messages[-1]
+            on_text(self.messages[-1]["content"])
+        return output_items(self.messages[-1], final=True, item_id=text_id)[0]
 
     def new_messages(self) -> list[dict]:
         """What the turn stores: the seeded history of a new thread, the user's message and all that followed."""

@@ -467,21 +467,74 @@ def test_concurrent_requests_lose_nothing(agent, scripted_model, db):
 
 # ------------------------------------------------------------------ streaming
 
-def test_stream_yields_items_as_they_happen_and_custom_outputs(agent, scripted_model, db):
+def test_stream_forwards_each_text_delta_as_the_model_sends_it(agent, scripted_model, db):
+    first_out = threading.Event()  # the model sends the rest only once its first delta came out of predict_stream
+    scripted_model.stream({"role": "assistant", "content": "Hello"}, {"content": ", I am"}, {"content": " here."},
+                          gate=first_out)
+    events = []
+    for event in agent.predict_stream(ask("hi", "t-live")):
+        events.append(event)
+        first_out.set()
+    *deltas, final = events
+    assert [e["delta"] for e in deltas] == ["Hello", ", I am", " here."]
+    assert {e["item_id"] for e in deltas} == {final["item"]["id"]} and final["item"]["id"].startswith("msg_")
+    assert final == {"type": "response.output_item.done", "item": {
+        "type": "message", "id": final["item"]["id"], "role": "assistant",
+        "content": [{"type": "output_text", "text": "Hello, I am here.", "annotations": []}]},
+        "custom_outputs": {"thread_id": "t-live", "turn": 1, "run_ids": []}}
+    assert [m["content"] for m in stored(db, "t-live")] == ["hi", "Hello, I am here."]  # once, at the end
+    scripted_model.ignores_stream = True  # a model (or a proxy) that answers whole: one delta, as the answer came
+    scripted_model.reply("All at once.")
+    delta, final = agent.predict_stream(ask("and again?", "t-live"))
+    assert delta == {"type": "response.output_text.delta", "item_id": final["item"]["id"], "delta": "All at once."}
+
+
+def test_stream_carries_tool_calls_and_results_as_they_happen(agent, scripted_model, db):
     _, run_id = start(agent, scripted_model, "revenue", thread="t-stream")
-    scripted_model.call_tool("poll_databricks_job", {"run_id": run_id}).slow(1.0, "Here it is.")
-    seen = [(time.monotonic(), event) for event in agent.predict_stream(ask("done?", "t-stream"))]
-    events = [event for _, event in seen]
-    assert [e["type"] for e in events] == ["response.output_item.done"] * 2 + [
-        "response.output_text.delta", "response.output_item.done"]
-    call, output, delta, final = events
-    assert call["item"]["type"] == "function_call" and output["item"]["type"] == "function_call_output"
-    assert seen[-1][0] - seen[0][0] > 0.8  # the tool call came out before the slow answer
-    assert delta == {"type": "response.output_text.delta", "item_id": final["item"]["id"], "delta": "Here it is."}
-    assert final["item"]["content"][0]["text"] == "Here it is."
+    poll = {"tool_calls": [{"index": 0, "id": "call_p", "type": "function", "function": {
+        "name": "poll_databricks_job", "arguments": json.dumps({"run_id": run_id})}}]}
+    scripted_model.stream({"content": "Let me "}, {"content": "check."}, poll, finish_reason="tool_calls")
+    scripted_model.reply("It is still running.")
+    events = list(agent.predict_stream(ask("done?", "t-stream")))
+    assert [(e["type"].removeprefix("response."), e.get("item", {}).get("type")) for e in events] == [
+        ("output_text.delta", None), ("output_text.delta", None), ("output_item.done", "message"),
+        ("output_item.done", "function_call"), ("output_item.done", "function_call_output"),
+        *[("output_text.delta", None)] * 3, ("output_item.done", "message")]  # "It is s", "till run", "ning."
+    said, more, said_done, call, result, *answer, final = events
+    assert said["item_id"] == more["item_id"] == said_done["item"]["id"]
+    assert said_done["item"]["content"][0]["text"] == "Let me check."
+    assert call["item"]["call_id"] == result["item"]["call_id"] == "call_p"
+    assert json.loads(result["item"]["output"])["run_id"] == run_id
+    assert {e["item_id"] for e in answer} == {final["item"]["id"]} != {said["item_id"]}
+    assert "".join(e["delta"] for e in answer) == final["item"]["content"][0]["text"] == "It is still running."
     assert final["custom_outputs"] == {"thread_id": "t-stream", "turn": 2, "run_ids": []}
     assert all("custom_outputs" not in e for e in events[:-1])
     assert len(stored(db, "t-stream")) == 8
+
+
+@pytest.mark.parametrize("failure", ["cut", "model_error", "database"])
+def test_a_turn_failing_after_events_were_sent_ends_with_an_error_event(agent, scripted_model, db, failure):
+    from mlflow.types.responses import ResponsesAgentStreamEvent
+
+    if failure == "cut":  # the model's stream breaks off
+        scripted_model.stream({"content": "Revenue was "}, {"content": "up by"}, end="cut")
+    elif failure == "model_error":  # a tool call went out, then the next model call fails
+        scripted_model.call_tool("poll_databricks_job", {"run_id": "7"}).fault(400)
+    else:  # the answer streamed, then storing the turn fails
+        scripted_model.reply("Revenue was up.")
+        with db.connection() as conn:
+            refuse_inserts(conn, "thread_messages", "disk full")
+    events = list(agent.predict_stream(ask("revenue?", "t-broken")))
+    error = events[-1]
+    assert len(events) > 1 and all(e["type"] != "error" for e in events[:-1])
+    assert error["type"] == "error" and error["code"] == "TEMPORARILY_UNAVAILABLE"
+    ResponsesAgentStreamEvent(**error)
+    check = {"cut": "the chat model failed and nothing was stored: the answer from (address withheld) stopped "
+                    "mid-way", "model_error": "HTTP 400: SCRIPTED_FAULT: scripted fault 400",
+             "database": "the database failed and nothing was stored: disk full"}[failure]
+    assert check in error["message"] and "http" not in error["message"]
+    assert "Check that" in error["message"]
+    assert count_threads(db) == 0
 
 
 def test_stream_of_a_new_thread_tells_its_id_and_raises_errors(agent, scripted_model):
