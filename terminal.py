@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import re
 import sys
 import time
 import uuid
@@ -44,6 +45,13 @@ ENVIRONMENT = f"""environment:
   LLM_ENDPOINT_NAME   the chat model's serving endpoint (default {DEFAULT_ENDPOINT})
   LLM_BASE_URL, LLM_MODEL, LLM_API_KEY   an OpenAI-compatible server instead (e.g. http://127.0.0.1:11434/v1)
   LOG_LEVEL       logging on stderr (default WARNING)"""
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but newline and tab: text must not drive the terminal
+
+
+def printable(text: str) -> str:
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class SetupError(Exception):
@@ -145,13 +153,24 @@ class Terminal:
                 print("\n(interrupted: an answer still on its way is stored in the thread)", flush=True)
 
     def say(self, text: str):
+        """Send a message; print the reply as it streams in, each tool call on a line of its own."""
         request = {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": self.thread_id}}
+        line_open = False  # streamed text is on the screen and its line not ended yet
         for event in self.agent.predict_stream(request):
-            item = event.get("item") if event["type"] == "response.output_item.done" else None
-            if item and item["type"] == "function_call":
-                print(f"  [{item['name']} {item['arguments']}]", flush=True)
-            elif item and item["type"] == "message":
-                print(item["content"][0]["text"] + "\n", flush=True)
+            item = event.get("item") or {}
+            if event["type"] == "response.output_text.delta":
+                print(printable(event["delta"]), end="", flush=True)
+                line_open = True
+            elif event["type"] == "error":
+                print("\n" * line_open + f"error: {printable(event['message'])}", flush=True)
+                line_open = False
+            elif item.get("type") == "message":
+                if not line_open:  # a message that was not streamed
+                    print(printable(item["content"][0]["text"]), end="")
+                print("\n" if "custom_outputs" in event else "", flush=True)  # the reply ends with a blank line
+                line_open = False
+            elif item.get("type") == "function_call":
+                print(printable(f"  [{item['name']} {item['arguments']}]"), flush=True)
 
     def command(self, line: str):
         name, _, arg = line.partition(" ")

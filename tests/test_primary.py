@@ -1,6 +1,7 @@
 """The primary agent against real Postgres, the scripted model over HTTP and the local emulator's Jobs API (the real
 SDK over HTTP), whose runs are real subprocesses of tests/fixtures/step_worker.py logging steps to task_logs."""
 import functools
+import io
 import json
 import os
 import queue
@@ -615,6 +616,31 @@ def terminal_env(emu, job_id, pg_dsn, scripted_model, **extra):
 def terminal(env, stdin, *args, timeout=60):
     return subprocess.run([sys.executable, str(ROOT / "primary.py"), *args], input=stdin, env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def test_terminal_prints_the_reply_as_it_streams(agent, scripted_model, monkeypatch):
+    import terminal
+
+    first_out = threading.Event()  # the model sends the rest once the first words are on the screen
+
+    class Screen(io.StringIO):
+        def write(self, text):
+            if "Hello" in self.getvalue() + text:
+                first_out.set()
+            return super().write(text)
+
+    monkeypatch.setattr(sys, "stdout", Screen())
+    scripted_model.stream({"content": "Hello"}, {"content": ", I will look.\x1b[2J"}, {"tool_calls": [
+        {"index": 0, "id": "c1", "type": "function", "function": {"name": "poll_databricks_job",
+                                                                   "arguments": '{"run_id": "7"}'}}]}, gate=first_out)
+    scripted_model.stream({"content": "Run 7 is "}, end="cut")
+    terminal.Terminal(agent, "t-term-stream").say("is run 7 done?")
+    assert sys.stdout.getvalue() == (
+        "Hello, I will look.\\x1b[2J\n"
+        "  [poll_databricks_job {\"run_id\": \"7\"}]\n"
+        "Run 7 is \nerror: the chat model failed and nothing was stored: the answer from (address withheld) stopped "
+        "mid-way: ChunkedEncodingError: Response ended prematurely. Check that the model endpoint is up and "
+        "reachable, then send the message again\n")
 
 
 def test_terminal_chat_runs_and_watch(emu, w, job_id, pg_dsn, db, scripted_model):
