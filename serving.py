@@ -4,7 +4,9 @@
 `mlflow.models.set_model(AsyncAgent())`). On its first request it builds a `PrimaryAgent` from the environment
 (`ServingConfig`, `primary.build_agent`), once per process. Errors become MLflow errors, which the scoring server
 answers with their HTTP status and message: a bad request is a 400, a failed turn or an unreachable database a
-503, a missing setting a 500.
+503, a missing setting a 500. A request dict that is not a ResponsesAgentRequest is answered with our own 400
+naming the field, where our wrapper sees it first (called in-process; the scoring server checks it before).
+`predict_stream` streams the turn as it happens; its MLflow trace keeps the turn's `custom_outputs`.
 
 Auth: Model Serving's automatic credentials cover declared resources (the chat model, a Lakebase instance), not
 Jobs, and on-behalf-of-user tokens can't be scoped to Jobs. So the endpoint runs as a service principal
@@ -15,6 +17,7 @@ model, registers it in Unity Catalog and creates or updates the endpoint. Only t
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -30,14 +33,20 @@ import psycopg
 import lakebase
 import llm
 import primary
-from agent_io import BadRequest
+from agent_io import BadRequest, parse_request
 
 try:
     import mlflow
+    import pydantic
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE
     from mlflow.pyfunc import ResponsesAgent
-    from mlflow.types.responses import ResponsesAgentRequest, ResponsesAgentResponse, ResponsesAgentStreamEvent
+    from mlflow.types.responses import (
+        ResponsesAgentRequest,
+        ResponsesAgentResponse,
+        ResponsesAgentStreamEvent,
+        responses_agent_output_reducer,
+    )
 except ImportError:  # importing this module and `deploy --help` work without mlflow; serving and deploy need it
     mlflow, ResponsesAgent = None, object
 
@@ -128,6 +137,47 @@ class AsyncAgent(ResponsesAgent):
         with _as_mlflow_errors():
             for event in self.agent().predict_stream(request.model_dump(exclude_none=True)):
                 yield ResponsesAgentStreamEvent(**event)
+
+    @staticmethod
+    def responses_agent_output_reducer(chunks) -> dict:
+        """The output of predict_stream's trace: MLflow's (the output items) with what it leaves out, the turn's
+        custom_outputs (thread id, turn, run ids) and the error of a stream that failed part-way."""
+        events = [chunk if isinstance(chunk, dict) else chunk.model_dump(exclude_none=True) for chunk in chunks]
+        custom = next((e["custom_outputs"] for e in reversed(events) if e.get("custom_outputs") is not None), None)
+        error = next(({"code": e.get("code"), "message": e["message"]} for e in events if e.get("type") == "error"),
+                     None)
+        extra = {"custom_outputs": custom, "error": error}
+        return {**responses_agent_output_reducer(chunks), **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _checked(method):
+    """`method` (as ResponsesAgent wrapped it), after our own check of a request dict: MLflow's would answer a body
+    that is not a ResponsesAgentRequest with a 500 and pydantic's report."""
+    @functools.wraps(method)
+    def checked(self, request, *args, **kwargs):
+        if isinstance(request, dict):
+            request = _request(request)
+        return method(self, request, *args, **kwargs)
+    return checked
+
+
+def _request(body: dict) -> "ResponsesAgentRequest":
+    """The body as a ResponsesAgentRequest, or a 400 naming the field: our own words when the agent's check finds the
+    problem, else pydantic's first error."""
+    try:
+        return ResponsesAgentRequest(**body)
+    except pydantic.ValidationError as e:
+        with _as_mlflow_errors():
+            parse_request(body)
+        error = e.errors()[0]
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]
+                        if isinstance(part, int) or not set("[(") & set(part)).lstrip(".")
+        raise MlflowException.invalid_parameter_value(
+            f"the request is not a ResponsesAgent request: {where or 'the body'}: {error['msg']}") from None
+
+
+if mlflow is not None:  # in front of the tracing and checking that ResponsesAgent put around them
+    AsyncAgent.predict, AsyncAgent.predict_stream = _checked(AsyncAgent.predict), _checked(AsyncAgent.predict_stream)
 
 
 # -------------------------------------------------------------------- deploy

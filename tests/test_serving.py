@@ -57,8 +57,13 @@ def step_job():
 
 @pytest.fixture
 def emu(pg_dsn, tmp_path, scripted_model):
-    def relay(body):  # the serving endpoint's answer is the scripted model's
-        return requests.post(f"{scripted_model.base_url}/chat/completions", json=body, timeout=30).json()
+    def relay(body):  # the serving endpoint's answer is the scripted model's (streamed by the emulator if asked)
+        answer = requests.post(f"{scripted_model.base_url}/chat/completions", json=body, timeout=30)
+        if answer.status_code >= 400:
+            error = answer.json()
+            raise localws.emulator.ApiError(answer.status_code, error.get("error_code", "SCRIPTED"),
+                                            error.get("message") or str(error))
+        return answer.json()
 
     emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
                               env={"LAKEBASE_DSN": pg_dsn}, serving={CHAT: relay})
@@ -183,6 +188,44 @@ def test_a_bad_request_is_a_400_naming_the_problem_and_stores_nothing(served, pg
     assert count_threads(pg_dsn) == 0
 
 
+@pytest.mark.parametrize("body, status, problem", [
+    ({"input": [{"role": "user"}]}, 400, "input[0]: content must be a string or a list of text parts"),
+    ({"input": [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}]}, 400,
+     "input[0]: role 'tool' is not one of user, assistant, system, developer"),
+    ({"input": [{"role": "user", "content": 5}]}, 400, "input[0]: content must be a string or a list of text parts"),
+    ({"input": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400,
+     "the request is not a ResponsesAgent request: temperature: Input should be a valid number"),
+])
+def test_a_body_mlflow_refuses_is_our_400_naming_the_field(served, pg_dsn, body, status, problem):
+    for call in (served.predict, lambda b: list(served.predict_stream(b))):
+        with pytest.raises(MlflowException) as raised:
+            call(body)
+        assert raised.value.get_http_status_code() == status and problem in raised.value.message
+        assert "pydantic" not in raised.value.message.lower()
+    assert served._agent is None  # refused before the agent was needed
+
+
+def trace_outputs() -> dict:
+    """The outputs of the last trace's root span (the traced predict or predict_stream)."""
+    mlflow.flush_trace_async_logging()
+    return mlflow.get_trace(mlflow.get_last_active_trace_id()).data.spans[0].outputs
+
+
+def test_stream_traces_keep_custom_outputs(served, scripted_model, emu, job_id):
+    mlflow.set_experiment("traces")
+    scripted_model.call_tool("start_databricks_job", {"request": "revenue in 2025"})
+    events = list(served.predict_stream(ask("revenue in 2025?", "t-traced")))
+    run_id = events[-1].custom_outputs["run_ids"][0]
+    outputs = trace_outputs()
+    assert outputs["custom_outputs"] == {"thread_id": "t-traced", "turn": 1, "run_ids": [run_id]}
+    assert [item["type"] for item in outputs["output"]] == ["function_call", "function_call_output", "message"]
+    scripted_model.call_tool("poll_databricks_job", {"run_id": run_id}).fault(400)  # fails after the poll went out
+    events = list(served.predict_stream(ask("and now?", "t-traced")))
+    assert [e.type for e in events] == ["response.output_item.done"] * 2 + ["error"]
+    outputs = trace_outputs()
+    assert outputs["error"]["code"] == "TEMPORARILY_UNAVAILABLE" and "HTTP 400" in outputs["error"]["message"]
+
+
 @pytest.mark.parametrize("change, problem", [
     ({"DATABRICKS_JOB_ID": None}, "DATABRICKS_JOB_ID (the worker job's id) is not set"),
     ({"DATABRICKS_JOB_ID": "worker"}, "DATABRICKS_JOB_ID must be a job id (a number), not 'worker'"),
@@ -294,7 +337,11 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
     run_id = response.custom_outputs["run_ids"][0]
     assert response.custom_outputs["thread_id"] == "t-logged" and "I've started a job" in text_of(result["response"])[0]
     events = [ResponsesAgentStreamEvent(**event) for event in result["events"]]
-    assert events[-1].custom_outputs == {"thread_id": "t-logged", "turn": 2, "run_ids": []}
+    *deltas, final = events  # the emulated endpoint streams the answer in pieces; each came out as it arrived
+    assert [e.type for e in deltas] == ["response.output_text.delta"] * 3 and final.item["type"] == "message"
+    assert {e.item_id for e in deltas} == {final.item["id"]}
+    assert "".join(e.delta for e in deltas) == final.item["content"][0]["text"] == "Hi from the stream."
+    assert final.custom_outputs == {"thread_id": "t-logged", "turn": 2, "run_ids": []}
     assert result["modules"] == ["lakebase", "llm", "primary"]  # the model's own copies: the project is not on sys.path
     assert [m["role"] for m in stored(pg_dsn, "t-logged")] == ["user", "assistant", "tool", "assistant", "user",
                                                                "assistant"]
@@ -330,6 +377,7 @@ def test_the_scoring_server_answers_and_a_bad_request_is_a_400(logged, emu, job_
         scripted_model.reply("Served over HTTP.")
         good = requests.post(f"{url}/invocations", json=ask("hi", "t-http"), timeout=WAIT)
         bad = requests.post(f"{url}/invocations", json={"input": [{"role": "user", "content": " "}]}, timeout=WAIT)
+        refused = requests.post(f"{url}/invocations", json={"input": [{"role": "tool", "content": "x"}]}, timeout=WAIT)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(WAIT)
@@ -338,6 +386,10 @@ def test_the_scoring_server_answers_and_a_bad_request_is_a_400(logged, emu, job_
     assert text_of(good.json()) == ["Served over HTTP."] and good.json()["custom_outputs"]["thread_id"] == "t-http"
     assert bad.status_code == 400 and bad.json()["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "input[0]: the user's message is empty" in bad.json()["message"]
+    # what the README says the scoring server answers itself, before our code sees the request
+    assert refused.status_code == 400 and refused.json()["error_code"] == "BAD_REQUEST"
+    assert refused.json()["message"].startswith("Encountered an unexpected error while evaluating the model")
+    assert "Invalid role: tool" in refused.json()["stack_trace"]
 
 
 # ------------------------------------------------------------------ deploy
