@@ -1,10 +1,11 @@
-"""Benchmarks: cold start, turn overhead vs thread length, concurrency, and the async path of a job run.
+"""Benchmarks: cold start, turn overhead vs thread length, concurrency, the async path of a job run, and streaming.
 
 Prints a table and writes JSON to benchmarks/results/<UTC timestamp>.json. Every timed figure is the median
 with its spread (p10-p90 and min-max) over repeated runs, next to the machine it ran on. The model is an
 in-process stand-in whose `complete()` returns at once, so the turn figures are our own overhead (Postgres,
-JSON, the loop), not a model's latency. Postgres is a throwaway embedded server (tests/pg_fixture.py), or
-the server at BENCH_DATABASE_URL (its role must be allowed to CREATE DATABASE).
+JSON, the loop), not a model's latency; the streaming section uses a scripted model over HTTP (tests/scripted.py)
+that streams at a fixed pace, to time what we add to its first token. Postgres is a throwaway embedded server
+(tests/pg_fixture.py), or the server at BENCH_DATABASE_URL (its role must be allowed to CREATE DATABASE).
 
     python benchmarks/bench.py                                   # every section, about 3 minutes
     python benchmarks/bench.py --sections turns,concurrency --repeat 50
@@ -35,9 +36,10 @@ import psycopg  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 import lakebase  # noqa: E402
+import llm  # noqa: E402
 import primary  # noqa: E402
 
-SECTIONS = ("cold", "turns", "concurrency", "async")
+SECTIONS = ("cold", "turns", "concurrency", "async", "stream")
 THREAD_LENGTHS = (10, 100, 400, 1000)
 CONCURRENCY = (50, 200)
 POOL_SIZE = 16  # one serving process's pool: Postgres allows 100 connections, and this box has 2 cores
@@ -59,6 +61,7 @@ ANSWER = ("Revenue in 2025 by region, with growth over 2024:\n\n"
           "| North | 1,284,310.50 | 1,102,877.25 | +16.5% |\n| South | 964,120.00 | 911,450.75 | +5.8% |\n"
           "| East | 1,502,998.25 | 1,198,004.00 | +25.5% |\n| West | 1,120,455.75 | 1,087,331.50 | +3.0% |\n\n"
           "East grew fastest (+25.5%). West slowed in the second half: +1.1% after +5.2% in the first half.")
+TTFT, TOKEN_INTERVAL, TOKENS = 0.3, 0.02, 40  # the scripted streaming model: first token after 0.3 s, then 50/s
 RUN_URL = "https://adb-1234567890123456.7.azuredatabricks.net/#job/123456789/run/987654321"
 
 
@@ -644,6 +647,49 @@ def bench_async(report: Report, server: Server, args):
     report.add(section, "read_steps(after=...) of a 10-step run (a poll)", stats(reads, "s"))
 
 
+# ------------------------------------------------------------------ 5. streaming
+
+def bench_stream(report: Report, server: Server, args):
+    section = "streaming"
+    print(f"\n5. {section} (a scripted model over HTTP: first token after {TTFT * 1000:.0f} ms, then one every "
+          f"{TOKEN_INTERVAL * 1000:.0f} ms, {TOKENS} tokens; {args.streams} turns each way)", flush=True)
+    from scripted import ScriptedModel
+
+    dsn = server.database()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        lakebase.migrate(conn)
+    pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=dsn), min_size=2, max_size=4)
+    model = ScriptedModel().start()
+    agent = primary.PrimaryAgent(llm.openai_chat(model.base_url, "scripted"), None, pool, 1)
+    tokens = [{"content": token} for token in re.findall(r"\S+\s*", ANSWER)[:TOKENS]]
+    first, whole = [], []
+    try:
+        for i in range(args.streams + 1):  # the first turn warms the connections up
+            model.stream(*tokens, ttft=TTFT, interval=TOKEN_INTERVAL)
+            started, first_delta = time.perf_counter(), None
+            for event in agent.predict_stream(ask(f"stream-{i}")):
+                if first_delta is None and event["type"] == "response.output_text.delta":
+                    first_delta = time.perf_counter() - started
+            model.stream(*tokens, ttft=TTFT, interval=TOKEN_INTERVAL)
+            started = time.perf_counter()
+            agent.predict(ask(f"whole-{i}"))
+            if i:
+                first.append(first_delta)
+                whole.append(time.perf_counter() - started)
+        model.check()
+    finally:
+        model.stop()
+        pool.close()
+    added = [t - TTFT for t in first]
+    report.add(section, "predict_stream: first text delta at the consumer", stats(first, "s"))
+    report.add(section, "predict_stream: added to the model's own first token", stats(added, "s"),
+               target="under 50 ms", met=pct(added, 0.5) < 0.05,
+               note="time to the first delta minus the model's time to first token: the turn's database reads, the "
+                    "HTTP request, parsing the stream, the hand-over to the consumer")
+    report.add(section, "predict (non-streaming): the whole answer", stats(whole, "s"),
+               note=f"the model alone takes {TTFT + (TOKENS - 1) * TOKEN_INTERVAL:.2f} s for its {TOKENS} tokens")
+
+
 # ------------------------------------------------------------------ main
 
 def parser() -> argparse.ArgumentParser:
@@ -668,6 +714,7 @@ def options(args) -> argparse.Namespace:
     args.rounds = args.repeat or (1 if quick else 3)
     args.runs = args.repeat or (1 if quick else 5)
     args.steps = 100 if quick else 1000
+    args.streams = args.repeat or (2 if quick else 20)
     return args
 
 
@@ -691,7 +738,7 @@ def main(argv=None) -> int:
             print("WARNING: the machine is busy (load average above half its cores): the figures will be noisy",
                   flush=True)
         for name, fn in (("cold", bench_cold), ("turns", bench_turns), ("concurrency", bench_concurrency),
-                         ("async", bench_async)):
+                         ("async", bench_async), ("stream", bench_stream)):
             if name in chosen:
                 fn(report, server, args)
     finally:

@@ -15,7 +15,8 @@ def test_bench_quick_runs_every_section_and_writes_its_json(pg_server, tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     [result] = tmp_path.glob("*.json")
     data = json.loads(result.read_text())
-    assert {f["section"] for f in data["figures"]} == {"cold start", "turn overhead", "concurrency", "async path"}
+    assert {f["section"] for f in data["figures"]} == {"cold start", "turn overhead", "concurrency", "async path",
+                                                         "streaming"}
     machine = data["machine"]
     assert machine["cores"] and machine["cpu"] and machine["postgres"] and machine["python"]
     timed = [f["value"] for f in data["figures"] if isinstance(f["value"], dict)]
