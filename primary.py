@@ -312,11 +312,12 @@ class Turn:
 
     def poll_databricks_job(self, run_id) -> str:
         run_id = self.agent.own_run(self.request.thread_id, run_id)
-        run = self.agent.jobs.get(run_id)
+        run = self.agent.jobs.get(run_id)  # read before the steps: a run that has ended has logged all it will
+        summary = runs.summarize(run)
         with self.agent.db.connection() as conn:
             progress = lakebase.run_progress(conn, run_id, recent=RECENT_STEPS)
-        report = {"run_id": run_id, "state": runs.run_state(run), "state_message": run.state.state_message or None,
-                  "run_page_url": run.run_page_url, "steps": progress["steps"],
+        report = {"run_id": run_id, "state": summary.state, "state_message": summary.message,
+                  "queued": summary.queue_reason, "run_page_url": run.run_page_url, "steps": progress["steps"],
                   "recent_steps": [runs.describe_step(step) for step in progress["recent"]]}
         final = progress["final"] or {"status": None, "payload": {}}
         payload = final["payload"]
@@ -326,19 +327,27 @@ class Turn:
             report["error"] = payload.get("error")
         elif final["status"] == "cancelled":
             report["cancelled"] = payload.get("reason") or "cancelled"
+        elif summary.finished:  # ended with no final step: the worker died first, or its database was out of reach
+            outcome = self.agent.jobs.outcome(run)
+            if "answer" in outcome:
+                outcome["answer"] = _cut(outcome["answer"], MAX_ANSWER_CHARS)
+            if outcome:
+                report.update(outcome, note="the worker logged no final step; this is from the run's output")
         return json.dumps({k: v for k, v in report.items() if v is not None}, ensure_ascii=False)
 
     def terminate_databricks_job(self, run_id) -> str:
         run_id = self.agent.own_run(self.request.thread_id, run_id)
-        run = self.agent.jobs.get(run_id)
-        state = runs.run_state(run)
-        if state.split()[0] in runs.FINISHED:
-            how = f": {run.state.state_message}" if run.state.state_message else ""
-            raise llm.ToolError(f"run {run_id} has already finished ({state}{how}); there is nothing to cancel")
-        if state != "TERMINATING":
-            self.agent.jobs.cancel(run_id)
-        return json.dumps({"run_id": run_id, "state": "TERMINATING", "was": state,
-                           "note": "cancellation requested; the run stops within seconds"})
+        summary = runs.summarize(self.agent.jobs.get(run_id))
+        if summary.finished:
+            how = f": {summary.message}" if summary.message else ""
+            raise llm.ToolError(f"run {run_id} has already finished ({summary.state}{how}); there is nothing to "
+                                f"cancel")
+        if summary.state != "TERMINATING":
+            self.agent.jobs.cancel(run_id)  # an UNKNOWN run too: cancelling a run that has ended changes nothing
+        note = "cancellation requested; the run stops within seconds"
+        if summary.state == "UNKNOWN":
+            note += " (its state could not be read: if it had already ended, it stays as it ended)"
+        return json.dumps({"run_id": run_id, "state": "TERMINATING", "was": summary.state, "note": note})
 
 
 def _window(messages: list) -> list:

@@ -1,18 +1,31 @@
 """The job runs the primary agent starts, reads and cancels: Jobs API calls whose failures say what to do, a run's
 state, and a run's step as one line.
 
-`Jobs(workspace, job_id)` wraps the three Jobs API calls the agent makes. A failure a person or the model can act on
+`Jobs(workspace, job_id)` wraps the Jobs API calls the agent makes. A failure a person or the model can act on
 (refused identity, throttling, a run or job that does not exist) is a `llm.ToolError` naming the fix, so the model
 can tell the user; anything else is raised. `jobs_auth_hint()` is that fix for the identity the agent runs as.
+`summarize(run)` is the one reader of a run's state: `status` first, the deprecated `state` as the fallback.
+`Jobs.outcome(run)` reads how a run ended from its own output, for runs whose worker logged no final step; the
+worker frames its answer on stdout with `answer_block()` so that `answer_in_logs()` can find it there.
 """
 import json
 import logging
+import re
+import secrets
+from dataclasses import dataclass
 
 import llm
+from lakebase import redact
 
 log = logging.getLogger(__name__)
 
 FINISHED = {"TERMINATED", "SKIPPED", "INTERNAL_ERROR"}  # life cycle states of a run that has ended
+# status.termination_details.code -> the result it means; any other code is a failure
+RESULTS = {"SUCCESS": "SUCCESS", "SUCCESS_WITH_FAILURES": "SUCCESS_WITH_FAILURES", "USER_CANCELED": "CANCELED",
+           "CANCELED": "CANCELED", "SKIPPED": "SKIPPED", "DISABLED": "SKIPPED",
+           "MAX_CONCURRENT_RUNS_EXCEEDED": "SKIPPED", "MAX_JOB_QUEUE_SIZE_EXCEEDED": "SKIPPED"}
+MAX_ERROR_CHARS = 500  # a failed run's error from its output, as the model sees it
+MAX_TRACE_CHARS = 1_500  # the end of its error trace (or logs)
 PERMISSION_FIX = ("the identity the agent runs as needs CAN_MANAGE_RUN on the job; on Model Serving that is the "
                   "service principal of DATABRICKS_CLIENT_ID (python primary.py deploy --secret-scope): Model "
                   "Serving's automatic credentials and on-behalf-of-user tokens do not cover Jobs")
@@ -40,6 +53,41 @@ class Jobs:
         """Ask for the run to be cancelled; not waited on: the worker stops within seconds."""
         self._call(f"cancelling run {run_id}", f"run {run_id} no longer exists", self.workspace.jobs.cancel_run,
                    int(run_id))
+
+    def output(self, run):
+        """The output of the run's task (databricks.sdk.service.jobs.RunOutput: error, error_trace, logs). The
+        Jobs API gives it per task run, not for the job run."""
+        if not run.tasks:
+            raise llm.ToolError(f"run {run.run_id} lists no task whose output could be read")
+        task = run.tasks[-1]  # the job has one task; with retries, the last attempt
+        from databricks.sdk.errors import DatabricksError
+
+        try:
+            return self._call(f"reading the output of run {run.run_id}", f"run {run.run_id} no longer exists",
+                              self.workspace.jobs.get_run_output, int(task.run_id))
+        except DatabricksError as e:  # whatever else the API says: the poll still reports what it knows
+            raise llm.ToolError(f"reading the output of run {run.run_id}: {e}") from e
+
+    def outcome(self, run) -> dict:
+        """How an ended run ended, from its own output, for a run whose worker logged no final step (it crashed,
+        was killed, or could not reach the step-log database): {"answer"} when the worker printed one, else
+        {"error", "error_trace"}, {} when the output says nothing; {"output_error"} when it can't be read."""
+        try:
+            output = self.output(run)
+        except llm.ToolError as e:
+            return {"output_error": str(e)}
+        logs = output.logs or ""
+        answer = answer_in_logs(logs)
+        if answer is not None:
+            return {"answer": answer}
+        if summarize(run).state.endswith(" SUCCESS"):
+            return {"error": "the run succeeded, but its answer is neither in the step log nor in its output"}
+        trace = (output.error_trace or logs).strip()
+        error = output.error or (trace.splitlines() or [None])[-1]
+        if error is None:  # nothing printed (cancelled before it started, say): the run's state says it all
+            return {}
+        trace = tail(trace, MAX_TRACE_CHARS) if trace != error.strip() else None
+        return {"error": redact(shorten(error, MAX_ERROR_CHARS)), "error_trace": trace and redact(trace)}
 
     def page_url(self, run_id) -> str | None:
         """The run's page, or None if it can't be read now (the run exists; only its link is missing)."""
@@ -90,11 +138,62 @@ def jobs_auth_hint(sdk_config, job_id) -> str:
     return f"the agent runs with Databricks auth '{auth_type}': that identity needs CAN_MANAGE_RUN on job {job_id}"
 
 
+@dataclass(frozen=True)
+class RunSummary:
+    """What the agent reports about a run's state."""
+    state: str  # "QUEUED", "RUNNING", "TERMINATED SUCCESS", "TERMINATED FAILED", ..., "UNKNOWN"
+    finished: bool  # the run has ended
+    message: str | None = None  # why it ended (termination details), or the state message
+    queue_reason: str | None = None  # why it is queued
+    code: str | None = None  # the termination code (status), e.g. RUN_EXECUTION_ERROR
+
+
+def summarize(run) -> RunSummary:
+    """The run's state from `status`, falling back to the deprecated `state` for what `status` lacks; a run with
+    neither (or with values this SDK does not know, which it reads as None) is UNKNOWN. `status` has no result:
+    the result is `state.result_state` while runs still carry it (only it tells TIMEDOUT from CANCELED), else
+    what the termination code means."""
+    status, state = run.status, run.state
+    life = _value(status and status.state) or _value(state and state.life_cycle_state) or "UNKNOWN"
+    details = status and status.termination_details
+    code = _value(details and details.code)
+    result = _value(state and state.result_state) or (RESULTS.get(code, "FAILED") if code else None)
+    queue = status and status.queue_details
+    queue_reason = (" ".join(filter(None, [_value(queue.code) and f"{_value(queue.code)}:", queue.message]))
+                    if queue else None) or (state and state.queue_reason) or None
+    message = (details and details.message) or (state and state.state_message) or None
+    return RunSummary(f"{life} {result}" if result else life, life in FINISHED, message, queue_reason, code)
+
+
+def _value(enum):
+    return enum.value if enum is not None else None
+
+
 def run_state(run) -> str:
-    """"RUNNING", "TERMINATED SUCCESS", ...: the life cycle state, and the result state once there is one."""
-    state = run.state
-    life = state.life_cycle_state.value if state and state.life_cycle_state else "UNKNOWN"
-    return f"{life} {state.result_state.value}" if state and state.result_state else life
+    """"RUNNING", "TERMINATED SUCCESS", ...: `summarize(run).state`."""
+    return summarize(run).state
+
+
+def answer_block(answer: str) -> str:
+    """The answer as the worker prints it on stdout, between two marker lines that carry a random tag: a Job run's
+    output (its logs) then holds the answer even when the step log never got it. The tag is chosen after the
+    answer exists, so no answer can contain its end marker."""
+    tag = secrets.token_hex(8)
+    return f"----- answer {tag} -----\n{answer}\n----- end of answer {tag} -----"
+
+
+def answer_in_logs(logs: str) -> str | None:
+    """The answer of the last complete `answer_block()` in a run's logs, or None (no answer printed, or the logs,
+    which keep only their end, lost its beginning)."""
+    ends = list(re.finditer(r"^----- end of answer ([0-9a-f]{16}) -----$", logs, re.M))
+    if not ends:
+        return None
+    end = ends[-1]
+    begin = f"----- answer {end.group(1)} -----\n"
+    start = logs.rfind(begin, 0, end.start())
+    if start < 0 or (start > 0 and logs[start - 1] != "\n"):
+        return None
+    return logs[start + len(begin):end.start()].removesuffix("\n")
 
 
 def describe_step(step: dict) -> str:
@@ -110,6 +209,16 @@ def describe_step(step: dict) -> str:
         text = {"started": f"started: {p.get('request')}", "completed": f"answer: {p.get('answer')}",
                 "failed": f"failed: {p.get('error')}", "cancelled": f"cancelled: {p.get('reason')}"}.get(status, status)
     return f"#{step['step']} {shorten(text, 160)}"
+
+
+def tail(text, limit: int) -> str:
+    """The end of `text` (whole lines, at most `limit` characters), with a note of what was left out."""
+    text = str(text).strip()
+    if len(text) <= limit:
+        return text
+    end = text[-limit:]
+    end = end[end.find("\n") + 1:] if "\n" in end else end
+    return f"[... {len(text) - len(end):,} characters left out ...]\n{end}"
 
 
 def shorten(text, limit: int) -> str:

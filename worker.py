@@ -5,7 +5,9 @@ below; it also runs by hand: `python worker.py --request "total revenue in 2025"
 tool loop with `query_genie` and logs every step to `task_logs` in Lakebase, each committed as it goes so
 a poller sees progress live: started, tool_call, tool_result, completed. A failure logs `failed` and a
 cancellation (SIGTERM, which is how Databricks cancels a run) logs `cancelled`; both exit non-zero, so the
-Job run shows the outcome too. What a person must fix (bad flags, no database) is one line on stderr.
+Job run shows the outcome too. What a person must fix (bad flags, no database) is one line on stderr. The answer
+is also printed on stdout between two marker lines (`runs.answer_block`): a poller finds it in the run's output
+if the step log never got it.
 """
 import signal
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import psycopg
 
 import lakebase
+import runs
 from genie import DEFAULT_DESCRIPTION, Genie, GenieConfig, GenieUnavailable
 from llm import DEFAULT_ENDPOINT, ChatConfig, LimitReached, LLMError, run_tools
 
@@ -207,7 +210,7 @@ def main(argv=None) -> int:
         log.debug("run failed", exc_info=True)
         return _end(step, "failed", {"error": error, "kind": type(e).__name__}, f"worker: failed: {error}",
                     2 if isinstance(e, UsageError) else 1)
-    print(answer)
+    print(runs.answer_block(answer), flush=True)  # the run's output keeps it, should the step log miss it
     return _end(step, "completed", {"answer": answer}, f"worker: completed in {time.monotonic() - started:.1f} s", 0)
 
 

@@ -158,7 +158,7 @@ def _relay(name: str, output: str) -> str:
     parts = [f"{lead} {data.get('state') or 'in an unknown state'}"
              + (f", with {count} steps logged." if count is not None else ".")]
     for key, title in (("answer", "Answer:\n"), ("error", "Error: "), ("cancelled", "Cancelled: "),
-                       ("state_message", "Details: ")):
+                       ("queued", "Queued: "), ("state_message", "Details: ")):
         if data.get(key):
             parts.append(f"{title}{data[key]}")
     return "\n\n".join(parts)

@@ -198,7 +198,7 @@ def test_the_bundle_uploads_what_the_worker_imports_and_not_the_local_workspace(
     synced = [path.relative_to(ROOT).as_posix() for path in ROOT.rglob("*") if path.is_file()
               and not {".git", ".venv", "__pycache__"} & set(path.relative_to(ROOT).parts)]
     kept = {path for path in synced if not any(fnmatch.fnmatch(path, pattern) for pattern in excluded)}
-    assert {"worker.py", "genie.py", "llm.py", "lakebase.py"} <= kept
+    assert {"worker.py", "genie.py", "llm.py", "lakebase.py", "runs.py"} <= kept
     assert not [path for path in kept if path.startswith(("localws/", "tests/", "benchmarks/"))]
 
 

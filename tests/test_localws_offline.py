@@ -574,6 +574,9 @@ def test_primary_relays_a_poll_result():
     cancelled = {"run_id": "123", "state": "TERMINATED (CANCELED)", "steps": 2, "cancelled": "SIGTERM"}
     content, _ = reply([*messages[:-1], tool_result("c2", json.dumps(cancelled))])
     assert "TERMINATED (CANCELED)" in content and "Cancelled: SIGTERM" in content
+    queued = {"run_id": "123", "state": "QUEUED", "steps": 0, "queued": "MAX_CONCURRENT_RUNS_REACHED: Queued."}
+    content, _ = reply([*messages[:-1], tool_result("c2", json.dumps(queued))])
+    assert "Run 123 is QUEUED" in content and "Queued: MAX_CONCURRENT_RUNS_REACHED: Queued." in content
 
 
 def test_primary_relays_start_terminate_and_errors():

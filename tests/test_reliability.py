@@ -37,6 +37,7 @@ import localws.answerer
 import localws.emulator
 import localws.sample
 import localws.stand_in
+import runs
 from lakebase import LakebaseConfig, LakebaseError
 from primary import BadRequest, PrimaryAgent, TurnFailed
 
@@ -418,7 +419,7 @@ def test_the_worker_rides_out_429_and_503_and_logs_every_step(emu, pg_dsn, scrip
     scripted_model.fault(503, retry_after=0, times=2).reply("Total sales were 42.")
     fault(4)
     out, err = finish(start_worker(worker_env(emu, pg_dsn, scripted_model), "total sales", "r-retry"))
-    assert out.strip() == "Total sales were 42.", err
+    assert runs.answer_in_logs(out) == "Total sales were 42.", err
     steps = expect_steps(pg_dsn, "r-retry", ["started", "tool_call", "tool_result", "completed"])
     assert steps[-1]["payload"] == {"answer": "Total sales were 42."}
 
@@ -488,7 +489,7 @@ def test_a_database_restart_mid_run_loses_no_step(own, own_dsn, emu, scripted_mo
         proc.kill()
         raise
     out, err = finish(proc)
-    assert proc.returncode == 0 and out.strip() == "Total sales were 42.", err
+    assert proc.returncode == 0 and runs.answer_in_logs(out) == "Total sales were 42.", err
     assert "lost the database connection; reconnecting" in err
     expect_steps(own_dsn, "r-restart", ["started", "tool_call", "tool_result", "completed"])
 
