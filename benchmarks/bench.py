@@ -62,7 +62,7 @@ ANSWER = ("Revenue in 2025 by region, with growth over 2024:\n\n"
           "| East | 1,502,998.25 | 1,198,004.00 | +25.5% |\n| West | 1,120,455.75 | 1,087,331.50 | +3.0% |\n\n"
           "East grew fastest (+25.5%). West slowed in the second half: +1.1% after +5.2% in the first half.")
 TTFT, TOKEN_INTERVAL, TOKENS = 0.3, 0.02, 40  # the scripted streaming model: first token after 0.3 s, then 50/s
-RUN_URL = "https://adb-1234567890123456.7.azuredatabricks.net/#job/123456789/run/987654321"
+RUN_URL = "https://adb-1234567890123456.7.azuredatabricks.net/?o=1234567890123456#job/123456789/run/987654321"
 
 
 # ------------------------------------------------------------------ statistics and output

@@ -5,6 +5,12 @@ jobs get/list) to its methods. A run is a real subprocess, `python <spark_python
 with `{{job.parameters.x}}`, `{{job.run_id}}`, ... substituted; its lifecycle (QUEUED, PENDING, RUNNING, TERMINATING,
 TERMINATED or SKIPPED) follows the process. Run records are kept in memory, or with a DSN in Postgres schema
 `local_workspace`, so run ids stay unique and old runs stay readable across restarts.
+
+Runs have the real shapes: `status` (state, termination_details, queue_details) besides the deprecated `state`;
+a task that fails reads as on serverless (the run INTERNAL_ERROR FAILED, "Workload failed, see run output for
+details."), and `runs/get-output` of the task run gives its error, error trace and logs (the process's stdout
+and stderr); `run_page_url` is `<host>/?o=<workspace id>#job/<job>/run/<run>`.
+Quirk `jobs_queued` (localws/quirks.py) adds what is real but slow: runs that wait QUEUED before they start.
 """
 import base64
 import dataclasses
@@ -25,7 +31,7 @@ from pathlib import Path
 import psycopg
 from psycopg.types.json import Jsonb
 
-from localws.emulator import bad, now_ms
+from localws.emulator import WORKSPACE_ID, bad, now_ms
 
 SHUTDOWN_MESSAGE = "the local workspace stopped while this run was active"
 CLOSED_MESSAGE = "the local workspace was closed while this run was active"
@@ -34,6 +40,11 @@ ACTIVE = ("QUEUED", "PENDING", "RUNNING", "TERMINATING")
 CANCELLED = ("CANCELED", "USER_CANCELED", "SUCCESS", "Run cancelled.")
 SHUT_DOWN = ("FAILED", "INTERNAL_ERROR", "INTERNAL_ERROR", SHUTDOWN_MESSAGE)  # found after a crash
 CLOSED = ("CANCELED", "CANCELED", "SUCCESS", CLOSED_MESSAGE)  # stopped by close(), like a cancel
+TASK_FAILED = "Workload failed, see run output for details"  # a failed task's message on a real workspace
+MULTI_TASK = ("Retrieving the output of runs with multiple tasks is not supported. Please retrieve the output of "
+              "each individual task run instead.")  # get-output of a job run: the real API wants its task's run
+OUTPUT_LIMIT = 5 * 1024 * 1024  # get-output gives the last 5 MB of a task's logs, as the real API does
+HELD = ("ACTIVE_RUNS_LIMIT_REACHED", "Queued due to reaching the workspace limit of active runs.")  # jobs_queued
 # JobSettings / RunTask keys we pass through from a bundle job; bundle-only keys (permissions, ...) are dropped.
 JOB_KEYS = ("name", "description", "max_concurrent_runs", "queue", "parameters", "tasks", "timeout_seconds",
             "environments", "tags", "email_notifications", "notification_settings", "health", "performance_target")
@@ -67,6 +78,8 @@ class RunRecord:
     stop: str | None = None  # why we are stopping it: cancel, timeout or shutdown
     owner: str = ""  # the emulator instance that runs it
     owner_pid: int = 0
+    error: str | None = None  # why the task failed, as get-output's `error` says
+    held: bool = False  # jobs_queued: QUEUED for jobs_queue_delay seconds, whatever the job's free slots
 
     @classmethod
     def from_json(cls, d):
@@ -92,6 +105,9 @@ class _MemoryRuns:
 
     def by_token(self, token):
         return next((RunRecord.from_json(r) for r in self.rows.values() if r["token"] == token), None)
+
+    def by_task(self, task_run_id):
+        return next((RunRecord.from_json(r) for r in self.rows.values() if r["task_run_id"] == task_run_id), None)
 
     def all(self):
         return [RunRecord.from_json(r) for _, r in sorted(self.rows.items(), reverse=True)]
@@ -135,6 +151,9 @@ class _PostgresRuns:
     def by_token(self, token):
         return next(iter(self._select("idempotency_token = %s", (token,))), None)
 
+    def by_task(self, task_run_id):
+        return next(iter(self._select("(record->>'task_run_id')::bigint = %s", (task_run_id,))), None)
+
     def all(self):
         return self._select("true", ())
 
@@ -148,6 +167,7 @@ class Jobs:
     ROUTES = [
         ("POST", r"/api/2\.2/jobs/run-now", "_run_now"),
         ("GET", r"/api/2\.2/jobs/runs/get", "_get_run"),
+        ("GET", r"/api/2\.2/jobs/runs/get-output", "_get_run_output"),
         ("POST", r"/api/2\.2/jobs/runs/cancel", "_cancel_run"),
         ("GET", r"/api/2\.2/jobs/runs/list", "_list_runs"),
         ("GET", r"/api/2\.2/jobs/get", "_get_job"),
@@ -165,6 +185,8 @@ class Jobs:
         self.live: dict[int, RunRecord] = {}  # this emulator's runs that have not ended
         self._procs, self._threads = {}, []
         self.owner = uuid.uuid4().hex
+        self.jobs_queue_delay = 3.0  # jobs_queued: how long a run waits
+        self.omitted_run_fields = set()  # test hook: top-level run fields left out of runs/get and runs/list
         self.store = _PostgresRuns(dsn) if dsn else _MemoryRuns()
         Jobs._open_instances.add(self.owner)
         self._recover()
@@ -262,7 +284,12 @@ class Jobs:
     def _admit(self, rec, queue):
         """Start the run, queue it behind max_concurrent_runs, or skip it when queueing is off."""
         limit, mine, started = self._slots(rec.job_id)
-        if limit > 0 and started < limit and started == len(mine):
+        if queue and limit > 0 and "jobs_queued" in self.quirks:
+            rec.held = True
+            timer = threading.Timer(self.jobs_queue_delay, self._release, (rec,))
+            timer.daemon = True
+            timer.start()
+        if limit > 0 and started < limit and started == len(mine) and not rec.held:
             self.live[rec.run_id] = rec
             self._launch(rec)
         elif queue and limit > 0:
@@ -360,17 +387,17 @@ class Jobs:
             return CLOSED
         if returncode == 0:
             return "SUCCESS", "SUCCESS", "SUCCESS", ""
-        if returncode < 0:
-            name = signal.Signals(-returncode).name
-            why = f"the worker process was killed by {name} (signal {-returncode})"
-        else:
-            why = f"the worker process exited with code {returncode}"
-        lines = [s for s in self.run_log(rec.run_id, "stderr").splitlines() if s.strip()]
-        last = f": {lines[-1].strip()[:500]}" if lines else "."
-        return "FAILED", "RUN_EXECUTION_ERROR", "CLIENT_ERROR", f"Task {rec.task.get('task_key')} failed: {why}{last}"
+        if returncode < 0:  # killed (out of memory, say): its own last words would not say so
+            rec.error = f"the worker process was killed by {signal.Signals(-returncode).name} (signal {-returncode})"
+        else:  # the exception a traceback ends with, or the worker's own last line
+            lines = [line.strip() for line in self.run_log(rec.run_id, "stderr").splitlines() if line.strip()]
+            rec.error = lines[-1] if lines else f"the worker process exited with code {returncode}"
+        message = f"Task {rec.task.get('task_key')} failed with message: {TASK_FAILED}."  # the reason: get-output
+        return "FAILED", "RUN_EXECUTION_ERROR", "CLIENT_ERROR", message
 
     def _conclude(self, rec, result, code, kind, message):
-        rec.life, rec.result, rec.code, rec.kind, rec.message = "TERMINATED", result, code, kind, message
+        life = "INTERNAL_ERROR" if code == "RUN_EXECUTION_ERROR" else "TERMINATED"  # a failed task, on serverless
+        rec.life, rec.result, rec.code, rec.kind, rec.message = life, result, code, kind, message
         rec.ended, rec.queue_reason = now_ms(), None
         self.live.pop(rec.run_id, None)
         self._procs.pop(rec.run_id, None)
@@ -394,7 +421,17 @@ class Jobs:
                 return
             limit, mine, started = self._slots(job_id)
             for rec in [r for r in mine if r.life == "QUEUED"][:max(0, limit - started)]:
+                if rec.held:
+                    break  # runs start in order; its timer comes back (jobs_queued)
                 self._launch(rec)
+
+    def _release(self, rec):
+        """jobs_queued: the run's wait is over; it starts like any queued run."""
+        with self._lock:
+            if rec.life != "QUEUED":  # cancelled meanwhile
+                return
+            rec.held = False
+        self._schedule(rec.job_id)
 
     def _recover(self):
         """Mark runs whose local workspace died while they were active as FAILED."""
@@ -443,17 +480,8 @@ class Jobs:
 
     def _run_json(self, rec, tasks=True):
         now, end = now_ms(), rec.ended or 0
-        state = {"life_cycle_state": rec.life, "state_message": rec.message,
-                 "user_cancelled_or_timedout": rec.result in ("CANCELED", "TIMEDOUT")}
-        if rec.result:
-            state["result_state"] = rec.result
-        status = {"state": "TERMINATED" if rec.life == "SKIPPED" else rec.life}
-        if rec.code:
-            status["termination_details"] = {"code": rec.code, "type": rec.kind, "message": rec.message}
-        if rec.queue_reason:
-            state["queue_reason"] = rec.queue_reason
-            status["queue_details"] = {"code": "MAX_CONCURRENT_RUNS_REACHED", "message": rec.queue_reason}
-        url = f"{self.url}/#job/{rec.job_id}/run/"
+        state, status = self._state(rec, rec.life, rec.message)
+        url = f"{self.url}/?o={WORKSPACE_ID}#job/{rec.job_id}/run/"
         body = {"job_id": rec.job_id, "run_id": rec.run_id, "number_in_job": rec.run_id,
                 "original_attempt_run_id": rec.run_id, "attempt_number": 0, "run_name": rec.run_name,
                 "creator_user_name": self.user, "run_page_url": url + str(rec.run_id), "run_type": "JOB_RUN",
@@ -464,12 +492,55 @@ class Jobs:
             body["job_parameters"] = rec.parameters
         if tasks:
             running = ((end or now) - rec.started) if rec.started else 0
+            failed = rec.code == "RUN_EXECUTION_ERROR"  # the task ended; the job run is INTERNAL_ERROR
+            task_state, task_status = self._state(rec, "TERMINATED" if failed else rec.life,
+                                                  TASK_FAILED if failed else rec.message)
             body["tasks"] = [{**rec.task, "run_id": rec.task_run_id, "run_page_url": url + str(rec.task_run_id),
-                              "state": state, "status": status, "attempt_number": 0,
+                              "state": task_state, "status": task_status, "attempt_number": 0,
                               "start_time": rec.started or 0, "end_time": end, "setup_duration": 0,
                               "execution_duration": running, "cleanup_duration": 0, "run_duration": running,
                               "queue_duration": body["queue_duration"]}]
+        for name in self.omitted_run_fields:
+            body.pop(name, None)
+            for task in body.get("tasks", []):
+                task.pop(name, None)
         return body
+
+    def _state(self, rec, life, message):
+        """The run's (or its task's) deprecated `state` and its `status`."""
+        state = {"life_cycle_state": life, "state_message": message,
+                 "user_cancelled_or_timedout": rec.result in ("CANCELED", "TIMEDOUT")}
+        if rec.result:
+            state["result_state"] = rec.result
+        status = {"state": "TERMINATED" if life in ("SKIPPED", "INTERNAL_ERROR") else life}
+        if rec.code:
+            status["termination_details"] = {"code": rec.code, "type": rec.kind, "message": message}
+        if rec.life == "QUEUED":
+            code, reason = HELD if rec.held else ("MAX_CONCURRENT_RUNS_REACHED", rec.queue_reason)
+            state["queue_reason"], status["queue_details"] = reason, {"code": code, "message": reason}
+        return state, status
+
+    def _get_run_output(self, req):
+        """A task run's output: its logs (the process's stdout, then its stderr), and why it failed."""
+        task_run_id = _int(req.query.get("run_id"), "run_id")
+        with self._lock:
+            rec = next((r for r in self.live.values() if r.task_run_id == task_run_id), None) \
+                or self.store.by_task(task_run_id)
+            if rec is None:
+                self._record(task_run_id)  # a job run's id, or none: the same errors as the real API
+                raise bad(MULTI_TASK)
+            body = self._run_json(rec)
+        task = body["tasks"][0]
+        metadata = {k: task[k] for k in ("run_page_url", "state", "status", "start_time", "end_time", "attempt_number",
+                                         "setup_duration", "execution_duration", "cleanup_duration", "run_duration",
+                                         "queue_duration") if k in task}
+        metadata.update(job_id=rec.job_id, run_id=rec.task_run_id, job_run_id=rec.run_id, run_name=rec.run_name,
+                        run_type="JOB_RUN", tasks=[task])
+        logs = self.run_log(rec.run_id, "stdout") + self.run_log(rec.run_id, "stderr")
+        output = {"metadata": metadata, "logs": logs[-OUTPUT_LIMIT:], "logs_truncated": len(logs) > OUTPUT_LIMIT}
+        if rec.error:
+            output.update(error=rec.error, error_trace=self.run_log(rec.run_id, "stderr")[-OUTPUT_LIMIT:].strip())
+        return output
 
 
 def _substitute(text, refs):

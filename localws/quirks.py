@@ -26,6 +26,8 @@ QUIRKS = {
     "genie_result_expiry": "a query result expires genie_result_ttl seconds after it is ready: the message reads "
                            "QUERY_RESULT_EXPIRED and its result CLOSED until re-executed",
     "genie_rate_limit": "5 questions a minute per workspace; more are answered 429 with Retry-After",
+    "jobs_queued": "every run first waits QUEUED for jobs_queue_delay seconds, queue_details "
+                   "ACTIVE_RUNS_LIMIT_REACHED (as when the workspace's limit of active runs is reached), then starts",
 }
 HARSH = frozenset(QUIRKS)  # all of them
 ENV = "LOCALWS_HARSH"

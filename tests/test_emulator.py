@@ -62,7 +62,7 @@ def client(emu, token=localws.emulator.TOKEN, retry_timeout=10):
                                          retry_timeout_seconds=retry_timeout))
 
 
-def wait_run(w, run_id, states=("TERMINATED", "SKIPPED"), timeout=10.0):
+def wait_run(w, run_id, states=("TERMINATED", "SKIPPED", "INTERNAL_ERROR"), timeout=10.0):
     def check():
         run = w.jobs.get_run(run_id)
         return run if run.state.life_cycle_state.value in states else None
@@ -147,10 +147,18 @@ def test_contract_jobs_bodies(emu, w, tmp_path):
     wait_run(w, second["run_id"])
     bodies += [w.api_client.do("GET", "/api/2.2/jobs/runs/get", query={"run_id": r["run_id"]})
                for r in (first, second)]  # failed, succeeded
-    assert {b["state"]["life_cycle_state"] for b in bodies} >= {"QUEUED", "SKIPPED", "TERMINATED"}
+    assert {b["state"]["life_cycle_state"] for b in bodies} >= {"QUEUED", "SKIPPED", "INTERNAL_ERROR", "TERMINATED"}
+    assert {b["status"]["state"] for b in bodies} >= {"QUEUED", "TERMINATED"}
+    assert bodies[1]["status"]["queue_details"]["code"] == "MAX_CONCURRENT_RUNS_REACHED"
     for body in bodies:
         roundtrip(jobs.Run, body)
-        assert "next_page_token" not in body and "state" in body
+        assert "next_page_token" not in body and "state" in body and "status" in body
+    failed, succeeded = [w.api_client.do("GET", "/api/2.2/jobs/runs/get-output",
+                                         query={"run_id": body["tasks"][0]["run_id"]}) for body in bodies[3:]]
+    for output, body in ((failed, bodies[3]), (succeeded, bodies[4])):
+        roundtrip(jobs.RunOutput, output)
+        assert output["logs"].startswith("ready pid=") and output["metadata"]["job_run_id"] == body["run_id"]
+    assert (failed["error"], failed["error_trace"]) == ("boom", "boom") and "error" not in succeeded
     for query in ({"job_id": job_id}, {"expand_tasks": "true"}, {"job_id": job_id, "limit": 1},
                   {"active_only": "true"}, {"job_id": 999}):
         roundtrip(jobs.ListRunsResponse, w.api_client.do("GET", "/api/2.2/jobs/runs/list", query=query))
@@ -258,22 +266,35 @@ def test_run_succeeds_through_the_sdk_waiter(emu, w):
     assert (run.state.life_cycle_state, run.state.result_state) == (
         jobs.RunLifeCycleState.TERMINATED, jobs.RunResultState.SUCCESS)
     assert run.status.termination_details.code == jobs.TerminationCodeCode.SUCCESS
-    assert run.run_page_url == f"{emu.url}/#job/{job_id}/run/{run.run_id}"
+    assert run.run_page_url == f"{emu.url}/?o=1#job/{job_id}/run/{run.run_id}"
     assert run.tasks[0].run_id != run.run_id and run.tasks[0].task_key == "worker"
     assert run.run_type == jobs.RunType.JOB_RUN and run.trigger == jobs.TriggerType.ONE_TIME
     assert "ready pid=" in emu.run_log(run.run_id)
 
 
-def test_failed_run_says_why(emu, w):
+def test_a_failed_run_reads_as_on_a_real_workspace_and_its_output_says_why(emu, w):
     job_id = emu.add_job(fake_job())
-    run_id = w.jobs.run_now(job_id, job_parameters={"exit": "3", "stderr": "ValueError: boom"}).run_id
+    run_id = w.jobs.run_now(job_id, job_parameters={"exit": "3", "stderr": "Traceback ...\nValueError: boom"}).run_id
     run = wait_run(w, run_id)
-    assert run.state.result_state == jobs.RunResultState.FAILED
-    assert "exit" in run.state.state_message and "code 3" in run.state.state_message
-    assert "ValueError: boom" in run.state.state_message
+    # the run's own state says only that the task failed, as on serverless; the reason is in the task's output
+    assert (run.state.life_cycle_state, run.state.result_state) == (jobs.RunLifeCycleState.INTERNAL_ERROR,
+                                                                    jobs.RunResultState.FAILED)
+    assert run.state.state_message == "Task worker failed with message: Workload failed, see run output for details."
     details = run.status.termination_details
+    assert run.status.state == jobs.RunLifecycleStateV2State.TERMINATED
     assert (details.code, details.type) == (jobs.TerminationCodeCode.RUN_EXECUTION_ERROR,
                                             jobs.TerminationTypeType.CLIENT_ERROR)
+    task = run.tasks[0]
+    assert (task.state.life_cycle_state, task.state.state_message) == (
+        jobs.RunLifeCycleState.TERMINATED, "Workload failed, see run output for details")
+    output = w.jobs.get_run_output(task.run_id)
+    assert output.error == "ValueError: boom" and output.error_trace == "Traceback ...\nValueError: boom"
+    assert output.logs == f"ready pid={emu.store.get(run_id).pid}\nTraceback ...\nValueError: boom\n"
+    assert output.metadata.run_id == task.run_id and output.logs_truncated is False
+    with pytest.raises(InvalidParameterValue, match="Retrieving the output of runs with multiple tasks"):
+        w.jobs.get_run_output(run_id)  # the job run's id: the real API wants the task's
+    with pytest.raises(ResourceDoesNotExist):
+        w.jobs.get_run_output(4242)
 
 
 def test_parameters_are_merged_and_substituted_and_env_is_the_workspaces(emu, w, tmp_path, monkeypatch):
@@ -353,7 +374,7 @@ def test_worker_killed_from_outside_fails_with_sigkill(emu, w):
     os.kill(int(log.split("pid=")[1].split()[0]), signal.SIGKILL)
     run = wait_run(w, run_id)
     assert run.state.result_state == jobs.RunResultState.FAILED
-    assert "SIGKILL" in run.state.state_message
+    assert w.jobs.get_run_output(run.tasks[0].run_id).error == "the worker process was killed by SIGKILL (signal 9)"
 
 
 def test_timeout_seconds_times_the_run_out(emu, w):
@@ -382,6 +403,28 @@ def test_concurrency_cap_queues_then_starts(emu, w, tmp_path):
     assert wait_run(w, second).state.result_state == jobs.RunResultState.SUCCESS
     assert dump.exists() and not (tmp_path / "third.json").exists()
     assert {r.run_id for r in w.jobs.list_runs(job_id=job_id, completed_only=True)} == {first, second, third}
+
+
+def test_quirk_jobs_queued_holds_every_run_queued_first(tmp_path):
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, quirks={"jobs_queued"}) as emu:
+        emu.jobs_queue_delay = 0.5
+        w = client(emu)
+        job_id = emu.add_job(fake_job(max_concurrent_runs=5))
+        started = time.monotonic()
+        run_id = w.jobs.run_now(job_id).run_id
+        queued = w.jobs.get_run(run_id)
+        assert queued.status.state == jobs.RunLifecycleStateV2State.QUEUED
+        assert queued.status.queue_details.code == jobs.QueueDetailsCodeCode.ACTIVE_RUNS_LIMIT_REACHED
+        assert queued.state.queue_reason == queued.status.queue_details.message
+        assert wait_run(w, run_id).state.result_state == jobs.RunResultState.SUCCESS
+        assert time.monotonic() - started >= 0.5
+        held = w.jobs.run_now(job_id).run_id
+        w.jobs.cancel_run(held)  # a held run is cancelled without ever starting
+        assert wait_run(w, held).state.result_state == jobs.RunResultState.CANCELED
+        time.sleep(0.7)
+        assert w.jobs.get_run(held).state.result_state == jobs.RunResultState.CANCELED and not emu.run_log(held)
+    with pytest.raises(ValueError, match="unknown local workspace quirk"):
+        localws.Emulator(project_dir=ROOT, quirks={"jobs_nope"})
 
 
 def test_without_queue_a_run_over_the_cap_is_skipped(emu, w):

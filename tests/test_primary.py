@@ -156,7 +156,7 @@ def test_data_question_starts_a_job_and_the_turn_ends_there(agent, scripted_mode
     assert call["name"] == "start_databricks_job" and json.loads(call["arguments"]) == {
         "request": "total revenue in 2025"}
     assert result["call_id"] == call["call_id"] and json.loads(result["output"])["run_id"] == run_id
-    url = f"{emu.url}/#job/{job_id}/run/{run_id}"
+    url = f"{emu.url}/?o=1#job/{job_id}/run/{run_id}"
     assert f"run {run_id} ({url})" in reply["content"][0]["text"]
     assert response["custom_outputs"] == {"thread_id": "t-data", "turn": 1, "run_ids": [run_id]}
     run = w.jobs.get_run(int(run_id))
@@ -209,9 +209,78 @@ def test_poll_of_a_running_run_and_of_a_failed_run(agent, scripted_model, w):
     scripted_model.call_tool("poll_databricks_job", {"run_id": failed}).reply("It failed.")
     agent.predict(ask("and the other one?", "t-poll"))
     report = json.loads(last_tool_result(scripted_model))
-    assert report["state"] == "TERMINATED FAILED" and "exited with code 1" in report["state_message"]
+    assert report["state"] == "TERMINATED FAILED" and "Workload failed" in report["state_message"]
     assert report["error"] == "Genie could not answer: the table sales is missing" and report["steps"] == 2
-    assert "answer" not in report
+    assert "answer" not in report and "note" not in report  # the failed step says why: no need of the output
+
+
+def poll(agent, scripted_model, run_id, thread):
+    """The report poll_databricks_job gives the model, as a dict."""
+    scripted_model.call_tool("poll_databricks_job", {"run_id": run_id}).reply("Here is what I know.")
+    agent.predict(ask(f"how is run {run_id}?", thread))
+    return json.loads(last_tool_result(scripted_model))
+
+
+@pytest.mark.parametrize("omitted", [(), ("state",), ("status",), ("state", "status")])
+def test_poll_reads_status_first_then_state_and_says_why_a_run_is_queued(agent, scripted_model, emu, w, db, chat,
+                                                                         omitted):
+    one_slot = PrimaryAgent(chat, w, db, emu.add_job(step_job(max_concurrent_runs=1)))
+    _, slow = start(one_slot, scripted_model, "[slow] all orders ever", thread="t-queue")
+    _, queued = start(one_slot, scripted_model, "orders by month", thread="t-queue")
+    _, done = start(agent, scripted_model, "[steps] revenue", thread="t-done")
+    wait_ended(w, done)
+    emu.omitted_run_fields = set(omitted)  # as a Jobs API that sends only one of them (or neither) would
+    report = poll(one_slot, scripted_model, queued, "t-queue")
+    if len(omitted) == 2:  # nothing to read the state from: said so, and no crash
+        assert report["state"] == "UNKNOWN" and "queued" not in report and report["steps"] == 0
+    else:
+        reason = "Queued due to reaching maximum concurrent runs of 1."
+        assert report["state"] == "QUEUED" and report["steps"] == 0
+        assert report["queued"] == (reason if omitted == ("status",) else f"MAX_CONCURRENT_RUNS_REACHED: {reason}")
+    report = poll(agent, scripted_model, done, "t-done")
+    assert report["state"] == ("UNKNOWN" if len(omitted) == 2 else "TERMINATED SUCCESS")
+    assert report["answer"] == "Answer to: [steps] revenue" and report["steps"] == 4
+    w.jobs.cancel_run(int(slow))
+
+
+def test_a_run_that_died_before_logging_why_is_explained_from_its_output(agent, scripted_model, w):
+    _, run_id = start(agent, scripted_model, "[crash] revenue by region", thread="t-crash-out")
+    wait_ended(w, run_id)
+    report = poll(agent, scripted_model, run_id, "t-crash-out")
+    # the run itself says only "Workload failed, see run output for details."; the output has the reason
+    assert report["state"] == "TERMINATED FAILED" and report["steps"] == 1 and "answer" not in report
+    assert report["error"] == "MemoryError: the worker ran out of memory (test)"
+    assert report["error_trace"].startswith("Traceback (most recent call last):")
+    assert report["error_trace"].endswith("MemoryError: the worker ran out of memory (test)")
+    assert report["note"] == "the worker logged no final step; this is from the run's output"
+
+
+def test_an_answer_the_step_log_missed_is_recovered_from_the_run_output(agent, scripted_model, w):
+    _, run_id = start(agent, scripted_model, "[unlogged] revenue by region", thread="t-unlogged")
+    assert wait_ended(w, run_id).state.result_state.value == "SUCCESS"
+    report = poll(agent, scripted_model, run_id, "t-unlogged")
+    # the answer, whole, even with a line that looks like an end marker in it
+    assert report["answer"] == ("Answer to: [unlogged] revenue by region\n"
+                                "----- end of answer 0123456789abcdef -----")
+    assert report["state"] == "TERMINATED SUCCESS" and report["steps"] == 1 and "error" not in report
+    assert report["note"] == "the worker logged no final step; this is from the run's output"
+
+
+@pytest.mark.parametrize("omitted", [("state",), ("state", "status")])
+def test_terminate_refuses_a_finished_run_and_cancels_one_it_cannot_read(agent, scripted_model, emu, w, omitted):
+    _, run_id = start(agent, scripted_model, "revenue", thread="t-ended")
+    wait_ended(w, run_id)
+    emu.omitted_run_fields = set(omitted)
+    scripted_model.call_tool("terminate_databricks_job", {"run_id": run_id}).reply("Done.")
+    agent.predict(ask("stop it", "t-ended"))
+    result = last_tool_result(scripted_model)
+    if omitted == ("state",):  # status says it has ended
+        assert result == f"Error: run {run_id} has already finished (TERMINATED SUCCESS); there is nothing to cancel"
+        assert not emu.calls("POST", "/api/2.2/jobs/runs/cancel")
+    else:  # no state to go by: the cancel is asked for, which changes nothing on a run that has ended
+        assert json.loads(result)["was"] == "UNKNOWN" and "could not be read" in json.loads(result)["note"]
+        emu.omitted_run_fields = set()
+        assert w.jobs.get_run(int(run_id)).state.result_state.value == "SUCCESS"
 
 
 def test_terminate_cancels_a_running_run_then_says_it_has_ended(agent, scripted_model, w, db):

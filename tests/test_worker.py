@@ -156,7 +156,7 @@ def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_mode
         run = wait_for(lambda: (r := w.jobs.get_run(run_id)).state.result_state and r, "the run to end")
         assert run.state.result_state.value == "SUCCESS", emu.run_log(run_id, "stderr")
         # the answer is in the run's output too, framed so that a poller finds it if the step log misses it
-        assert runs.answer_in_logs(emu.run_log(run_id)) == "East leads with 10.50."
+        assert runs.answer_in_logs(w.jobs.get_run_output(run.tasks[0].run_id).logs) == "East leads with 10.50."
         log = steps(pg_dsn, str(run_id))  # keyed by the id the primary polls
         detail = log[2][2]["detail"]
         asked = w.genie.get_message("space", detail["conversation_id"], detail["message_id"])
