@@ -7,7 +7,8 @@ endpoints and credentials for both, and chat models (`/serving-endpoints/{name}/
 `/serving-endpoints/chat/completions`; `"stream": true` is answered with server-sent chunks, as a real endpoint
 does: `completion_chunks()`). Jobs (jobs.py) and Genie (genie_server.py) add their routes to it in
 `localws.Emulator`. For tests: `inject()` a fault before a route, and a request log (`calls()`).
-`ApiError` (and `bad`, `missing`) is the error every route raises.
+`ApiError` (and `bad`, `missing`) is the error every route raises. A route may answer a `Page` (HTML) instead
+of JSON: the browser page at `/` that run links point to is served without a token (jobs.py says why).
 """
 import json
 import logging
@@ -161,6 +162,29 @@ class Request:
     body: object
     headers: dict  # lower-case names
     status: int = 0  # the status answered
+    peer: tuple = ()  # the client's (host, port)
+
+
+@dataclass
+class Page:
+    """An answer that is an HTML page for a browser, not JSON."""
+    html: str
+    status: int = 200
+
+
+def peer_uid(peer: tuple, server_port: int) -> int | None:
+    """The uid of the process at the other end of a connection from this machine, as Linux tells it in
+    /proc/net/tcp[6]; None where the system does not say (no /proc, another network namespace)."""
+    ours, theirs = f":{server_port:04X}", f":{peer[1]:04X}" if len(peer) > 1 else None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for fields in (row.split() for row in rows):  # sl local remote st queues tr retrnsmt uid ...
+            if theirs and len(fields) > 7 and fields[1].endswith(theirs) and fields[2].endswith(ours):
+                return int(fields[7])
+    return None
 
 
 @dataclass
@@ -265,7 +289,7 @@ class Server:
         except ValueError:
             body = None
         req = Request(h.command, url.path, {k: v[-1] for k, v in parse_qs(url.query).items()}, body,
-                      {k.lower(): v for k, v in h.headers.items()})
+                      {k.lower(): v for k, v in h.headers.items()}, peer=tuple(h.client_address))
         with self._lock:
             self.requests.append(req)
         log.debug("%s %s %s", req.method, h.path, body)
@@ -282,9 +306,17 @@ class Server:
         h.close_connection = h.close_connection or self._closing.is_set()  # don't keep serving after close()
         if isinstance(payload, Stream):
             return self._send_stream(h, payload)
-        data = json.dumps(payload).encode()
+        content = "application/json"
+        if isinstance(payload, Page):
+            status, data, content = payload.status, payload.html.encode(), "text/html; charset=utf-8"
+            req.status = status
+        else:
+            data = json.dumps(payload).encode()
         h.send_response(status)
-        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Type", content)
+        if isinstance(payload, Page):  # no script, no frame, nothing from elsewhere, whatever a run wrote
+            h.send_header("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; "
+                                                     "frame-ancestors 'none'")
         h.send_header("Content-Length", str(len(data)))
         if status in (429, 503):
             h.send_header("Retry-After", str((error and error.retry_after) or 1))
@@ -307,6 +339,8 @@ class Server:
             raise ApiError(503, "TEMPORARILY_UNAVAILABLE", "the local workspace is shutting down")
         if req.path == "/.well-known/databricks-config":  # unauthenticated, like a real workspace's
             return {"oidc_endpoint": f"{self.url}/oidc", "workspace_id": WORKSPACE_ID, "cloud": "AWS"}
+        if req.method == "GET" and req.path == "/":  # a browser's page, which brings no token
+            return self._home(req)
         auth = req.headers.get("authorization", "")
         if not auth.startswith("Bearer "):
             raise ApiError(401, "UNAUTHENTICATED",
@@ -327,6 +361,10 @@ class Server:
             if match and method == req.method:
                 return handler(req, **{k: unquote(v) for k, v in match.groupdict().items()})
         raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{req.method} {req.path}'")
+
+    def _home(self, req):
+        """The page a browser gets at `/` (localws.Emulator shows its job runs there)."""
+        return Page("<!doctype html><title>Local workspace</title><p>The local workspace's REST API.</p>")
 
     def _me(self, req):
         return {"id": self.user_id, "userName": self.user, "displayName": self.user.split("@")[0], "active": True,

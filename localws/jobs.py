@@ -9,11 +9,12 @@ TERMINATED or SKIPPED) follows the process. Run records are kept in memory, or w
 Runs have the real shapes: `status` (state, termination_details, queue_details) besides the deprecated `state`;
 a task that fails reads as on serverless (the run INTERNAL_ERROR FAILED, "Workload failed, see run output for
 details."), and `runs/get-output` of the task run gives its error, error trace and logs (the process's stdout
-and stderr); `run_page_url` is `<host>/?o=<workspace id>#job/<job>/run/<run>`.
+and stderr); `run_page_url` is `<host>/?o=<workspace id>#job/<job>/run/<run>`, and the emulator serves that page.
 Quirk `jobs_queued` (localws/quirks.py) adds what is real but slow: runs that wait QUEUED before they start.
 """
 import base64
 import dataclasses
+import html
 import itertools
 import math
 import os
@@ -31,7 +32,9 @@ from pathlib import Path
 import psycopg
 from psycopg.types.json import Jsonb
 
-from localws.emulator import WORKSPACE_ID, bad, now_ms
+import lakebase
+import runs
+from localws.emulator import WORKSPACE_ID, Page, bad, now_ms, peer_uid
 
 SHUTDOWN_MESSAGE = "the local workspace stopped while this run was active"
 CLOSED_MESSAGE = "the local workspace was closed while this run was active"
@@ -44,6 +47,7 @@ TASK_FAILED = "Workload failed, see run output for details"  # a failed task's m
 MULTI_TASK = ("Retrieving the output of runs with multiple tasks is not supported. Please retrieve the output of "
               "each individual task run instead.")  # get-output of a job run: the real API wants its task's run
 OUTPUT_LIMIT = 5 * 1024 * 1024  # get-output gives the last 5 MB of a task's logs, as the real API does
+PAGE_RUNS = 100  # runs listed on the run page
 HELD = ("ACTIVE_RUNS_LIMIT_REACHED", "Queued due to reaching the workspace limit of active runs.")  # jobs_queued
 # JobSettings / RunTask keys we pass through from a bundle job; bundle-only keys (permissions, ...) are dropped.
 JOB_KEYS = ("name", "description", "max_concurrent_runs", "queue", "parameters", "tasks", "timeout_seconds",
@@ -185,7 +189,7 @@ class Jobs:
         self.live: dict[int, RunRecord] = {}  # this emulator's runs that have not ended
         self._procs, self._threads = {}, []
         self.owner = uuid.uuid4().hex
-        self.jobs_queue_delay = 3.0  # jobs_queued: how long a run waits
+        self.dsn, self.jobs_queue_delay = dsn, 3.0  # jobs_queued: how long a run waits
         self.omitted_run_fields = set()  # test hook: top-level run fields left out of runs/get and runs/list
         self.store = _PostgresRuns(dsn) if dsn else _MemoryRuns()
         Jobs._open_instances.add(self.owner)
@@ -541,6 +545,66 @@ class Jobs:
         if rec.error:
             output.update(error=rec.error, error_trace=self.run_log(rec.run_id, "stderr")[-OUTPUT_LIMIT:].strip())
         return output
+
+    # ------------------------------------------------------------ the run page
+
+    def _home(self, req):
+        """The page of every run's `run_page_url`: `/?o=<workspace id>` lists the newest runs, each under the
+        anchor its URL's fragment names (`job/<job>/run/<run>`, which a browser never sends), with its state and,
+        with a DSN, the steps its worker logged. A browser sends no token, and a token in a link would put a
+        secret into replies and the thread store (and go stale with the next start's token); so instead the page
+        answers only the user the local workspace runs as, where the system says who is connecting (Linux)."""
+        uid = peer_uid(req.peer, self._server.server_address[1])
+        if uid is not None and uid != os.getuid():
+            return Page("<!doctype html><title>Forbidden</title><p>This page shows the runs of another user's "
+                        "local workspace.</p>", status=403)
+        with self._lock:
+            records = [self.live.get(r.run_id, r) for r in self.store.all()[:PAGE_RUNS]]
+            statuses = {r.run_id: self._state(r, r.life, r.message)[1] for r in records}
+        steps = self._steps([rec.run_id for rec in records])
+        sections = [self._run_section(rec, statuses[rec.run_id], steps.get(rec.run_id, [])) for rec in records]
+        return Page(PAGE.format(limit=PAGE_RUNS, sections="\n".join(sections) or "<p>No runs yet.</p>"))
+
+    def _run_section(self, rec, status, steps):
+        e = html.escape
+        why = (status.get("queue_details") or status.get("termination_details") or {}).get("message")
+        facts = [f"<b>{e(' '.join(filter(None, [status['state'], rec.result])))}</b>", e(why or ""),
+                 f"started {e(_when(rec.created))}", f"ended {e(_when(rec.ended))}" if rec.ended else ""]
+        request = next((p["value"] for p in rec.parameters if p["name"] == "request"), "")
+        items = [f"<li>{e(runs.describe_step(step))}</li>" for step in steps]
+        final = next((step for step in steps[::-1] if step["status"] == "completed"), None)
+        answer = f"<pre>{e(str(final['payload'].get('answer')))}</pre>" if final else ""
+        error = f"<p>Error (run output): {e(rec.error)}</p>" if rec.error else ""
+        anchor = f"job/{rec.job_id}/run/{rec.run_id}"
+        return (f'<section id="{e(anchor)}"><h2>Run {rec.run_id} <small>{e(rec.run_name)}</small></h2>'
+                f"<p>{' &middot; '.join(f for f in facts if f)}</p>"
+                + (f"<p>Request: {e(request)}</p>" if request else "") + error
+                + (f"<ol>{''.join(items)}</ol>" if items else "") + answer + "</section>")
+
+    def _steps(self, run_ids) -> dict:
+        """The steps the runs' workers logged in task_logs, by run id, if the emulator has a DSN (that is where
+        they are)."""
+        if not self.dsn:
+            return {}
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=5) as conn:
+                return {run_id: lakebase.read_steps(conn, str(run_id), limit=200) for run_id in run_ids}
+        except psycopg.Error:  # no task_logs yet (no worker has run), or the database is out of reach
+            return {}
+
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Job runs - local workspace</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:60em}} section{{border-top:1px solid #ccc;padding:.3em 0}}
+section:target{{background:#ffe}} pre{{white-space:pre-wrap}} small{{color:#666}}</style></head>
+<body><h1>Job runs of the local workspace</h1><p>Newest first (the last {limit}); a run's link brings you to it.</p>
+{sections}
+</body></html>
+"""
+
+
+def _when(ms):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
 
 
 def _substitute(text, refs):

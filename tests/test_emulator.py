@@ -32,6 +32,7 @@ from databricks.sdk.errors import (
 )
 from databricks.sdk.service import dashboards, database, iam, jobs, postgres
 
+import lakebase
 import localws
 import localws.answerer
 import localws.emulator
@@ -444,6 +445,58 @@ def test_missing_python_file_fails_the_run(emu, w):
     assert run.state.result_state == jobs.RunResultState.FAILED
     assert run.status.termination_details.code == jobs.TerminationCodeCode.RESOURCE_NOT_FOUND
     assert "no_such_worker.py" in run.state.state_message
+
+
+def test_the_run_page_is_served_to_a_browser_with_each_run_under_its_anchor(pg_dsn, tmp_path):
+    with localws.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path, env={"LAKEBASE_DSN": pg_dsn}) as emu:
+        w = client(emu)
+        job = fake_job()
+        job["parameters"].append({"name": "request", "default": ""})
+        job_id = emu.add_job(job)
+        run = wait_run(w, w.jobs.run_now(job_id, job_parameters={"request": "<script>alert(1)</script>"}).run_id)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # what the worker would have logged
+            lakebase.migrate(conn)
+            lakebase.log_step(conn, str(run.run_id), "started", {"request": "<b>revenue</b>"})
+            lakebase.log_step(conn, str(run.run_id), "completed", {"answer": "Revenue & growth: <42>"})
+        page = requests.get(run.run_page_url, timeout=5)  # no token: a browser has none
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert f'<section id="job/{job_id}/run/{run.run_id}">' in page.text
+    assert "TERMINATED SUCCESS" in page.text and "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text
+    assert "#1 started: &lt;b&gt;revenue&lt;/b&gt;" in page.text and "Revenue &amp; growth: &lt;42&gt;" in page.text
+    assert "<script>" not in page.text and "<b>revenue" not in page.text
+
+
+def test_peer_uid_names_the_user_at_the_other_end_of_a_local_connection(emu):
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("the system does not say who is connecting (no /proc/net/tcp)")
+    with requests.Session() as session:
+        session.get(emu.url + "/", timeout=5)
+        peer = emu.calls("GET", "/")[-1].peer
+        assert localws.emulator.peer_uid(peer, int(emu.url.rsplit(":", 1)[1])) == os.getuid()
+    assert localws.emulator.peer_uid(("127.0.0.1", 1), 2) is None  # no such connection
+    if os.getuid() == 0:  # root can become someone else: another user of this machine is refused the run page
+        assert fetch_as(65534, emu.url + "/?o=1").split()[1] == "403"
+
+
+def fetch_as(uid, url):
+    """The status line of a GET of `url` made by a process running as `uid` (a fork: only sockets in the child)."""
+    import socket
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setuid(uid)
+            with socket.create_connection((host, int(port)), timeout=10) as conn:
+                conn.sendall(f"GET /{url.split('/', 3)[3]} HTTP/1.0\r\n\r\n".encode())
+                os.write(write, conn.recv(200).split(b"\r\n")[0])
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as status:
+        return status.read().decode()
 
 
 def test_unknown_run_and_job(emu, w):
