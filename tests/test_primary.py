@@ -663,13 +663,12 @@ def test_bad_requests_name_the_problem_and_write_nothing(agent, db, request_, pr
 
 # ------------------------------------------------------------------ import time
 
-def test_import_is_fast_and_leaves_the_sdk_out():
-    code = "import time, sys; t = time.perf_counter(); import primary; print(time.perf_counter() - t, " \
-           "'databricks.sdk' in sys.modules, 'mlflow' in sys.modules)"
-    runs = [subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
-            for _ in range(3)]  # the best of three: other tests' subprocesses may be busy on the machine
-    assert {tuple(out.split()[1:]) for out in runs} == {("False", "False")}, runs
-    assert min(float(out.split()[0]) for out in runs) < 0.5, runs
+def test_import_leaves_the_sdk_and_mlflow_out():
+    """What keeps `import primary` fast: neither the SDK nor mlflow is imported (the time itself is a figure of
+    benchmarks/bench.py, not a timed test)."""
+    code = "import sys; import primary; print('databricks.sdk' in sys.modules, 'mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
 
 
 # ------------------------------------------------------------------ the terminal
