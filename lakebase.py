@@ -11,8 +11,9 @@ one line saying what to fix, never a password or token.
 
 Schema: `migrate(conn)` applies the numbered `MIGRATIONS` once, under an advisory lock. A thread's messages
 are append-only rows, one per chat-completions message, so a turn writes O(1) rows however long the thread.
-Ownership: `thread_owner()` returns the owner's user id, None for an anonymous thread, or `NO_THREAD`;
-`append_turn(owner=...)` and `record_run(owner=...)` refuse (PermissionError) a thread owned by anyone else.
+Ownership: `claim_thread()` decides a thread's owner once, at the start of a turn (a new thread is created then,
+owned by the user or anonymous for good); `append_turn(owner=...)` and `record_run(owner=...)` hold to that owner
+and refuse (PermissionError) a thread whose stored owner differs. `thread_owner()` reads it (or `NO_THREAD`).
 Text Postgres cannot store (NUL, lone surrogates) is replaced by U+FFFD with a warning, never dropped.
 """
 import json
@@ -321,19 +322,47 @@ def _storable(value, what: str) -> str:
 
 # ------------------------------------------------------------------ threads
 
+class UserIdRequired(PermissionError):
+    """The thread was started with a user id, and the request has none."""
+
+
+def claim_thread(conn, thread_id: str, user: str | None) -> tuple[str | None, int]:
+    """Decide who owns the thread, once, before a turn does anything: a new thread is created at once, owned by
+    `user` (None: anonymous, for good). Returns (its owner, its turns so far); PermissionError if `user` may not
+    continue it: an anonymous thread is anyone's who holds its id, an owned one its owner's alone."""
+    check_id(thread_id, "thread id")
+    for _ in range(3):  # a row deleted between the two statements (delete_thread, prune) is created again
+        row = (conn.execute("insert into threads (thread_id, owner) values (%s, %s) on conflict (thread_id) "
+                            "do nothing returning owner, turns", (thread_id, user)).fetchone()
+               or conn.execute("select owner, turns from threads where thread_id = %s", (thread_id,)).fetchone())
+        if row:
+            break
+    else:
+        raise RuntimeError(f"thread {thread_id} was deleted while it was being claimed, three times")
+    owner, turns = row
+    if owner is not None and owner != user:
+        if user is None:
+            raise UserIdRequired(f"thread {thread_id} was started with a user id, so a user id is required "
+                                 f"to continue it")
+        raise PermissionError(f"thread {thread_id} belongs to someone else")
+    return owner, turns
+
+
 def _claim_thread(conn, thread_id: str, owner: str | None) -> int:
-    """In a transaction: create the thread if new, lock its row, check the owner; returns its turns so far."""
+    """In a transaction: create the thread if new, lock its row, hold to the owner `claim_thread` decided (None:
+    anonymous); returns its turns so far."""
     conn.execute("insert into threads (thread_id, owner) values (%s, %s) on conflict (thread_id) do nothing",
                  (thread_id, owner))
     stored, turns = conn.execute("select owner, turns from threads where thread_id = %s for update",
                                  (thread_id,)).fetchone()
-    if owner is not None and stored != owner:
+    if stored != owner:
         raise PermissionError(f"thread {thread_id} belongs to another user")
     return turns
 
 
 def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None = None) -> int:
-    """Append one turn's messages atomically, after any turn appended concurrently; returns the turn number."""
+    """Append one turn's messages atomically, after any turn appended concurrently; returns the turn number.
+    `owner`: the thread's owner as `claim_thread` decided it (None: anonymous); another stored owner is refused."""
     check_id(thread_id, "thread id")
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise ValueError("a turn is a non-empty list of chat messages (dicts with a 'role')")
@@ -413,8 +442,9 @@ _RUN_COLUMNS = "thread_id, run_id, idempotency_key, request, created_at"
 
 def record_run(conn, thread_id: str, run_id: str, idempotency_key: str, request: str, *,
                owner: str | None = None) -> dict:
-    """Record that the thread started job run `run_id` (creating the thread if new). Returns the run holding
-    `idempotency_key`: this one, or an earlier one (then the caller started a duplicate: cancel it)."""
+    """Record that the thread started job run `run_id` (creating the thread if new; `owner` as in append_turn).
+    Returns the run holding `idempotency_key`: this one, or an earlier one (then the caller started a duplicate:
+    cancel it)."""
     check_id(thread_id, "thread id")
     check_id(run_id, "run id")
     if not isinstance(idempotency_key, str) or not idempotency_key:

@@ -160,17 +160,13 @@ class PrimaryAgent:
         message's item, custom_outputs)."""
         request = parse_request(request)
         with _failures_explained():
-            with self.db.connection() as conn:
-                owner = lakebase.thread_owner(conn, request.thread_id)
-                if owner is not lakebase.NO_THREAD and owner != request.user_id:
-                    raise PermissionError(f"thread {request.thread_id} belongs to someone else")
-                number = lakebase.thread_turns(conn, request.thread_id) + 1
+            with self.db.connection() as conn:  # the owner is decided here, once; every later write holds to it
+                owner, turns = lakebase.claim_thread(conn, request.thread_id, request.user_id)
                 history = lakebase.load_messages(conn, request.thread_id, last=self.window)
-            turn = Turn(self, request, number, history)
+            turn = Turn(self, request, turns + 1, history, owner)
             final = turn.run(emit)
             with self.db.connection() as conn:
-                turn.number = lakebase.append_turn(conn, request.thread_id, turn.new_messages(),
-                                                   owner=request.user_id)
+                turn.number = lakebase.append_turn(conn, request.thread_id, turn.new_messages(), owner=owner)
         return final, turn.custom_outputs()
 
     def own_run(self, thread_id: str, run_id) -> str:
@@ -203,6 +199,8 @@ def _failures_explained():
     """What the user can't fix in the turn becomes a BadRequest or a TurnFailed saying what to check."""
     try:
         yield
+    except lakebase.UserIdRequired as e:
+        raise BadRequest(f"{e}: send it as context.user_id, or start a new thread (no thread_id)") from None
     except PermissionError as e:
         raise BadRequest(f"{e}: start a new thread (no thread_id) or use one of yours") from None
     except llm.LLMError as e:
@@ -219,8 +217,9 @@ class Turn:
     """One turn of a thread: the request, the turn's number, the messages the model sees, the runs it started.
     Its methods named like the tools are the tools."""
 
-    def __init__(self, agent: PrimaryAgent, request: TurnRequest, number: int, history: list):
+    def __init__(self, agent: PrimaryAgent, request: TurnRequest, number: int, history: list, owner=None):
         self.agent, self.request, self.number, self.started = agent, request, number, []
+        self.owner = owner  # the thread's owner, decided when the turn began (None: anonymous)
         self.seed = request.history if number == 1 else []  # a new thread: the client's earlier messages
         self.messages = [{"role": "system", "content": agent.system_prompt},
                          *_window((history + self.seed)[-agent.window:]), {"role": "user", "content": request.text}]
@@ -294,8 +293,7 @@ class Turn:
         else:
             started = self.agent.jobs.start({"request": request, "thread_id": thread_id}, key)
             with db.connection() as conn:  # the run holding the key: this one, as run_now got the same token
-                run_id = lakebase.record_run(conn, thread_id, str(started), key, request,
-                                             owner=self.request.user_id)["run_id"]
+                run_id = lakebase.record_run(conn, thread_id, str(started), key, request, owner=self.owner)["run_id"]
         run = next((run for run in self.started if run["run_id"] == run_id), None)  # a call repeated in one reply
         if run is None:
             run = {"run_id": run_id, "run_page_url": self.agent.jobs.page_url(run_id)}

@@ -180,6 +180,39 @@ def test_thread_owner_is_enforced(conn):
     assert lakebase.list_runs(conn, "t") == []
 
 
+def test_claim_thread_decides_the_owner_once(conn):
+    assert lakebase.claim_thread(conn, "anon", None) == (None, 0)  # created now, anonymous for good
+    assert lakebase.claim_thread(conn, "anon", "bob") == (None, 0)
+    lakebase.append_turn(conn, "anon", [user("by bob")], owner=None)
+    assert lakebase.claim_thread(conn, "anon", None) == (None, 1)
+    assert lakebase.claim_thread(conn, "t", "alice") == ("alice", 0)
+    with pytest.raises(lakebase.UserIdRequired, match="thread t was started with a user id, so a user id is "
+                                                      "required to continue it"):
+        lakebase.claim_thread(conn, "t", None)
+    with pytest.raises(PermissionError, match="thread t belongs to someone else"):
+        lakebase.claim_thread(conn, "t", "mallory")
+    with pytest.raises(PermissionError):  # a write holds to the decided owner, anonymous included
+        lakebase.append_turn(conn, "t", [user("as if anonymous")], owner=None)
+    with pytest.raises(PermissionError):
+        lakebase.record_run(conn, "anon", "7", "k", "as if bob's", owner="bob")
+    assert [lakebase.thread_owner(conn, t) for t in ("anon", "t")] == [None, "alice"]
+
+
+def test_concurrent_claims_of_a_new_thread_have_one_winner(pg_dsn, conn):
+    won, refused = [], []
+
+    def claim(name):
+        with lakebase.connect(LakebaseConfig(dsn=pg_dsn)) as own:
+            try:
+                won.append((name, lakebase.claim_thread(own, "contested", name)))
+            except PermissionError:
+                refused.append(name)
+
+    run_threads(claim, [(f"user{i}",) for i in range(6)])  # all at once, behind a barrier
+    assert len(won) == 1 and len(refused) == 5
+    assert won[0][1] == (won[0][0], 0) and lakebase.thread_owner(conn, "contested") == won[0][0]
+
+
 def test_a_failed_turn_leaves_no_trace(conn):
     with pytest.raises(TypeError):  # not JSON-serialisable: found before anything is written
         lakebase.append_turn(conn, "t", [user("ok"), {"role": "user", "content": object()}])
@@ -192,12 +225,12 @@ def test_runs_and_idempotency_keys(conn):
     first = lakebase.record_run(conn, "t", "101", "key-a", "revenue by region", owner="alice")
     assert (first["run_id"], first["idempotency_key"], first["request"]) == ("101", "key-a", "revenue by region")
     assert lakebase.thread_owner(conn, "t") == "alice"  # recording a run creates the thread
-    lakebase.record_run(conn, "t", "102", "key-b", "margin by product")
+    lakebase.record_run(conn, "t", "102", "key-b", "margin by product", owner="alice")
     # the same key again (a retried request that started a duplicate job): the earlier run wins
-    assert lakebase.record_run(conn, "t", "103", "key-a", "revenue by region") == first
-    assert lakebase.record_run(conn, "t", "101", "key-a", "revenue by region") == first
+    assert lakebase.record_run(conn, "t", "103", "key-a", "revenue by region", owner="alice") == first
+    assert lakebase.record_run(conn, "t", "101", "key-a", "revenue by region", owner="alice") == first
     with pytest.raises(ValueError, match="another idempotency key"):
-        lakebase.record_run(conn, "t", "101", "key-c", "x")
+        lakebase.record_run(conn, "t", "101", "key-c", "x", owner="alice")
     assert lakebase.find_run(conn, "t", run_id="101") == first
     assert lakebase.find_run(conn, "t", idempotency_key="key-b")["run_id"] == "102"
     assert lakebase.find_run(conn, "t", run_id="103") is None
@@ -271,7 +304,7 @@ def test_a_message_with_unstorable_characters_is_stored_sanitised(conn, caplog):
 def test_list_delete_and_prune(conn):
     for name, owner in [("old", "alice"), ("mid", "bob"), ("new", "alice")]:
         lakebase.append_turn(conn, name, [user(name)], owner=owner)
-        lakebase.record_run(conn, name, f"run-{name}", "k", "q")
+        lakebase.record_run(conn, name, f"run-{name}", "k", "q", owner=owner)
         lakebase.log_step(conn, f"run-{name}", "started", {"request": "q", "thread_id": name})
     lakebase.log_step(conn, "run-unrelated", "started", {"request": "q", "thread_id": None})
     conn.execute("update threads set updated_at = now() - interval '40 days' where thread_id = 'old'")

@@ -326,9 +326,11 @@ def test_runs_of_other_threads_are_refused(agent, scripted_model, emu, w):
 def test_another_users_thread_is_refused_and_nothing_is_written(agent, scripted_model, db):
     scripted_model.reply("Hi Alice.")
     agent.predict({**ask("hi", "t-alice"), "context": {"user_id": "alice@example.com"}})
-    for context in ({"user_id": "bob@example.com"}, {}):
-        with pytest.raises(BadRequest, match="thread t-alice belongs to someone else"):
-            agent.predict({**ask("show me alice's data", "t-alice"), "context": context})
+    with pytest.raises(BadRequest, match="thread t-alice belongs to someone else: start a new thread"):
+        agent.predict({**ask("show me alice's data", "t-alice"), "context": {"user_id": "bob@example.com"}})
+    with pytest.raises(BadRequest, match="thread t-alice was started with a user id, so a user id is required to "
+                                         "continue it: send it as context.user_id"):
+        agent.predict(ask("show me alice's data", "t-alice"))
     with pytest.raises(BadRequest, match="belongs to someone else"):  # context.conversation_id names it too
         agent.predict({"input": [{"role": "user", "content": "x"}],
                        "context": {"conversation_id": "t-alice", "user_id": "bob@example.com"}})
@@ -336,6 +338,80 @@ def test_another_users_thread_is_refused_and_nothing_is_written(agent, scripted_
     with db.connection() as conn:
         assert lakebase.thread_owner(conn, "t-alice") == "alice@example.com"
         assert lakebase.thread_turns(conn, "t-alice") == 1
+
+
+def test_an_anonymous_thread_stays_open_to_whoever_holds_its_id(agent, scripted_model, db):
+    scripted_model.reply("Hi.").reply("Hi Bob.").reply("Hi again.")
+    agent.predict(ask("hi", "t-anon"))
+    agent.predict({**ask("I am bob", "t-anon"), "context": {"user_id": "bob@example.com"}})
+    agent.predict(ask("me again, the creator", "t-anon"))  # bob's user id did not lock its creator out
+    assert [m["content"] for m in stored(db, "t-anon")] == ["hi", "Hi.", "I am bob", "Hi Bob.",
+                                                            "me again, the creator", "Hi again."]
+    with db.connection() as conn:
+        assert lakebase.thread_owner(conn, "t-anon") is None
+
+
+def held_turn(pool, agent, scripted_model, request, message):
+    """Start the turn in `pool`, held inside its model call (which answers `message`) until the returned event is
+    set; returns (the turn's future, that event), once the turn has reached the model."""
+    reached, release = threading.Event(), threading.Event()
+
+    def respond(_):
+        reached.set()
+        assert release.wait(WAIT), "the held turn was never released"
+        return message
+
+    scripted_model.respond(respond)
+    future = pool.submit(agent.predict, request)
+    assert reached.wait(WAIT), "the held turn never reached the model"
+    return future, release
+
+
+START_JOB = {"role": "assistant", "content": None, "tool_calls": [{"id": "c-race", "type": "function", "function": {
+    "name": "start_databricks_job", "arguments": json.dumps({"request": "revenue"})}}]}
+
+
+@pytest.mark.parametrize("other", [None, "bob"], ids=["anonymous", "bob"])
+def test_a_thread_created_by_a_user_mid_turn_refuses_the_other_at_once(agent, scripted_model, db, emu, other):
+    """Alice's turn creates t-race and is held in its model call; the other's request naming it is refused before
+    anything of its turn happens, whoever asks."""
+    with ThreadPoolExecutor(1) as pool:
+        alice, release = held_turn(pool, agent, scripted_model, {**ask("my secret plan", "t-race"),
+                                                                 "context": {"user_id": "alice"}}, "Noted, Alice.")
+        refused = "a user id is required" if other is None else "belongs to someone else"
+        with pytest.raises(BadRequest, match=refused):
+            agent.predict({**ask("[slow] what is alice planning?", "t-race"), "context": {"user_id": other}})
+        release.set()
+        alice.result(WAIT)
+    assert [m["content"] for m in stored(db, "t-race")] == ["my secret plan", "Noted, Alice."]
+    assert not emu.calls("POST", "/api/2.2/jobs/run-now")
+    with db.connection() as conn:
+        assert lakebase.thread_owner(conn, "t-race") == "alice"
+
+
+@pytest.mark.parametrize("other", [None, "bob"], ids=["anonymous", "bob"])
+def test_a_thread_created_first_by_the_other_keeps_its_owner_and_its_run(agent, scripted_model, db, emu, w, other):
+    """The other's turn creates t-race and is held in its model call (which then starts a job); Alice names t-race
+    meanwhile: she may continue an anonymous thread (it stays anonymous), and is refused bob's. The job the held
+    turn starts is recorded in t-race either way."""
+    with ThreadPoolExecutor(1) as pool:
+        first, release = held_turn(pool, agent, scripted_model, {**ask("revenue?", "t-race"),
+                                                                 "context": {"user_id": other}}, START_JOB)
+        alice = {**ask("hi, it's alice", "t-race"), "context": {"user_id": "alice"}}
+        if other is None:
+            scripted_model.reply("Hi Alice.")
+            agent.predict(alice)
+        else:
+            with pytest.raises(BadRequest, match="thread t-race belongs to someone else"):
+                agent.predict(alice)
+        release.set()
+        run_ids = first.result(WAIT)["custom_outputs"]["run_ids"]
+    with db.connection() as conn:
+        assert lakebase.thread_owner(conn, "t-race") == other
+        assert [run["run_id"] for run in lakebase.list_runs(conn, "t-race")] == run_ids
+    assert len(run_ids) == len(emu.calls("POST", "/api/2.2/jobs/run-now")) == 1
+    contents = [m["content"] for m in stored(db, "t-race") if m["role"] == "user"]
+    assert sorted(contents) == (["hi, it's alice", "revenue?"] if other is None else ["revenue?"])
 
 
 def test_a_job_started_in_a_new_thread_is_owned_at_once(agent, scripted_model, db):
@@ -453,7 +529,9 @@ def test_a_failing_model_raises_and_stores_nothing(agent, scripted_model, db):
     scripted_model.fault(401, body={"error_code": "UNAUTHENTICATED", "message": "bad token"})
     with pytest.raises(TurnFailed, match="the chat model failed and nothing was stored: .*HTTP 401.*bad token"):
         agent.predict(ask("hi", "t-down"))
-    assert count_threads(db) == 0
+    assert stored(db, "t-down") == []  # the thread's id stays claimed by whoever named it first
+    with db.connection() as conn:
+        assert lakebase.thread_turns(conn, "t-down") == 0
 
 
 def test_a_database_that_is_gone_raises_a_clear_error(chat, w, job_id, pg_server, scripted_model):
@@ -604,7 +682,7 @@ def test_a_turn_failing_after_events_were_sent_ends_with_an_error_event(agent, s
              "database": "the database failed and nothing was stored: disk full"}[failure]
     assert check in error["message"] and "http" not in error["message"]
     assert "Check that" in error["message"]
-    assert count_threads(db) == 0
+    assert stored(db, "t-broken") == []  # nothing of the turn (its thread id stays claimed)
 
 
 def test_stream_of_a_new_thread_tells_its_id_and_raises_errors(agent, scripted_model):
