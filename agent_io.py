@@ -4,10 +4,13 @@ share them; nothing here needs mlflow.
 
 Request: `{"input": [items], "custom_inputs": {"thread_id", "request_id"}, "context": {"conversation_id",
 "user_id"}}`, items `{"role", "content": str | [text parts]}` (or typed `message`, `function_call`,
-`function_call_output`). Output items and events are shaped like mlflow.types.responses' `create_*_item`
-helpers; a bad request raises `BadRequest` naming the first problem. A stream is text deltas (`text_delta`), each
-under the id of the message item that then arrives in its `response.output_item.done` event (`item_done`), and,
-if the turn fails part-way, an `error` event (`error_event`).
+`function_call_output`, `reasoning`). `system` and `developer` messages are the turn's instructions; earlier
+user and assistant messages seed a new thread; tool and reasoning items of earlier turns are not replayed, but
+the ids of items we issued (`msg_`/`fc_` + 32 hex digits, unguessable) find the thread of a client that sends
+no thread id. Output items and events are shaped like mlflow.types.responses' `create_*_item` helpers; a bad
+request raises `BadRequest` naming the first problem. A stream is text deltas (`text_delta`), each under the id
+of the message item that then arrives in its `response.output_item.done` event (`item_done`), and, if the turn
+fails part-way, an `error` event (`error_event`).
 """
 import re
 import uuid
@@ -16,6 +19,10 @@ from dataclasses import dataclass, field
 import lakebase
 
 MAX_CONTENT_CHARS = 32_000  # per input message; longer ones are refused (BadRequest)
+MAX_INSTRUCTIONS_CHARS = 8_000  # the system and developer messages of a request, together
+MAX_ITEM_IDS = 100  # the latest ids of our items in a request that are looked up
+ITEM_ID = re.compile(r"(msg|fc)_[0-9a-f]{32}")  # the ids output_items() issues
+IGNORED_ITEMS = ("function_call", "function_call_output", "reasoning")  # earlier turns' items: not replayed
 ROLES = ("user", "assistant", "system", "developer")
 TEXT_PARTS = ("input_text", "output_text", "text")
 URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I)
@@ -33,6 +40,9 @@ class TurnRequest:
     user_id: str | None = None  # context.user_id: the thread's owner
     request_id: str | None = None  # custom_inputs.request_id: a client's retry of the same request
     history: list = field(default_factory=list)  # earlier user/assistant messages, seeding a new thread
+    instructions: str = ""  # the system and developer messages, for this turn only
+    named: bool = True  # the client named the thread (custom_inputs.thread_id or context.conversation_id)
+    item_ids: list = field(default_factory=list)  # ids of our items in `input`, oldest first
 
 
 def parse_request(request) -> TurnRequest:
@@ -51,7 +61,8 @@ def parse_request(request) -> TurnRequest:
         raise BadRequest(f"input[{len(items) - 1}], the last item, must be the user's message (role 'user')")
     if not last["content"].strip():
         raise BadRequest(f"input[{len(items) - 1}]: the user's message is empty")
-    thread_id = check_thread_id(custom.get("thread_id") or context.get("conversation_id") or uuid.uuid4().hex)
+    named = custom.get("thread_id") or context.get("conversation_id")
+    thread_id = check_thread_id(named or uuid.uuid4().hex)
     user_id, request_id = context.get("user_id") or None, custom.get("request_id") or None
     for name, value in (("context.user_id", user_id), ("custom_inputs.request_id", request_id)):
         if value is not None and (not isinstance(value, str) or len(value) > 256
@@ -59,7 +70,14 @@ def parse_request(request) -> TurnRequest:
             raise BadRequest(f"{name} must be a string of at most 256 characters, without NUL or unpaired "
                              f"surrogate characters")
     history = [m for m in messages[:-1] if m and m["role"] in ("user", "assistant") and m["content"].strip()]
-    return TurnRequest(thread_id, last["content"], user_id, request_id, history)
+    instructions = "\n\n".join(m["content"].strip() for m in messages if m and m["role"] in ("system", "developer")
+                               and m["content"].strip())
+    if len(instructions) > MAX_INSTRUCTIONS_CHARS:
+        raise BadRequest(f"the system and developer messages have {len(instructions):,} characters together; the "
+                         f"limit is {MAX_INSTRUCTIONS_CHARS:,} (MAX_INSTRUCTIONS_CHARS)")
+    ids = [item.get("id") for item in items if item.get("type", "message") in ("message", "function_call")]
+    item_ids = [i for i in ids if isinstance(i, str) and ITEM_ID.fullmatch(i)][-MAX_ITEM_IDS:]
+    return TurnRequest(thread_id, last["content"], user_id, request_id, history, instructions, bool(named), item_ids)
 
 
 def check_thread_id(thread_id) -> str:
@@ -77,15 +95,14 @@ def _mapping(request, key) -> dict:
 
 
 def _message(where, item) -> dict | None:
-    """An input item as a chat message; None for the tool items of earlier turns (not replayed)."""
+    """An input item as a chat message; None for the tool and reasoning items of earlier turns (not replayed)."""
     if not isinstance(item, dict):
         raise BadRequest(f"{where} must be an object, not {type(item).__name__}")
     kind = item.get("type", "message")
-    if kind in ("function_call", "function_call_output"):
+    if kind in IGNORED_ITEMS:
         return None
     if kind != "message":
-        raise BadRequest(f"{where}: type {kind!r} is not supported: use message, function_call or "
-                         f"function_call_output")
+        raise BadRequest(f"{where}: type {kind!r} is not supported: use message, {', '.join(IGNORED_ITEMS)}")
     role, content = item.get("role"), item.get("content")
     if role not in ROLES:
         raise BadRequest(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")

@@ -267,6 +267,10 @@ create table task_logs (run_id text not null, step int not null, status text not
                             ('started', 'tool_call', 'tool_result', 'completed', 'failed', 'cancelled')),
                         payload jsonb not null, created_at timestamptz not null default now(),
                         primary key (run_id, step))"""),
+    (4, """
+create table thread_items (item_id text primary key, thread_id text not null references threads on delete cascade,
+                           created_at timestamptz not null default now());
+create index thread_items_thread on thread_items (thread_id)"""),
 ]
 
 
@@ -360,9 +364,10 @@ def _claim_thread(conn, thread_id: str, owner: str | None) -> int:
     return turns
 
 
-def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None = None) -> int:
+def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None = None, item_ids=()) -> int:
     """Append one turn's messages atomically, after any turn appended concurrently; returns the turn number.
-    `owner`: the thread's owner as `claim_thread` decided it (None: anonymous); another stored owner is refused."""
+    `owner`: the thread's owner as `claim_thread` decided it (None: anonymous); another stored owner is refused.
+    `item_ids`: the ids of the output items the turn issued, which find the thread again (`thread_of_items`)."""
     check_id(thread_id, "thread id")
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
         raise ValueError("a turn is a non-empty list of chat messages (dicts with a 'role')")
@@ -375,6 +380,8 @@ def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None
             cur.executemany("insert into thread_messages (thread_id, seq, turn, message) "
                             "values (%s, %s, %s, %s::jsonb)", [(thread_id, last + i, turn, row)
                                                                for i, row in enumerate(rows, 1)])
+            cur.executemany("insert into thread_items (item_id, thread_id) values (%s, %s) on conflict do nothing",
+                            [(check_id(item_id, "item id"), thread_id) for item_id in item_ids])
         conn.execute("update threads set turns = %s, updated_at = now() where thread_id = %s", (turn, thread_id))
     log.debug("thread %s turn %d: %s", thread_id, turn, rows)
     return turn
@@ -404,6 +411,17 @@ def thread_owner(conn, thread_id: str):
     """The thread's owner: a user id, None for an anonymous thread, or NO_THREAD if there is no such thread."""
     cur = conn.execute("select owner from threads where thread_id = %s", (check_id(thread_id, "thread id"),))
     return (cur.fetchone() or (NO_THREAD,))[0]
+
+
+def thread_of_items(conn, item_ids: list[str], user: str | None) -> str | None:
+    """The thread that issued the latest of `item_ids` (output item ids) and that `user` may continue (an anonymous
+    thread, or one of `user`'s), or None."""
+    if not item_ids:
+        return None
+    rows = conn.execute("select i.item_id, i.thread_id from thread_items i join threads t using (thread_id) "
+                        "where i.item_id = any(%s) and (t.owner is null or t.owner = %s)", (list(item_ids), user))
+    found = dict(rows.fetchall())
+    return next((found[i] for i in reversed(item_ids) if i in found), None)
 
 
 def list_threads(conn, *, owner: str | None = None, limit: int = 50) -> list[dict]:

@@ -4,7 +4,7 @@
 --
 --   app_role     The primary agent. On Model Serving this is the service principal whose OAuth secret the
 --                endpoint uses (role name = its application id, a UUID). In a terminal it is you (your email).
---                Needs: read and write threads, thread_messages and thread_runs, read task_logs.
+--                Needs: read and write threads, thread_messages, thread_runs and thread_items, read task_logs.
 --   worker_role  The job's run-as identity, which runs worker.py: you with the dev target, or the job's
 --                run_as service principal. Needs only: read and insert task_logs, read schema_migrations.
 --                Defaults to app_role. One identity for both is the simplest setup (see "Ownership" below).
@@ -100,6 +100,7 @@ BEGIN
                 ('threads',           'SELECT, INSERT, UPDATE, DELETE', app),
                 ('thread_messages',   'SELECT, INSERT, UPDATE, DELETE', app),
                 ('thread_runs',       'SELECT, INSERT, UPDATE, DELETE', app),
+                ('thread_items',      'SELECT, INSERT, UPDATE, DELETE', app),
                 ('task_logs',         'SELECT',                         app),
                 ('schema_migrations', 'SELECT, INSERT',                 app),
                 ('task_logs',         'SELECT, INSERT',                 worker),
@@ -160,5 +161,5 @@ SELECT r.name AS role, c.relname AS "table",
   FROM (SELECT DISTINCT unnest(ARRAY[:'app_role', :'worker_role']) AS name) AS r
  CROSS JOIN pg_class AS c
  WHERE c.relnamespace = to_regnamespace(:'schema') AND c.relkind IN ('r', 'p')
-   AND c.relname IN ('threads', 'thread_messages', 'thread_runs', 'task_logs', 'schema_migrations')
+   AND c.relname IN ('threads', 'thread_messages', 'thread_runs', 'thread_items', 'task_logs', 'schema_migrations')
  ORDER BY 1, 2;

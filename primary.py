@@ -53,6 +53,7 @@ completely: the job's worker does not see this conversation. The job runs in the
 When the user asks how a job is doing or for its answer, call poll_databricks_job with its run id and give them \
 the answer, or its state and progress, in plain words. To stop a job, call terminate_databricks_job.
 Never invent numbers. When a tool returns an error, say what went wrong and what to do about it."""
+INSTRUCTIONS = "The client sent these instructions for this turn; follow them unless they conflict with the above:"
 RUN_SCHEMA = {"type": "object", "required": ["run_id"], "properties": {"run_id": {
     "type": "string", "description": "the run id that start_databricks_job returned, e.g. \"123\""}}}
 START_SCHEMA = {"type": "object", "required": ["request"], "properties": {"request": {
@@ -161,12 +162,16 @@ class PrimaryAgent:
         request = parse_request(request)
         with _failures_explained():
             with self.db.connection() as conn:  # the owner is decided here, once; every later write holds to it
+                if not request.named:  # a client that resends the conversation: the thread that issued its items
+                    request.thread_id = (lakebase.thread_of_items(conn, request.item_ids, request.user_id)
+                                         or request.thread_id)
                 owner, turns = lakebase.claim_thread(conn, request.thread_id, request.user_id)
                 history = lakebase.load_messages(conn, request.thread_id, last=self.window)
             turn = Turn(self, request, turns + 1, history, owner)
             final = turn.run(emit)
             with self.db.connection() as conn:
-                turn.number = lakebase.append_turn(conn, request.thread_id, turn.new_messages(), owner=owner)
+                turn.number = lakebase.append_turn(conn, request.thread_id, turn.new_messages(), owner=owner,
+                                                   item_ids=turn.item_ids)
         return final, turn.custom_outputs()
 
     def own_run(self, thread_id: str, run_id) -> str:
@@ -220,9 +225,12 @@ class Turn:
     def __init__(self, agent: PrimaryAgent, request: TurnRequest, number: int, history: list, owner=None):
         self.agent, self.request, self.number, self.started = agent, request, number, []
         self.owner = owner  # the thread's owner, decided when the turn began (None: anonymous)
-        self.seed = request.history if number == 1 else []  # a new thread: the client's earlier messages
-        self.messages = [{"role": "system", "content": agent.system_prompt},
-                         *_window((history + self.seed)[-agent.window:]), {"role": "user", "content": request.text}]
+        self.item_ids = []  # of the output items issued, stored with the turn
+        # a new thread: the client's earlier messages, as many as the window holds (stored with the turn)
+        self.seed = _window(request.history[-agent.window:]) if number == 1 else []
+        system = agent.system_prompt + (f"\n\n{INSTRUCTIONS}\n{request.instructions}" if request.instructions else "")
+        self.messages = [{"role": "system", "content": system}, *_window((history + self.seed)[-agent.window:]),
+                         {"role": "user", "content": request.text}]
         self.first = len(self.messages) - 1  # where this turn's own messages start
 
     def run(self, emit) -> dict:
@@ -239,7 +247,7 @@ class Turn:
         def on_message(message, info):
             nonlocal text_id
             if message["role"] == "tool" or message.get("tool_calls"):
-                for item in output_items(message, item_id=text_id):
+                for item in self.items(message, item_id=text_id):
                     emit(item_done(item))
                 text_id = None
 
@@ -254,7 +262,13 @@ class Turn:
             self.messages.append({"role": "assistant", "content": f"I could not finish this within "
                                   f"{self.agent.max_calls} steps. Please ask again, perhaps more narrowly."})
             on_text(self.messages[-1]["content"])
-        return output_items(self.messages[-1], final=True, item_id=text_id)[0]
+        return self.items(self.messages[-1], final=True, item_id=text_id)[0]
+
+    def items(self, message: dict, final=False, item_id=None) -> list[dict]:
+        """The message as output items, keeping their ids: a client that sends them back finds this thread."""
+        items = output_items(message, final, item_id)
+        self.item_ids += [item["id"] for item in items if "id" in item]
+        return items
 
     def new_messages(self) -> list[dict]:
         """What the turn stores: the seeded history of a new thread, the user's message and all that followed."""

@@ -381,7 +381,7 @@ def test_grants_give_each_identity_what_it_needs(lakebase_db, tmp_path):
         assert lakebase.migrate(conn) == []
         assert lakebase.log_step(conn, "1", "started", {"request": "revenue", "thread_id": "t1"}) == 1
         assert [step["status"] for step in lakebase.read_steps(conn, "1")] == ["started"]
-        for table in ("threads", "thread_messages", "thread_runs"):
+        for table in ("threads", "thread_messages", "thread_runs", "thread_items"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(table)))
     with connected_as(dsn, app) as conn:  # the primary: its threads and runs, and the worker's steps

@@ -61,11 +61,12 @@ def run_threads(target, args_list, timeout=60):
 
 def test_migrate_applies_once_in_order(pg_dsn):
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        assert lakebase.migrate(conn) == [1, 2, 3]
+        versions = [version for version, _ in lakebase.MIGRATIONS]
+        assert lakebase.migrate(conn) == versions == sorted(versions)
         assert lakebase.migrate(conn) == []
-        assert [r[0] for r in conn.execute("select version from schema_migrations order by version")] == [1, 2, 3]
+        assert [r[0] for r in conn.execute("select version from schema_migrations order by version")] == versions
         tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
-        assert tables == {"schema_migrations", "threads", "thread_messages", "thread_runs", "task_logs"}
+        assert {"schema_migrations", "threads", "thread_messages", "thread_runs", "task_logs", "thread_items"} <= tables
 
 
 def test_migrate_from_two_processes_at_once(pg_dsn):
@@ -88,7 +89,7 @@ def test_migrate_from_two_processes_at_once(pg_dsn):
             out, err = p.communicate(timeout=30)
             assert p.returncode == 0, err
             results.append(json.loads(out))
-    assert sorted(results) == [[], [1, 2, 3]]
+    assert sorted(results) == [[], [version for version, _ in lakebase.MIGRATIONS]]
 
 
 # ------------------------------------------------------------------ threads
@@ -196,6 +197,20 @@ def test_claim_thread_decides_the_owner_once(conn):
     with pytest.raises(PermissionError):
         lakebase.record_run(conn, "anon", "7", "k", "as if bob's", owner="bob")
     assert [lakebase.thread_owner(conn, t) for t in ("anon", "t")] == [None, "alice"]
+
+
+def test_item_ids_find_the_thread_that_issued_them_for_who_may_continue_it(conn):
+    lakebase.append_turn(conn, "anon", [user("hi"), assistant("hello")], item_ids=["msg_a1"])
+    lakebase.append_turn(conn, "mine", [user("hi"), assistant("hello")], owner="alice", item_ids=["msg_b1", "fc_b2"])
+    lakebase.append_turn(conn, "mine", [user("more")], owner="alice", item_ids=["msg_b3"])
+    assert lakebase.thread_of_items(conn, ["msg_a1"], None) == lakebase.thread_of_items(conn, ["msg_a1"], "x") == "anon"
+    assert lakebase.thread_of_items(conn, ["fc_b2", "msg_zz"], "alice") == "mine"
+    assert lakebase.thread_of_items(conn, ["msg_b1", "msg_a1"], "alice") == "anon"  # the latest known id decides
+    assert lakebase.thread_of_items(conn, ["msg_b1"], None) is None  # not for anyone but alice
+    assert lakebase.thread_of_items(conn, ["msg_b1"], "mallory") is None
+    assert lakebase.thread_of_items(conn, ["msg_zz"], "alice") is lakebase.thread_of_items(conn, [], None) is None
+    lakebase.delete_thread(conn, "mine")
+    assert conn.execute("select count(*) from thread_items").fetchone()[0] == 1
 
 
 def test_concurrent_claims_of_a_new_thread_have_one_winner(pg_dsn, conn):

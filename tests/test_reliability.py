@@ -758,7 +758,7 @@ def test_sql_injection_in_messages_and_user_ids_is_stored_verbatim_and_harms_not
     assert time.monotonic() - started < 3  # no injected pg_sleep ran
     with db.connection() as conn:
         assert table_counts(conn) == {"threads": len(INJECTIONS), "thread_messages": 2 * len(INJECTIONS),
-                                      "thread_runs": 0, "task_logs": 0, "schema_migrations": 3}
+                                      "thread_runs": 0, "task_logs": 0, "schema_migrations": len(lakebase.MIGRATIONS)}
 
 
 def test_sql_injection_in_thread_ids_is_refused_and_harms_nothing(db):
@@ -773,7 +773,7 @@ def test_sql_injection_in_thread_ids_is_refused_and_harms_nothing(db):
     assert not model.sent
     with db.connection() as conn:
         assert table_counts(conn) == {"threads": 0, "thread_messages": 0, "thread_runs": 0, "task_logs": 0,
-                                      "schema_migrations": 3}
+                                      "schema_migrations": len(lakebase.MIGRATIONS)}
 
 
 def test_sql_injection_in_run_ids_goes_back_to_the_model_and_harms_nothing(db, emu):
@@ -790,7 +790,7 @@ def test_sql_injection_in_run_ids_goes_back_to_the_model_and_harms_nothing(db, e
     assert not emu.calls("GET", "/api/2.2/jobs/runs/get") and not emu.calls("POST", "/api/2.2/jobs/runs/cancel")
     with db.connection() as conn:
         assert table_counts(conn) == {"threads": 1, "thread_messages": 1 + 1 + len(INJECTIONS) + 1, "thread_runs": 0,
-                                      "task_logs": 0, "schema_migrations": 3}
+                                      "task_logs": 0, "schema_migrations": len(lakebase.MIGRATIONS)}
 
 
 def test_sql_injection_in_genie_questions_leaves_the_data_intact(pg_dsn, tmp_path):

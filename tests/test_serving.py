@@ -176,6 +176,31 @@ def test_predict_and_stream_are_responses_agent_shapes_with_the_thread_id(served
     assert events[0].custom_outputs is None
 
 
+def test_a_stateless_client_through_mlflow_keeps_its_thread_by_its_tool_call_ids(served, scripted_model, pg_dsn):
+    scripted_model.call_tool("start_databricks_job", {"request": "[slow] revenue in 2025"})
+    first = {"input": [{"role": "user", "content": "revenue in 2025?"}]}
+    started = served.predict(first).model_dump(exclude_none=True)
+    thread, [run_id] = started["custom_outputs"]["thread_id"], started["custom_outputs"]["run_ids"]
+    second = {"input": [*first["input"], *started["output"], {"role": "user", "content": "is it done?"}]}
+    scripted_model.call_tool("poll_databricks_job", {"run_id": run_id}).reply("Not yet.")
+    polled = served.predict(second).model_dump(exclude_none=True)
+    assert polled["custom_outputs"] == {"thread_id": thread, "turn": 2, "run_ids": []}
+    assert '"state": "' in last_tool_result(scripted_model)  # polled: the run was started in this conversation
+    scripted_model.reply("Good.")
+    events = list(served.predict_stream({"input": [*second["input"], *polled["output"],
+                                                   {"role": "user", "content": "thanks"}]}))
+    assert events[-1].custom_outputs["thread_id"] == thread
+    # MLflow's request type drops an assistant message's id (its Message has no id field), so a history whose only
+    # item of ours is a message can't find its thread through the scoring server
+    reply = [item for item in polled["output"] if item["type"] == "message"]
+    assert reply and reply[0]["id"].startswith("msg_")
+    scripted_model.reply("Hi.")
+    alone = served.predict({"input": [{"role": "user", "content": "hi"}, *reply, {"role": "user", "content": "?"}]})
+    assert alone.custom_outputs["thread_id"] != thread and alone.custom_outputs["turn"] == 1
+    assert [m["content"] for m in stored(pg_dsn, thread) if m["role"] == "user"] == [
+        "revenue in 2025?", "is it done?", "thanks"]
+
+
 def test_a_bad_request_is_a_400_naming_the_problem_and_stores_nothing(served, pg_dsn):
     bad = {"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     with pytest.raises(MlflowException) as raised:
