@@ -36,10 +36,12 @@ class Emulator(Jobs, Genie, Server):
 
     Jobs: `add_job(job_dict)`; runs spawn `sys.executable <python_file> ...` in `project_dir` with
     `os.environ` + `env` (a None value removes a variable; DATABRICKS_* come from the emulator).
-    Genie: `add_genie_space(space_id, answerer)`; `answerer.answer(question, history)` gets the earlier
-    answered messages of the conversation as `[{"question", "text", "sql"}]`, oldest first.
+    Genie: `add_genie_space(space_id, answerer, users=None)`; `answerer.answer(question, history)` gets the earlier
+    answered messages of the conversation as `[{"question", "text", "sql"}]`, oldest first; `users` restricts the
+    space to those user names. Identity: `token` (default: fresh and random) is user `user`'s, the identity jobs
+    run as; `users=[names]` or `add_user(name) -> token` add more, each with a token of their own.
     `quirks`: names from localws.quirks.QUIRKS, the real services' harsher behaviours to play (default none).
-    The rest (identity, Lakebase, serving, faults) is `Server`'s.
+    The rest (Lakebase, serving, faults) is `Server`'s.
     """
     ROUTES = Server.ROUTES + Jobs.ROUTES + Genie.ROUTES
 

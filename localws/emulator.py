@@ -6,9 +6,11 @@ serves the routes that need no state of their own: the current user, Lakebase da
 endpoints and credentials for both, and chat models (`/serving-endpoints/{name}/invocations` and
 `/serving-endpoints/chat/completions`; `"stream": true` is answered with server-sent chunks, as a real endpoint
 does: `completion_chunks()`). Jobs (jobs.py) and Genie (genie_server.py) add their routes to it in
-`localws.Emulator`. For tests: `inject()` a fault before a route, and a request log (`calls()`).
-`ApiError` (and `bad`, `missing`) is the error every route raises. A route may answer a `Page` (HTML) instead
-of JSON: the browser page at `/` that run links point to is served without a token (jobs.py says why).
+`localws.Emulator`. Identity: each user has a token of their own, fresh and random for each emulator
+(`add_user()`); a request is answered as the user its token belongs to. For tests: `inject()` a fault before a
+route, and a request log (`calls()`). `ApiError` (and `bad`, `missing`) is the error every route raises. A route
+may answer a `Page` (HTML) instead of JSON: the browser page at `/` that run links point to is served without a
+token (jobs.py says why).
 """
 import json
 import logging
@@ -47,7 +49,6 @@ def now_ms():
     return int(time.time() * 1000)
 
 
-TOKEN = "dapi-local"
 DEFAULT_USER = "me@example.com"
 WORKSPACE_ID = "1"  # host metadata names it; the SDK then sends it on every call, as with a real workspace
 STATUS_CODES = {400: "BAD_REQUEST", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
@@ -153,6 +154,18 @@ def _resolve_vars(value, values, depth=0):
 
 # ---------------------------------------------------------------- the HTTP server
 
+def new_token() -> str:
+    """A personal access token in the real ones' shape: "dapi" and 32 hex digits, random."""
+    return "dapi" + secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str  # userName, an email
+    id: str  # the SCIM id, digits
+    token: str
+
+
 @dataclass
 class Request:
     """One request as the emulator received it (tests read `Emulator.requests`)."""
@@ -163,6 +176,7 @@ class Request:
     headers: dict  # lower-case names
     status: int = 0  # the status answered
     peer: tuple = ()  # the client's (host, port)
+    user: User | None = None  # whose token it carried
 
 
 @dataclass
@@ -217,6 +231,8 @@ class Server:
     """The emulator's HTTP server at `url`, with the routes in `ROUTES` (method, path pattern, method name).
     `localws.Emulator` adds the Jobs and Genie routes; `_serve()` starts answering, `close()` stops.
 
+    Users: `user` (with `token`, default a fresh random one) is the workspace's first user, the one jobs run as;
+    `users` names more, and `add_user(name)` adds one later; each user's token is `emu.users[name].token`.
     Serving: `serving={endpoint name: chat(body) -> chat.completion dict}` (streamed when the request asks).
     Lakebase: `database_instances` / `postgres_endpoints` map names to hosts; `on_credential(user, token,
     expires_at)` is called for each token minted.
@@ -231,16 +247,19 @@ class Server:
         ("POST", r"/serving-endpoints/(?P<name>[^/]+)/invocations", "_invocations"),
     ]
 
-    def __init__(self, *, token=TOKEN, user=DEFAULT_USER, user_id="1", database_instances=None,
+    def __init__(self, *, token=None, user=DEFAULT_USER, user_id="1", users=(), database_instances=None,
                  postgres_endpoints=None, on_credential=None, serving=None):
-        self.token, self.user, self.user_id = token, user, user_id
+        self._lock = threading.RLock()
+        self.token, self.user, self.user_id = token or new_token(), user, user_id
+        self.users = {user: User(user, user_id, self.token)}  # name -> User
+        for name in users:
+            self.add_user(name)
         self.database_instances = dict(database_instances or {})
         self.postgres_endpoints = dict(postgres_endpoints or {})
         self.on_credential = on_credential
         self.serving = dict(serving or {})
         self.requests: list[Request] = []
         self._faults = []
-        self._lock = threading.RLock()
         self._closing = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"emulator": self}))
         self._server.daemon_threads = True
@@ -264,6 +283,15 @@ class Server:
         self._server.shutdown()
         self._server.server_close()
         return True
+
+    def add_user(self, name: str) -> str:
+        """Add a workspace user; returns their token (a fresh random one)."""
+        with self._lock:
+            if name in self.users:
+                raise ValueError(f"user {name!r} exists already")
+            ids = [int(u.id) for u in self.users.values() if u.id.isdigit()]
+            self.users[name] = User(name, str(max(ids, default=0) + 1), new_token())
+            return self.users[name].token
 
     # ------------------------------------------------------------ test hooks
 
@@ -345,7 +373,10 @@ class Server:
         if not auth.startswith("Bearer "):
             raise ApiError(401, "UNAUTHENTICATED",
                            "Credential was not sent or was of an unsupported type for this API.")
-        if auth.removeprefix("Bearer ") != self.token:
+        with self._lock:
+            req.user = next((u for u in self.users.values()
+                             if secrets.compare_digest(u.token, auth.removeprefix("Bearer "))), None)
+        if req.user is None:
             raise ApiError(403, "PERMISSION_DENIED", "Invalid access token.")
         with self._lock:
             fault = next((f for f in self._faults if f.method in (req.method, "*") and req.path.startswith(f.prefix)),
@@ -359,24 +390,30 @@ class Server:
         for method, pattern, handler in self._routes:
             match = pattern.fullmatch(req.path)
             if match and method == req.method:
-                return handler(req, **{k: unquote(v) for k, v in match.groupdict().items()})
+                params = {k: unquote(v) for k, v in match.groupdict().items()}
+                self._authorize(req, params)
+                return handler(req, **params)
         raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{req.method} {req.path}'")
 
     def _home(self, req):
         """The page a browser gets at `/` (localws.Emulator shows its job runs there)."""
         return Page("<!doctype html><title>Local workspace</title><p>The local workspace's REST API.</p>")
 
+    def _authorize(self, req, params):
+        """Raise an ApiError if `req.user` may not use what the route's `params` name (Genie restricts spaces)."""
+
     def _me(self, req):
-        return {"id": self.user_id, "userName": self.user, "displayName": self.user.split("@")[0], "active": True,
-                "emails": [{"value": self.user, "type": "work", "primary": True}],
+        user = req.user
+        return {"id": user.id, "userName": user.name, "displayName": user.name.split("@")[0], "active": True,
+                "emails": [{"value": user.name, "type": "work", "primary": True}],
                 "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"]}
 
     # ------------------------------------------------------------ Lakebase
 
-    def _mint(self, seconds=3600):
+    def _mint(self, user, seconds=3600):
         token, expires = "local-" + secrets.token_urlsafe(24), time.time() + seconds
         if self.on_credential:
-            self.on_credential(self.user, token, datetime.fromtimestamp(int(expires), timezone.utc))
+            self.on_credential(user.name, token, datetime.fromtimestamp(int(expires), timezone.utc))
         return token, _rfc3339(expires)
 
     def _instance(self, name):
@@ -393,7 +430,7 @@ class Server:
     def _instance_credential(self, req):
         for name in req.body.get("instance_names") or []:
             self._instance(name)
-        token, expires = self._mint()
+        token, expires = self._mint(req.user)
         return {"token": token, "expiration_time": expires}
 
     def _endpoint(self, name):
@@ -423,7 +460,7 @@ class Server:
             if not match or not 300 <= int(match.group(1)) <= 3600:
                 raise bad(f"ttl must be between 300s and 3600s, got {req.body['ttl']!r}")
             seconds = int(match.group(1))
-        token, expires = self._mint(seconds)
+        token, expires = self._mint(req.user, seconds)
         return {"token": token, "expire_time": expires}
 
     # ------------------------------------------------------------ serving

@@ -65,12 +65,13 @@ class _Space:
     answerer: object  # .answer(question, history) -> result with .text, .sql, .columns, .rows
     title: str
     description: str
+    users: frozenset | None = None  # who may use it (Can run); None: everyone
     faults: deque = field(default_factory=deque)
     answered: int = 0  # answers with SQL so far, for quirks that play on every second one
 
 
 class Genie:
-    """Mixed into `localws.Emulator`: uses its `_lock`, `_closing` and `user_id`; `_init_genie()` is called by its
+    """Mixed into `localws.Emulator`: uses its `_lock` and `_closing`; `_init_genie()` is called by its
     `__init__()`. Answer threads stop at their next step once `_closing` is set."""
     SPACE = r"/api/2\.0/genie/spaces/(?P<space>[^/]+)"
     MESSAGE = SPACE + r"/conversations/(?P<cid>[^/]+)/messages/(?P<mid>[^/]+)"
@@ -102,8 +103,18 @@ class Genie:
         with self._lock:
             self.spaces[space_id].faults.append((kind, message))
 
-    def add_genie_space(self, space_id, answerer, *, title="Local Genie space", description=""):
-        self.spaces[space_id] = _Space(space_id, answerer, title, description)
+    def add_genie_space(self, space_id, answerer, *, title="Local Genie space", description="", users=None):
+        """users: the user names that may use the space; None (the default) lets every user use it."""
+        self.spaces[space_id] = _Space(space_id, answerer, title, description,
+                                       None if users is None else frozenset(users))
+
+    def _authorize(self, req, params):
+        """A space the caller may not use does not exist for them: the real service answers 404, not 403."""
+        super()._authorize(req, params)
+        space = self.spaces.get(params.get("space"))
+        if space is not None and space.users is not None and req.user.name not in space.users:
+            raise missing(f"Unable to get space [{space.space_id}]. Caused by Node with resource name "
+                          f"Some(datarooms/{space.space_id}) does not exist.")
 
     def _space(self, space_id):
         if space_id not in self.spaces:
@@ -136,7 +147,8 @@ class Genie:
         content = self._question(req, space)
         now, cid = now_ms(), uuid.uuid4().hex
         with self._lock:
-            self.conversations[cid] = {"space_id": space, "title": content[:100], "created": now, "messages": []}
+            self.conversations[cid] = {"space_id": space, "title": content[:100], "created": now, "messages": [],
+                                       "user_id": req.user.id}
         msg = self._new_message(space, cid, content)
         return {"conversation_id": cid, "message_id": msg.message_id, "conversation": self._conversation_json(cid),
                 "message": self._message_json(msg)}
@@ -262,7 +274,7 @@ class Genie:
         conv = self.conversations[cid]
         return {"conversation_id": cid, "id": cid, "space_id": conv["space_id"], "title": conv["title"],
                 "created_timestamp": conv["created"], "last_updated_timestamp": conv["created"],
-                "user_id": int(self.user_id)}
+                "user_id": int(conv["user_id"])}
 
     def _message_json(self, msg):
         self._expire(msg)
@@ -270,7 +282,7 @@ class Genie:
             body = {"message_id": msg.message_id, "id": msg.message_id, "conversation_id": msg.conversation_id,
                     "space_id": msg.space_id, "content": msg.content, "status": msg.status,
                     "created_timestamp": msg.created, "last_updated_timestamp": msg.updated,
-                    "user_id": int(self.user_id)}
+                    "user_id": int(self.conversations[msg.conversation_id]["user_id"])}
             attachments = []
             if msg.attempt:  # genie_self_correction: the failed first query, then a text about it
                 attempt = msg.attempt

@@ -84,6 +84,7 @@ class RunRecord:
     owner_pid: int = 0
     error: str | None = None  # why the task failed, as get-output's `error` says
     held: bool = False  # jobs_queued: QUEUED for jobs_queue_delay seconds, whatever the job's free slots
+    creator: str = ""  # the user whose token started it
 
     @classmethod
     def from_json(cls, d):
@@ -275,7 +276,8 @@ class Jobs:
             if existing:
                 return {"run_id": existing.run_id, "number_in_job": existing.run_id}
             rec = RunRecord(self.store.next_id(), self.store.next_id(), job_id, settings.get("name", f"job {job_id}"),
-                            settings["tasks"][0], [], [], now_ms(), token, owner=self.owner, owner_pid=os.getpid())
+                            settings["tasks"][0], [], [], now_ms(), token, owner=self.owner, owner_pid=os.getpid(),
+                            creator=req.user.name)
             values = {**defined, **overrides}
             rec.parameters = [{"name": n, "default": d, "value": values[n]} for n, d in defined.items()]
             refs = {f"job.parameters.{n}": v for n, v in values.items()}
@@ -488,9 +490,10 @@ class Jobs:
         url = f"{self.url}/?o={WORKSPACE_ID}#job/{rec.job_id}/run/"
         body = {"job_id": rec.job_id, "run_id": rec.run_id, "number_in_job": rec.run_id,
                 "original_attempt_run_id": rec.run_id, "attempt_number": 0, "run_name": rec.run_name,
-                "creator_user_name": self.user, "run_page_url": url + str(rec.run_id), "run_type": "JOB_RUN",
-                "trigger": "ONE_TIME", "start_time": rec.created, "end_time": end, "setup_duration": 0,
-                "execution_duration": 0, "cleanup_duration": 0, "run_duration": (end or now) - rec.created,
+                "creator_user_name": rec.creator or self.user, "run_page_url": url + str(rec.run_id),
+                "run_type": "JOB_RUN", "trigger": "ONE_TIME", "start_time": rec.created, "end_time": end,
+                "setup_duration": 0, "execution_duration": 0, "cleanup_duration": 0,
+                "run_duration": (end or now) - rec.created,
                 "queue_duration": (rec.started or end or now) - rec.created, "state": state, "status": status}
         if rec.parameters:
             body["job_parameters"] = rec.parameters

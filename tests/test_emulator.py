@@ -7,6 +7,7 @@ drift into answers the real service would not give.
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,8 +59,8 @@ def fake_job(**settings):
     return job
 
 
-def client(emu, token=localws.emulator.TOKEN, retry_timeout=10):
-    return WorkspaceClient(config=Config(host=emu.url, token=token, auth_type="pat",
+def client(emu, token=None, retry_timeout=10):
+    return WorkspaceClient(config=Config(host=emu.url, token=token or emu.token, auth_type="pat",
                                          retry_timeout_seconds=retry_timeout))
 
 
@@ -126,6 +127,51 @@ def test_wrong_or_missing_token_is_refused(emu):
         client(emu, token="dapi-wrong").current_user.me()
     response = requests.get(emu.url + "/api/2.0/preview/scim/v2/Me", timeout=5)
     assert response.status_code == 401 and response.json()["error_code"] == "UNAUTHENTICATED"
+
+
+def test_each_emulator_has_a_fresh_random_token(tmp_path):
+    with localws.Emulator(log_dir=tmp_path) as one, localws.Emulator(log_dir=tmp_path) as other:
+        assert re.fullmatch(r"dapi[0-9a-f]{32}", one.token) and one.token != other.token
+        assert client(one).current_user.me().user_name == localws.emulator.DEFAULT_USER
+        for token in (other.token, "dapi-local"):  # another workspace's token, and the one every user once knew
+            with pytest.raises(PermissionDenied, match="Invalid access token"):
+                client(one, token=token).current_user.me()
+
+
+def test_each_user_has_a_token_and_is_answered_as_that_user(tmp_path):
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, users=["ana@example.com"]) as emu:
+        bob = emu.add_user("bob@example.com")
+        ana = emu.users["ana@example.com"].token
+        assert len({emu.token, ana, bob}) == 3
+        me = {name: client(emu, token=token).current_user.me() for name, token in
+              [(localws.emulator.DEFAULT_USER, emu.token), ("ana@example.com", ana), ("bob@example.com", bob)]}
+        assert {name: m.user_name for name, m in me.items()} == {name: name for name in me}
+        assert len({m.id for m in me.values()}) == 3
+        roundtrip(iam.User, client(emu, token=bob).api_client.do("GET", "/api/2.0/preview/scim/v2/Me"))
+        job_id = emu.add_job(fake_job())
+        run_id = client(emu, token=bob).jobs.run_now(job_id).run_id
+        run = wait_run(client(emu), run_id)
+        assert run.creator_user_name == "bob@example.com"  # who started it; it runs as the job's owner
+        with pytest.raises(ValueError, match="exists"):
+            emu.add_user("bob@example.com")
+
+
+def test_a_genie_space_can_be_restricted_to_some_users(tmp_path):
+    with localws.Emulator(log_dir=tmp_path, users=["ana@example.com"], genie_delay=0.06) as emu:
+        emu.add_genie_space("open", Answerer())
+        emu.add_genie_space("ana-only", Answerer(), users=["ana@example.com"])
+        ana, me = client(emu, token=emu.users["ana@example.com"].token), client(emu)
+        assert ana.genie.get_space("ana-only").space_id == "ana-only"
+        asked = ana.genie.start_conversation("ana-only", "revenue?").response
+        assert int(ana.genie.get_message("ana-only", asked.conversation_id, asked.message_id).user_id) == int(
+            emu.users["ana@example.com"].id)
+        denied = "Unable to get space \\[ana-only\\]"  # what the real service answers a user without Can run
+        for call in (lambda: me.genie.get_space("ana-only"),
+                     lambda: me.genie.start_conversation("ana-only", "revenue?"),
+                     lambda: me.genie.get_message("ana-only", asked.conversation_id, asked.message_id)):
+            with pytest.raises(ResourceDoesNotExist, match=denied):
+                call()
+        assert me.genie.get_space("open").space_id == "open"
 
 
 def test_unknown_route_is_endpoint_not_found(w):
@@ -315,7 +361,7 @@ def test_parameters_are_merged_and_substituted_and_env_is_the_workspaces(emu, w,
     assert [(p.name, p.default, p.value) for p in run.job_parameters] == [
         ("dump", str(dump), str(dump)), ("sleep", "0", "0"), ("exit", "", "0")]
     env = seen["env"]
-    assert env["DATABRICKS_HOST"] == emu.url and env["DATABRICKS_TOKEN"] == localws.emulator.TOKEN
+    assert env["DATABRICKS_HOST"] == emu.url and env["DATABRICKS_TOKEN"] == emu.token
     assert "DATABRICKS_CLIENT_ID" not in env and "HOME_ONLY" not in env
     assert env["EXTRA_VAR"] == "from-workspace"
 
@@ -746,7 +792,7 @@ def test_genie_rate_limit_answers_429_and_the_sdk_retries(tmp_path):
         for question in ("a", "b"):
             w.genie.start_conversation("space", question)
         refused = requests.post(emu.url + "/api/2.0/genie/spaces/space/start-conversation", json={"content": "c"},
-                                headers={"Authorization": f"Bearer {localws.emulator.TOKEN}"}, timeout=5)
+                                headers={"Authorization": f"Bearer {emu.token}"}, timeout=5)
         assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
         assert refused.json()["error_code"] == "RESOURCE_EXHAUSTED"
         started = time.monotonic()
@@ -774,7 +820,7 @@ def test_genie_rate_limit_quirk_is_five_questions_a_minute_per_workspace(tmp_pat
 
         def post(space):
             return requests.post(f"{emu.url}/api/2.0/genie/spaces/{space}/start-conversation", json={"content": "q"},
-                                 headers={"Authorization": f"Bearer {localws.emulator.TOKEN}"}, timeout=5)
+                                 headers={"Authorization": f"Bearer {emu.token}"}, timeout=5)
         assert [post(space).status_code for space in ["space", "other"] * 2 + ["space"]] == [200] * 5
         refused = post("other")  # the limit is the workspace's, across spaces
         assert refused.status_code == 429 and refused.json()["error_code"] == "RESOURCE_EXHAUSTED"
@@ -841,7 +887,7 @@ def test_serving_routes(tmp_path):
         body = {"messages": [{"role": "user", "content": "hi"}]}
         reply = w.api_client.do("POST", "/serving-endpoints/model-a/invocations", body=body)
         assert reply["choices"][0]["message"]["content"] == "echo hi"
-        headers = {"Authorization": f"Bearer {localws.emulator.TOKEN}"}
+        headers = {"Authorization": f"Bearer {emu.token}"}
         openai_style = requests.post(emu.url + "/serving-endpoints/chat/completions", headers=headers, timeout=5,
                                      json={"model": "model-a", **body})
         assert openai_style.json()["choices"][0]["message"]["content"] == "echo hi"
@@ -854,7 +900,7 @@ def test_serving_routes(tmp_path):
 
 def test_chat_routes_stream_when_asked_like_a_serving_endpoint(tmp_path):
     with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"model-a": chat_reply}) as emu:
-        headers = {"Authorization": f"Bearer {localws.emulator.TOKEN}"}
+        headers = {"Authorization": f"Bearer {emu.token}"}
         body = {"messages": [{"role": "user", "content": "hi there, model"}], "stream": True}
         with requests.post(emu.url + "/serving-endpoints/model-a/invocations", headers=headers, json=body,
                            stream=True, timeout=5) as answer:
@@ -875,7 +921,7 @@ def test_the_chat_client_reads_the_emulated_stream_as_the_whole_answer(tmp_path)
 
     with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"stand-in": localws.stand_in.stand_in_reply}
                           ) as emu:
-        config = Config(host=emu.url, token=localws.emulator.TOKEN, auth_type="pat")
+        config = Config(host=emu.url, token=emu.token, auth_type="pat")
         streamed, whole = llm.databricks_chat("stand-in", config), llm.databricks_chat("stand-in", config, stream=False)
         tools = [{"type": "function", "function": {"name": "start_databricks_job", "parameters": {}}}]
         for question in ("hello", "What was the revenue in 2025?"):  # a text answer, then a tool call
@@ -909,7 +955,7 @@ def test_request_log_records_method_path_and_body(emu, w):
     w.jobs.run_now(job_id, job_parameters={"exit": "0"}, idempotency_token="tok")
     call = emu.calls("POST", "/api/2.2/jobs/run-now")[0]
     assert call.body == {"job_id": job_id, "job_parameters": {"exit": "0"}, "idempotency_token": "tok"}
-    assert call.headers["authorization"] == f"Bearer {localws.emulator.TOKEN}"
+    assert call.headers["authorization"] == f"Bearer {emu.token}"
 
 
 # ------------------------------------------------------------------ the composed local workspace

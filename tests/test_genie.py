@@ -43,7 +43,7 @@ class Answerer:
 
 
 def client(emu, retry_timeout=10):
-    return WorkspaceClient(config=Config(host=emu.url, token=localws.emulator.TOKEN, auth_type="pat",
+    return WorkspaceClient(config=Config(host=emu.url, token=emu.token, auth_type="pat",
                                          retry_timeout_seconds=retry_timeout))
 
 

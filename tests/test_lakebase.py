@@ -575,7 +575,7 @@ def emulator(own):
         from databricks.sdk.core import Config
 
         emu.minted = minted
-        yield emu, WorkspaceClient(config=Config(host=emu.url, token=localws.emulator.TOKEN, auth_type="pat",
+        yield emu, WorkspaceClient(config=Config(host=emu.url, token=emu.token, auth_type="pat",
                                                  retry_timeout_seconds=5))
 
 

@@ -41,7 +41,7 @@ def step_job(**settings):
 
 
 def workspace(emu, retry_timeout=5):
-    return WorkspaceClient(config=Config(host=emu.url, token=localws.emulator.TOKEN, auth_type="pat",
+    return WorkspaceClient(config=Config(host=emu.url, token=emu.token, auth_type="pat",
                                          retry_timeout_seconds=retry_timeout))
 
 
@@ -820,7 +820,7 @@ def test_import_leaves_the_sdk_and_mlflow_out():
 
 def terminal_env(emu, job_id, pg_dsn, scripted_model, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_"))}
-    env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=localws.emulator.TOKEN, DATABRICKS_CONFIG_FILE=os.devnull,
+    env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=emu.token, DATABRICKS_CONFIG_FILE=os.devnull,
                DATABRICKS_JOB_ID=str(job_id), LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url,
                LLM_MODEL="m", PYTHONUNBUFFERED="1", **extra)
     return env

@@ -78,7 +78,7 @@ def job_id(emu):
 
 def endpoint_env(emu, job_id, dsn) -> dict:
     """What the deploy command puts on the endpoint, pointed at the emulator (a PAT instead of an OAuth secret)."""
-    return {"DATABRICKS_HOST": emu.url, "DATABRICKS_TOKEN": localws.emulator.TOKEN,
+    return {"DATABRICKS_HOST": emu.url, "DATABRICKS_TOKEN": emu.token,
             "DATABRICKS_CONFIG_FILE": os.devnull,
             "DATABRICKS_JOB_ID": str(job_id), "LAKEBASE_DSN": dsn, "LLM_ENDPOINT_NAME": CHAT}
 

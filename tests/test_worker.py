@@ -54,7 +54,7 @@ def worker_env(emu=None, dsn=None, model=None, **changes):
     env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_VARS)}
     env.update(DATABRICKS_CONFIG_FILE=os.devnull, PYTHONUNBUFFERED="1")
     if emu:
-        env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=localws.emulator.TOKEN, GENIE_SPACE_ID="space")
+        env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=emu.token, GENIE_SPACE_ID="space")
     if dsn:
         env["LAKEBASE_DSN"] = dsn
     if model:
@@ -436,7 +436,7 @@ def db(pg_dsn):
 def workspace(emu, monkeypatch):
     """The worker's own WorkspaceClient, with a 2 s retry budget (the SDK reads DATABRICKS_HOST itself)."""
     monkeypatch.setenv("DATABRICKS_HOST", emu.url)
-    monkeypatch.setenv("DATABRICKS_TOKEN", localws.emulator.TOKEN)
+    monkeypatch.setenv("DATABRICKS_TOKEN", emu.token)
     w = worker.workspace_client(WorkerConfig("q", "r", retry_seconds=2))
     assert w.config.retry_timeout_seconds == 2
     return w
