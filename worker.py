@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
                "3 no step-log database, 143 cancelled (SIGTERM).")
     p.add_argument("--request", required=True, help="the user's data request, in plain language")
     p.add_argument("--thread-id", default="", help="the primary agent's thread that asked (kept in the log)")
+    p.add_argument("--asked-by", default="", help="the user who asked, as the primary agent knew them (kept in the "
+                   "log; verified on Model Serving with on-behalf-of-user authorization)")
     p.add_argument("--run-id", default="", help="the Databricks run id ({{job.run_id}}) that keys the step "
                    "log; default: a new local-<uuid>, printed at start")
     p.add_argument("--lakebase-instance", default="", help="Lakebase provisioned instance name "
@@ -81,6 +83,7 @@ class WorkerConfig:
     request: str
     run_id: str
     thread_id: str = ""
+    asked_by: str = ""  # who asked (kept in the started step)
     genie_space_id: str = ""
     genie_description: str = ""  # GENIE_DESCRIPTION overrides the tool description the model sees
     chat: ChatConfig = dataclasses.field(default_factory=ChatConfig)  # --llm-endpoint, LLM_*
@@ -97,6 +100,7 @@ class WorkerConfig:
         if args.lakebase_database:
             db = dataclasses.replace(db, database=args.lakebase_database)
         return cls(request=args.request, run_id=args.run_id or f"local-{uuid.uuid4()}", thread_id=args.thread_id,
+                   asked_by=args.asked_by,
                    genie_space_id=args.genie_space_id or env.get("GENIE_SPACE_ID", ""),
                    genie_description=env.get("GENIE_DESCRIPTION", ""),
                    chat=ChatConfig.from_env(env, endpoint=args.llm_endpoint), db=db,
@@ -195,7 +199,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     try:
         signal.signal(signal.SIGTERM, _cancel)  # the first step unblocks SIGTERM: a pending one is raised there
-        step("started", {"request": config.request[:MAX_REQUEST_CHARS], "thread_id": config.thread_id or None})
+        step("started", {"request": config.request[:MAX_REQUEST_CHARS], "thread_id": config.thread_id or None,
+                         "asked_by": config.asked_by or None})
         config.check()
         workspace = workspace or workspace_client(config)
         genie = GenieConfig(config.genie_space_id, description=config.genie_description or DEFAULT_DESCRIPTION)

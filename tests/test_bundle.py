@@ -250,7 +250,7 @@ def test_job_parameters_are_all_passed_and_all_declared():
     assert set(referenced) <= set(declared), f"undeclared: {sorted(set(referenced) - set(declared))}"
     assert set(declared) <= set(referenced), f"never passed: {sorted(set(declared) - set(referenced))}"
     defaults = {p["name"]: p["default"] for p in job["parameters"]}
-    assert defaults.pop("request") == "" and defaults.pop("thread_id") == ""
+    assert defaults.pop("request") == defaults.pop("thread_id") == defaults.pop("asked_by") == ""  # per run
     assert defaults == {name: f"${{var.{name}}}" for name in defaults}
 
 
@@ -259,6 +259,7 @@ def test_job_passes_each_flag_as_one_argument_and_the_run_id():
     assert flags["--run-id"] == "{{job.run_id}}"
     assert flags["--request"] == "{{job.parameters.request}}"
     assert flags["--thread-id"] == "{{job.parameters.thread_id}}"
+    assert flags["--asked-by"] == "{{job.parameters.asked_by}}"
 
 
 # ------------------------------------------------------------------ the job against worker.py (needs worker.py)
@@ -277,7 +278,7 @@ def test_job_passes_exactly_the_flags_worker_accepts():
 
 
 def test_values_that_look_like_flags_reach_the_worker_unchanged():
-    values = {"request": "-h", "thread_id": "-t1", "lakebase_instance": "", "lakebase_endpoint": "",
+    values = {"request": "-h", "thread_id": "-t1", "asked_by": "-me", "lakebase_instance": "", "lakebase_endpoint": "",
               "lakebase_database": "-db", "genie_space_id": "--space", "llm_endpoint": "a=b"}
 
     def fill(arg):
@@ -285,7 +286,7 @@ def test_values_that_look_like_flags_reach_the_worker_unchanged():
         return PARAMETER_REF.sub(lambda m: values[m.group(1)], arg)
 
     args = worker_parser().parse_args([fill(a) for a in the_task()["spark_python_task"]["parameters"]])
-    assert (args.request, args.thread_id, args.run_id) == ("-h", "-t1", "42")
+    assert (args.request, args.thread_id, args.asked_by, args.run_id) == ("-h", "-t1", "-me", "42")
     assert (args.genie_space_id, args.llm_endpoint, args.lakebase_instance) == ("--space", "a=b", "")
     assert args.lakebase_database == "-db"
 

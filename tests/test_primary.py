@@ -31,9 +31,10 @@ wait_for = functools.partial(pg_fixture.wait_for, timeout=WAIT)
 
 
 def step_job(**settings):
-    """The job the agent starts: job parameters request and thread_id, as in job.yml; the stand-in worker."""
-    job = {"name": "worker", "max_concurrent_runs": 10, "parameters": [{"name": "request", "default": ""},
-                                                                         {"name": "thread_id", "default": ""}],
+    """The job the agent starts: job parameters request, thread_id and asked_by, as in job.yml; the stand-in
+    worker."""
+    job = {"name": "worker", "max_concurrent_runs": 10,
+           "parameters": [{"name": name, "default": ""} for name in ("request", "thread_id", "asked_by")],
            "tasks": [{"task_key": "worker", "spark_python_task": {"python_file": "tests/fixtures/step_worker.py",
                       "parameters": ["--request", "{{job.parameters.request}}", "--thread-id",
                                      "{{job.parameters.thread_id}}", "--run-id", "{{job.run_id}}"]}}]}
@@ -161,7 +162,7 @@ def test_data_question_starts_a_job_and_the_turn_ends_there(agent, scripted_mode
     assert response["custom_outputs"] == {"thread_id": "t-data", "turn": 1, "run_ids": [run_id]}
     run = w.jobs.get_run(int(run_id))
     assert {p.name: p.value for p in run.job_parameters} == {"request": "total revenue in 2025",
-                                                             "thread_id": "t-data"}
+                                                             "thread_id": "t-data", "asked_by": ""}  # anonymous
     messages = stored(db, "t-data")
     assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant"]
     assert messages[1]["tool_calls"][0]["id"] == messages[2]["tool_call_id"]
@@ -414,15 +415,25 @@ def test_a_thread_created_first_by_the_other_keeps_its_owner_and_its_run(agent, 
     assert sorted(contents) == (["hi, it's alice", "revenue?"] if other is None else ["revenue?"])
 
 
-def test_a_job_started_in_a_new_thread_is_owned_at_once(agent, scripted_model, db):
+def test_a_job_started_in_a_new_thread_is_owned_at_once(agent, scripted_model, db, emu):
     scripted_model.call_tool("start_databricks_job", {"request": "revenue"})
     with db.connection() as conn:  # the turn's own write fails; the run record already made the thread Alice's
         refuse_inserts(conn, "thread_messages", "disk full (test)")
     with pytest.raises(TurnFailed, match="the database failed and nothing was stored: disk full"):
         agent.predict({**ask("revenue?", "t-own"), "context": {"user_id": "alice"}})
+    [run_now] = emu.calls("POST", "/api/2.2/jobs/run-now")  # who asked, as the request named them
+    assert run_now.body["job_parameters"] == {"request": "revenue", "thread_id": "t-own", "asked_by": "alice"}
     with pytest.raises(BadRequest, match="belongs to someone else"):
         agent.predict({**ask("revenue?", "t-own"), "context": {"user_id": "mallory"}})
     assert stored(db, "t-own") == []
+
+
+def test_a_verified_caller_gets_no_job_when_no_genie_space_is_configured_to_check(agent, scripted_model, emu, w):
+    scripted_model.call_tool("start_databricks_job", {"request": "revenue"}).reply("I can't.")
+    agent.predict(ask("revenue?", "t-nospace"), caller=primary.Caller("ada@example.com", w))
+    assert last_tool_result(scripted_model) == ("Error: no Genie space is configured (GENIE_SPACE_ID), so ada@example"
+                                                ".com's access to it can't be checked and no job was started")
+    assert not emu.calls("POST", "/api/2.2/jobs/run-now")
 
 
 # ------------------------------------------------------------------ idempotency

@@ -222,8 +222,8 @@ def worker_job(**variables):
 
 def step_job():
     """A job whose worker is tests/fixtures/step_worker.py: it logs steps as worker.py does, without a model."""
-    return {"name": "steps", "max_concurrent_runs": 20, "parameters": [{"name": "request", "default": ""},
-                                                                       {"name": "thread_id", "default": ""}],
+    return {"name": "steps", "max_concurrent_runs": 20,
+            "parameters": [{"name": name, "default": ""} for name in ("request", "thread_id", "asked_by")],
             "tasks": [{"task_key": "worker", "spark_python_task": {
                 "python_file": "tests/fixtures/step_worker.py",
                 "parameters": ["--request={{job.parameters.request}}", "--thread-id={{job.parameters.thread_id}}",

@@ -31,6 +31,8 @@ import serving
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 60  # seconds: the bound on every wait for a process or a run
 CHAT = "chat-model"  # the emulated chat model endpoint, relaying to the scripted model
+ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.com"  # workspace users, tokens of their own
+SPACE = "sales-space"  # the Genie space the job asks; alice and bob may use it
 CLEARED = [k for k in os.environ if k.startswith(("LAKEBASE_", "LLM_", "MLFLOW_", "PG"))] + ["GENIE_SPACE_ID"]
 
 
@@ -48,7 +50,8 @@ def tracking(tmp_path, monkeypatch):
 def step_job():
     """The worker job as job.yml passes its parameters; tests/fixtures/step_worker.py stands in for worker.py."""
     return {"name": "worker", "max_concurrent_runs": 10,
-            "parameters": [{"name": "request", "default": ""}, {"name": "thread_id", "default": ""}],
+            "parameters": [{"name": name, "default": ""} for name in ("request", "thread_id", "asked_by",
+                                                                      "genie_space_id")],
             "tasks": [{"task_key": "worker", "spark_python_task": {
                 "python_file": "tests/fixtures/step_worker.py",
                 "parameters": ["--request={{job.parameters.request}}", "--thread-id={{job.parameters.thread_id}}",
@@ -66,7 +69,8 @@ def emu(pg_dsn, tmp_path, scripted_model):
         return answer.json()
 
     emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
-                              env={"LAKEBASE_DSN": pg_dsn}, serving={CHAT: relay})
+                              env={"LAKEBASE_DSN": pg_dsn}, serving={CHAT: relay}, users=[ALICE, BOB, CAROL])
+    emulator.add_genie_space(SPACE, None, users=[ALICE, BOB])  # not carol's: it does not exist for her
     yield emulator
     emulator.close()
 
@@ -199,6 +203,110 @@ def test_a_stateless_client_through_mlflow_keeps_its_thread_by_its_tool_call_ids
     assert alone.custom_outputs["thread_id"] != thread and alone.custom_outputs["turn"] == 1
     assert [m["content"] for m in stored(pg_dsn, thread) if m["role"] == "user"] == [
         "revenue in 2025?", "is it done?", "thanks"]
+
+
+# ------------------------------------------------------------------ callers verified on behalf of the user
+
+@pytest.fixture
+def serving_runtime(emu, tmp_path, monkeypatch):
+    """Plays Model Serving's runtime as the SDK reads it: the environment flag, the endpoint's own OAuth token file,
+    the host, and each request's caller token on the main thread. Returns as_caller(user name)."""
+    monkeypatch.setenv("IS_IN_DB_MODEL_SERVING_ENV", "true")
+    monkeypatch.setenv("SERVING_CREDENTIALS_DIR", str(tmp_path / "credentials"))
+    monkeypatch.setenv("DATABRICKS_MODEL_SERVING_HOST_URL", emu.url)
+    (tmp_path / "credentials").mkdir()
+    (tmp_path / "credentials" / "model-dependencies-oauth-token").write_text(
+        json.dumps({"OAUTH_TOKEN": [{"oauthTokenValue": emu.token}]}))
+    main = threading.main_thread().__dict__
+    monkeypatch.setitem(main, "invokers_token", None)
+
+    def as_caller(name):
+        main["invokers_token"] = emu.users[name].token
+    return as_caller
+
+
+@pytest.fixture
+def verifying(env, monkeypatch, serving_runtime):
+    """The endpoint as deploy --on-behalf-of-user --genie-space-id sets it up."""
+    monkeypatch.setenv(serving.ON_BEHALF, "1")
+    monkeypatch.setenv("GENIE_SPACE_ID", SPACE)
+    agent = serving.AsyncAgent()
+    yield agent
+    agent.close()
+
+
+def refused(call, request) -> str:
+    with pytest.raises(MlflowException) as raised:
+        call(request)
+    return f"{raised.value.get_http_status_code()} {raised.value.message}"
+
+
+def test_the_callers_token_decides_whose_thread_it_is_whatever_user_id_they_claim(verifying, serving_runtime,
+                                                                                  scripted_model, pg_dsn):
+    serving_runtime(ALICE)
+    scripted_model.reply("Noted.")
+    said = verifying.predict({**ask("my salary is 123456", "t-alice"), "context": {"user_id": "someone"}})
+    serving_runtime(BOB)
+    for claimed in ({"user_id": ALICE}, {}):
+        for call in (verifying.predict, lambda r: list(verifying.predict_stream(r))):
+            message = refused(call, {**ask("what is my salary?", "t-alice"), "context": claimed})
+            assert message.startswith("400 thread t-alice belongs to someone else"), message
+    scripted_model.reply("Hello Bob.")  # alice's item ids are not bob's way into her thread either
+    resent = verifying.predict({"input": [*ask("my salary?")["input"], *said.model_dump()["output"],
+                                          {"role": "user", "content": "and?"}], "context": {"user_id": ALICE}})
+    assert resent.custom_outputs["thread_id"] != "t-alice"
+    assert "123456" not in json.dumps(scripted_model.requests[-1].body)
+    serving_runtime(ALICE)
+    scripted_model.reply("It is 123456.")
+    verifying.predict({**ask("what is my salary?", "t-alice"), "context": {"user_id": BOB}})
+    with lakebase.connect(lakebase.LakebaseConfig(dsn=pg_dsn)) as conn:
+        assert lakebase.thread_owner(conn, "t-alice") == ALICE
+        assert lakebase.thread_owner(conn, resent.custom_outputs["thread_id"]) == BOB
+    assert [m["content"] for m in stored(pg_dsn, "t-alice")] == ["my salary is 123456", "Noted.",
+                                                                 "what is my salary?", "It is 123456."]
+
+
+def test_a_job_starts_only_for_a_caller_who_may_use_the_genie_space_and_records_who_asked(
+        verifying, serving_runtime, scripted_model, emu):
+    serving_runtime(CAROL)
+    scripted_model.call_tool("start_databricks_job", {"request": "revenue in 2025"}).reply("I can't start that.")
+    verifying.predict(ask("revenue in 2025?", "t-carol"))
+    assert last_tool_result(scripted_model) == (
+        f"Error: {CAROL} may not use the Genie space that answers data questions ({SPACE}: Unable to get space "
+        f"[{SPACE}]. Caused by Node with resource name Some(datarooms/{SPACE}) does not exist.), so no job was "
+        f"started for them. They can ask the space's owner for access (Can Run)")
+    assert not emu.calls("POST", "/api/2.2/jobs/run-now")
+
+    def meanwhile(_):  # another request arrives while bob's turn runs: the runtime sets carol's token
+        serving_runtime(CAROL)
+        return START_JOB
+
+    serving_runtime(BOB)
+    scripted_model.respond(meanwhile)
+    events = list(verifying.predict_stream(ask("revenue in 2025?", "t-bob")))
+    assert len(events[-1].custom_outputs["run_ids"]) == 1
+    [run_now] = emu.calls("POST", "/api/2.2/jobs/run-now")
+    assert run_now.body["job_parameters"] == {"request": "revenue in 2025", "thread_id": "t-bob", "asked_by": BOB,
+                                              "genie_space_id": SPACE}
+    checks = [r.user.name for r in emu.calls("GET", f"/api/2.0/genie/spaces/{SPACE}")]
+    assert checks == [CAROL, BOB]  # each as the caller, bob's with the token his request came with
+    assert run_now.user.name == localws.emulator.DEFAULT_USER  # the job itself starts as the endpoint's identity
+
+
+START_JOB = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+    "name": "start_databricks_job", "arguments": json.dumps({"request": "revenue in 2025"})}}]}
+
+
+def test_without_a_callers_token_a_verifying_endpoint_refuses_and_says_why(verifying, serving_runtime, pg_dsn):
+    message = refused(verifying.predict, ask("hi", "t-nobody"))  # on-behalf-of-user not enabled: no token
+    assert message.startswith("500 AGENT_ON_BEHALF_OF_USER=1 but the caller's token can't be read"), message
+    assert "enable on-behalf-of-user authorization for the workspace, or deploy without" in message
+    serving_runtime(ALICE)
+    main = threading.main_thread().__dict__
+    main["invokers_token"] = "dapi" + "0" * 32  # a token the workspace does not know
+    message = refused(verifying.predict, ask("hi", "t-nobody"))
+    assert message.startswith("403 your identity could not be verified from your token"), message
+    assert "dapi" not in message
 
 
 def test_a_bad_request_is_a_400_naming_the_problem_and_stores_nothing(served, pg_dsn):
@@ -461,6 +569,7 @@ def test_endpoint_config_for_an_instance_and_for_an_autoscaling_endpoint():
      "argument --lakebase-endpoint: 'my-project' is not projects/P/branches/B/endpoints/E"),
     ([*DEPLOY_ARGS, "--endpoint-name", "a b"], "argument --endpoint-name: 'a b' is not an endpoint name"),
     ([*DEPLOY_ARGS, "--secret-scope", "{{x}}"], "argument --secret-scope: '{{x}}' is not a secret name"),
+    ([*DEPLOY_ARGS, "--on-behalf-of-user"], "--on-behalf-of-user needs --genie-space-id"),
 ])
 def test_deploy_arguments_are_checked(argv, problem, capsys):
     with pytest.raises(SystemExit) as exited:
@@ -473,7 +582,7 @@ def test_deploy_help_documents_every_flag_and_the_auth(capsys):
         serving.deploy_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     flags = [o for action in serving.deploy_parser()._actions for o in action.option_strings if o.startswith("--")]
-    assert len(flags) == 19 and all(flag in text for flag in flags)
+    assert len(flags) == 20 and all(flag in text for flag in flags)
     assert "Jobs have no automatic credential on Model Serving" in text and "CAN_MANAGE_RUN on the job" in text
 
 
@@ -562,10 +671,29 @@ def test_deploy_logs_registers_and_creates_then_updates_the_endpoint(fake_worksp
     assert "serving endpoint async-agent created: it serves main.agents.async_agent version 1" in out
     assert "databricks serving-endpoints query async-agent --json" in out
     assert f"POST {fake_workspace.url}/serving-endpoints/async-agent/invocations" in out
+    assert "callers are not verified: context.user_id is trusted as sent (deploy with --on-behalf-of-user" in out
     versions = mlflow.MlflowClient().search_model_versions("name='main.agents.async_agent'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert mlflow.get_experiment_by_name("/Users/me@example.com/async-agent") is not None
     assert serving.DRY_RUN not in os.environ
+
+
+def test_deploy_on_behalf_of_user_declares_the_callers_scopes_and_says_so(fake_workspace, tracking, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", tracking.as_uri())
+    assert serving.deploy_main([*DEPLOY_ARGS, "--on-behalf-of-user", "--genie-space-id", "01ef"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("callers are verified from their own tokens (on-behalf-of-user authorization; user API scopes "
+            "iam.current-user:read, dashboards.genie): a workspace admin must enable it") in out
+    created = next(body for method, _, body in fake_workspace.requests if method == "POST")
+    env = created["config"]["served_entities"][0]["environment_vars"]
+    assert (env[serving.ON_BEHALF], env["GENIE_SPACE_ID"]) == ("1", "01ef")
+    meta = yaml.safe_load(Path(mlflow.artifacts.download_artifacts("models:/main.agents.async_agent/1")).joinpath(
+        "MLmodel").read_text())
+    assert meta["auth_policy"] == {
+        "system_auth_policy": {"resources": {"api_version": "1", "databricks": {
+            "serving_endpoint": [{"name": "databricks-claude-sonnet-4-5"}], "lakebase": [{"name": "my-instance"}]}}},
+        "user_auth_policy": {"api_scopes": ["iam.current-user:read", "dashboards.genie"]}}
 
 
 def test_deploy_reports_a_workspace_error_in_one_line(fake_workspace, tracking, monkeypatch, capsys):

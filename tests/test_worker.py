@@ -152,7 +152,7 @@ def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_mode
         emu.add_genie_space("space", answerer)
         w = client(emu)
         run_id = w.jobs.run_now(emu.add_job(job), job_parameters={"request": "-5% or worse? Sales by region",
-                                                                  "thread_id": "-t1"}).run_id
+                                                                  "thread_id": "-t1", "asked_by": "ada@x.org"}).run_id
         run = wait_for(lambda: (r := w.jobs.get_run(run_id)).state.result_state and r, "the run to end")
         assert run.state.result_state.value == "SUCCESS", emu.run_log(run_id, "stderr")
         # the answer is in the run's output too, framed so that a poller finds it if the step log misses it
@@ -162,7 +162,7 @@ def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_mode
         asked = w.genie.get_message("space", detail["conversation_id"], detail["message_id"])
     assert [(number, status) for number, status, _ in log] == [
         (1, "started"), (2, "tool_call"), (3, "tool_result"), (4, "completed")]
-    assert log[0][2] == {"request": "-5% or worse? Sales by region", "thread_id": "-t1"}
+    assert log[0][2] == {"request": "-5% or worse? Sales by region", "thread_id": "-t1", "asked_by": "ada@x.org"}
     assert log[1][2] == {"call_id": "call_1", "name": "query_genie", "arguments": {"question": "total sales by region"}}
     result = log[2][2]
     assert {k: result[k] for k in ("call_id", "name", "error")} == {"call_id": "call_1", "name": "query_genie",
@@ -308,7 +308,7 @@ def test_cancelling_a_job_run_while_the_model_is_slow_logs_cancelled(pg_dsn, scr
         assert (run.state.result_state.value, run.state.state_message) == ("CANCELED", "Run cancelled.")
         assert "Traceback" not in emu.run_log(run_id, "stderr")
     assert [(n, s, p) for n, s, p in steps(pg_dsn, str(run_id))] == [
-        (1, "started", {"request": "total sales", "thread_id": None}),
+        (1, "started", {"request": "total sales", "thread_id": None, "asked_by": None}),
         (2, "cancelled", {"reason": "received SIGTERM: the run was cancelled"})]
 
 
