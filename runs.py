@@ -71,7 +71,8 @@ class Jobs:
     def outcome(self, run) -> dict:
         """How an ended run ended, from its own output, for a run whose worker logged no final step (it crashed,
         was killed, or could not reach the step-log database): {"answer"} when the worker printed one, else
-        {"error", "error_trace"}, {} when the output says nothing; {"output_error"} when it can't be read."""
+        {"cancelled"} for a run cancelled before its worker could log it, else {"error", "error_trace"}, {} when the
+        output says nothing; {"output_error"} when it can't be read."""
         try:
             output = self.output(run)
         except llm.ToolError as e:
@@ -80,8 +81,11 @@ class Jobs:
         answer = answer_in_logs(logs)
         if answer is not None:
             return {"answer": answer}
-        if summarize(run).state.endswith(" SUCCESS"):
+        summary = summarize(run)
+        if summary.state.endswith(" SUCCESS"):
             return {"error": "the run succeeded, but its answer is neither in the step log nor in its output"}
+        if summary.state.endswith(" CANCELED"):  # e.g. a SIGTERM before the worker had started Python
+            return {"cancelled": summary.message or "cancelled before the worker could log a step"}
         trace = (output.error_trace or logs).strip()
         error = output.error or (trace.splitlines() or [None])[-1]
         if error is None:  # nothing printed (cancelled before it started, say): the run's state says it all

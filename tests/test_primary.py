@@ -244,6 +244,19 @@ def test_poll_reads_status_first_then_state_and_says_why_a_run_is_queued(agent, 
     w.jobs.cancel_run(int(slow))
 
 
+def test_a_run_cancelled_before_its_worker_logged_anything_reads_as_cancelled(agent, scripted_model, emu, w, db,
+                                                                               chat):
+    one_slot = PrimaryAgent(chat, w, db, emu.add_job(step_job(max_concurrent_runs=1)))
+    _, slow = start(one_slot, scripted_model, "[slow] all orders ever", thread="t-early")
+    _, queued = start(one_slot, scripted_model, "orders by month", thread="t-early")
+    w.jobs.cancel_run(int(queued))  # still queued: no worker ever runs, so no step is ever logged
+    wait_ended(w, queued)
+    report = poll(one_slot, scripted_model, queued, "t-early")
+    assert report["state"] == "TERMINATED CANCELED" and report["steps"] == 0 and "error" not in report
+    assert report["cancelled"] == "Run cancelled."
+    w.jobs.cancel_run(int(slow))
+
+
 def test_a_run_that_died_before_logging_why_is_explained_from_its_output(agent, scripted_model, w):
     _, run_id = start(agent, scripted_model, "[crash] revenue by region", thread="t-crash-out")
     wait_ended(w, run_id)
