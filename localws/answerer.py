@@ -1,8 +1,10 @@
 """The offline Genie: answers questions over the sample dataset (schema `sample`, see sample.py).
 
 `GenieAnswerer(dsn).answer(question, history)` answers the questions below with SQL it builds from fixed pieces
-(no text of the question goes into SQL); given a `chat` client it asks that model for the SQL instead. A question
-it can't answer raises `CannotAnswer`, whose message says what it can answer. Nothing here is a real Genie.
+(no text of the question goes into SQL); given a `chat` client it asks that model for the SQL instead. Either SQL
+runs read-only, time-limited, and logged in as the reader role of sample.py, which can read schema `sample` and
+nothing else. A question it can't answer raises `CannotAnswer`, whose message says what it can answer. Nothing
+here is a real Genie.
 
 Question shapes it answers (orders 2024-01-01 .. 2025-12-31; cancelled and returned
 orders are left out; metrics: revenue (or sales), orders, units, customers, average order value):
@@ -25,7 +27,7 @@ from datetime import date
 
 import psycopg
 
-from localws.sample import SCHEMA
+from localws.sample import SCHEMA, reader_login
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,7 @@ class GenieAnswerer:
 
     def __init__(self, dsn: str, chat=None, *, timeout_ms: int = 10_000, max_rows: int = MAX_ROWS):
         self.dsn, self.chat, self.timeout_ms, self.max_rows = dsn, chat, timeout_ms, max_rows
+        self._login = None  # the reader role's, fetched with `dsn` on first use
 
     def answer(self, question: str, history=()) -> GenieResult:
         """history: the earlier questions of the conversation (strings, or dicts with "question")."""
@@ -261,9 +264,13 @@ class GenieAnswerer:
         return result
 
     def run(self, query: str, params=None) -> tuple[GenieResult, list]:
-        """Run one query read-only with a timeout; a server-side cursor fetches at most max_rows + 1 rows.
-        (DECLARE ... CURSOR also refuses anything but a SELECT or VALUES.)"""
-        with psycopg.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+        """Run one query as the reader role, read-only, with a timeout; a server-side cursor fetches at most
+        max_rows + 1 rows. (DECLARE ... CURSOR also refuses anything but a SELECT or VALUES.)"""
+        if self._login is None:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+                self._login = reader_login(conn)
+        with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10, **self._login) as conn, \
+                conn.transaction():
             conn.execute("set transaction read only")
             conn.execute("select set_config('statement_timeout', %s, true), "
                          "set_config('search_path', 'sample', true)", [str(self.timeout_ms)])

@@ -1,13 +1,16 @@
 """The sample dataset of the local workspace: `sample_data/*.csv` loaded into Postgres schema `sample`.
 
 `load_sample(conn)` loads it once (safe from two processes); the offline Genie (answerer.py) and a real model
-writing SQL both read it there. Orders run from 2024-01-01 to 2025-12-31.
+writing SQL both read it there, logged in as the reader role of `reader_login(conn)`, which may read schema
+`sample` and nothing else. Orders run from 2024-01-01 to 2025-12-31.
 """
 import hashlib
 import logging
+import secrets
 from pathlib import Path
 
 import psycopg
+from psycopg.sql import SQL, Identifier, Literal
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,49 @@ TABLES = {"customers": "customer_id, name, region, segment, signup_date",
           "orders": "order_id, customer_id, product_id, order_date, quantity, amount, status"}
 
 
+READER = "localws_genie_{oid}"  # the reader role: one per database (its password is kept in that database)
+
+
 def load_sample(conn, data_dir=DATA_DIR) -> bool:
-    """Create schema `sample` and load the CSVs unless this exact data is there; True if it loaded now."""
+    """Create schema `sample` and load the CSVs unless this exact data is there, and set up the reader role
+    (`reader_login`); True if the data loaded now."""
+    loaded = _load(conn, data_dir)
+    reader_login(conn)  # after a reload too: dropping the schema dropped the reader's grants
+    return loaded
+
+
+def reader_login(conn) -> dict:
+    """Create (or repair) this database's reader role and return its login, `{"user", "password"}`.
+
+    The role logs in, reads the tables of schema `sample` and can do nothing else: it is no superuser, has no
+    grants elsewhere, and Postgres keeps server files, configuration, other sessions' SQL and their backends
+    from such a role. Its random password is kept in `local_workspace.genie_login`, which only the role of
+    `conn` reads, so two processes on one database share it. Needs a role that may create roles."""
+    with conn.transaction():
+        conn.execute("select pg_advisory_xact_lock(hashtext('local_workspace'))")  # jobs.py creates the schema too
+        oid = conn.execute("select oid from pg_database where datname = current_database()").fetchone()[0]
+        role = READER.format(oid=oid)
+        conn.execute("create schema if not exists local_workspace")
+        conn.execute("create table if not exists local_workspace.genie_login("
+                     "role text primary key, password text not null)")
+        conn.execute("insert into local_workspace.genie_login values (%s, %s) on conflict do nothing",
+                     (role, secrets.token_urlsafe(24)))
+        password = conn.execute("select password from local_workspace.genie_login where role = %s",
+                                (role,)).fetchone()[0]
+        powers = conn.execute("select rolsuper or rolcreaterole or rolcreatedb or rolreplication or rolbypassrls "
+                              "from pg_roles where rolname = %s", (role,)).fetchone()
+        if powers and powers[0]:
+            raise RuntimeError(f"role {role} has more than reading schema sample; drop it, the next start makes it")
+        create = "create role {} login nosuperuser nocreatedb nocreaterole noinherit noreplication nobypassrls"
+        conn.execute(SQL((create if powers is None else "alter role {} login") + " password {}").format(
+            Identifier(role), Literal(password)))
+        if conn.execute("select 1 from pg_namespace where nspname = 'sample'").fetchone():
+            conn.execute(SQL("grant usage on schema sample to {0}; grant select on all tables in schema sample to {0}")
+                         .format(Identifier(role)))
+    return {"user": role, "password": password}
+
+
+def _load(conn, data_dir):
     files = {t: (Path(data_dir) / f"{t}.csv").read_bytes() for t in TABLES}
     marker = f"{MARKER} {hashlib.sha256(b''.join(files.values())).hexdigest()[:16]}"
     with conn.transaction():

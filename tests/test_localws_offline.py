@@ -16,6 +16,7 @@ import jsonschema
 import psycopg
 import pytest
 
+import lakebase
 import localws.answerer
 import localws.sample
 from localws.answerer import CannotAnswer, GenieAnswerer
@@ -393,14 +394,69 @@ def test_chat_path_runs_read_only(sample_dsn):
     assert count_rows(sample_dsn)["orders"] == len(ORDERS)
 
 
-@pytest.mark.parametrize("reply", ["select nextval('public.counter')", "select * from sample.orders for update"])
+@pytest.mark.parametrize("reply", ["select nextval('sample.counter')", "select * from sample.orders for update"])
 def test_chat_path_runs_in_a_read_only_transaction(sample_dsn, reply):
     with psycopg.connect(sample_dsn, autocommit=True) as conn:
-        conn.execute("create sequence public.counter")
+        conn.execute("create sequence sample.counter")  # the reader may use it: only the transaction stops it
+        conn.execute(psycopg.sql.SQL("grant usage on sequence sample.counter to {}").format(
+            psycopg.sql.Identifier(localws.sample.reader_login(conn)["user"])))
     with pytest.raises(CannotAnswer, match="read-only transaction"):
         GenieAnswerer(sample_dsn, chat=FakeChat(reply)).answer("sneaky")
     with psycopg.connect(sample_dsn, autocommit=True) as conn:
-        assert conn.execute("select last_value, is_called from public.counter").fetchone() == (1, False)
+        assert conn.execute("select last_value, is_called from sample.counter").fetchone() == (1, False)
+
+
+SECRET = "select 'the other session''s secret'"
+ESCAPES = {  # what a prompt-injected question could make the model write, and how Postgres refuses the reader
+    "other schemas": ("select * from public.thread_messages", "permission denied for table thread_messages"),
+    "the workspace's schema": ("select * from local_workspace.genie_login", "permission denied for schema"),
+    "server files": ("select pg_read_file('postgresql.conf')", "permission denied for function pg_read_file"),
+    "directory listings": ("select * from pg_ls_dir('.')", "permission denied for function pg_ls_dir"),
+    "server settings": ("select current_setting('data_directory')", "permission denied to examine"),
+    "reloading the configuration": ("select pg_reload_conf()", "permission denied for function pg_reload_conf"),
+    "terminating backends": ("select pg_terminate_backend(pid) from pg_stat_activity where pid <> pg_backend_pid()",
+                             "permission denied to terminate process"),
+    "becoming a superuser": ("select set_config('role', (select min(rolname) from pg_roles where rolsuper), true)",
+                             "permission denied to set role"),
+}
+
+
+@pytest.fixture
+def other_session(sample_dsn):
+    """A session of the database's own role, with a thread stored and a secret in its last statement."""
+    with psycopg.connect(sample_dsn, autocommit=True) as conn:
+        lakebase.migrate(conn)
+        lakebase.append_turn(conn, "t1", [{"role": "user", "content": "my private question"}], owner="ana")
+        conn.execute(SECRET)
+        yield conn
+
+
+@pytest.mark.parametrize("sql, refusal", ESCAPES.values(), ids=ESCAPES.keys())
+def test_chat_path_sql_runs_as_a_role_that_reads_schema_sample_only(sample_dsn, other_session, sql, refusal):
+    with pytest.raises(CannotAnswer, match=refusal):
+        GenieAnswerer(sample_dsn, chat=FakeChat(sql)).answer("what else is on this server?")
+    assert other_session.execute("select 1").fetchone() == (1,)  # not terminated
+    assert GenieAnswerer(sample_dsn, chat=FakeChat("select count(*) from sample.orders")).answer(
+        "how many orders?").rows == [[str(len(ORDERS))]]
+
+
+def test_chat_path_sql_does_not_see_other_sessions_sql(sample_dsn, other_session):
+    result = GenieAnswerer(sample_dsn, chat=FakeChat("select query from pg_stat_activity")).answer("who is here?")
+    assert not [row for row in result.rows if row[0] and "secret" in row[0]]
+    assert ["<insufficient privilege>"] in result.rows
+
+
+def test_the_reader_role_is_shared_and_regranted_after_a_reload(sample_dsn):
+    with psycopg.connect(sample_dsn, autocommit=True) as conn:
+        login = localws.sample.reader_login(conn)
+        assert localws.sample.reader_login(conn) == login  # a second process gets the same password
+        attributes = conn.execute("select rolsuper, rolcreaterole, rolcreatedb, rolcanlogin from pg_roles "
+                                  "where rolname = %s", (login["user"],)).fetchone()
+        assert attributes == (False, False, False, True)
+        conn.execute(f"comment on schema sample is '{localws.sample.MARKER} older'")
+        assert load_sample(conn) is True  # dropping the schema took the reader's grants with it
+    chat = FakeChat("select count(*) from sample.products")
+    assert GenieAnswerer(sample_dsn, chat=chat).answer("how many products?").rows == [[str(len(PRODUCTS))]]
 
 
 def test_chat_path_streams_a_huge_result_and_keeps_the_first_rows(sample_dsn):
