@@ -16,6 +16,7 @@ import base64
 import dataclasses
 import html
 import itertools
+import logging
 import math
 import os
 import re
@@ -34,7 +35,9 @@ from psycopg.types.json import Jsonb
 
 import lakebase
 import runs
-from localws.emulator import WORKSPACE_ID, Page, bad, now_ms, peer_uid
+from localws.emulator import WORKSPACE_ID, ApiError, Page, bad, now_ms, peer_uid
+
+log = logging.getLogger(__name__)
 
 SHUTDOWN_MESSAGE = "the local workspace stopped while this run was active"
 CLOSED_MESSAGE = "the local workspace was closed while this run was active"
@@ -122,7 +125,8 @@ class _MemoryRuns:
 
 
 class _PostgresRuns:
-    """Runs kept in Postgres schema `local_workspace`, ids from a sequence: unique across restarts."""
+    """Runs kept in Postgres schema `local_workspace`, ids from a sequence: unique across restarts. Its connection
+    comes back by itself after a server restart or a terminated backend."""
     SCHEMA = """
         create schema if not exists local_workspace;
         create sequence if not exists local_workspace.run_ids;
@@ -131,23 +135,45 @@ class _PostgresRuns:
             record jsonb not null, updated_at timestamptz not null default now())"""
 
     def __init__(self, dsn):
-        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.dsn = dsn
+        self.conn = self._connect()
         with self.conn.transaction():  # two local workspaces may start at once
             self.conn.execute("select pg_advisory_xact_lock(hashtext('local_workspace'))")
             self.conn.execute(self.SCHEMA)
 
+    def _connect(self):
+        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+        conn.execute("set statement_timeout = '10s'")
+        return conn
+
+    def _execute(self, query, params=()):
+        """Every statement here may run twice (a lost nextval only leaves a gap), so a lost connection is
+        reconnected and the statement sent again, once."""
+        try:
+            try:
+                return self.conn.execute(query, params)
+            except psycopg.OperationalError:
+                if not (self.conn.broken or self.conn.closed):
+                    raise
+            self.conn.close()
+            self.conn = self._connect()
+            return self.conn.execute(query, params)
+        except psycopg.OperationalError as e:
+            message = " ".join(str(e).split())
+            raise ApiError(503, "TEMPORARILY_UNAVAILABLE", f"the local workspace's database: {message}") from e
+
     def next_id(self):
-        return self.conn.execute("select nextval('local_workspace.run_ids')").fetchone()[0]
+        return self._execute("select nextval('local_workspace.run_ids')").fetchone()[0]
 
     def save(self, rec):
-        self.conn.execute(
+        self._execute(
             "insert into local_workspace.runs(run_id, job_id, idempotency_token, record) values (%s, %s, %s, %s)"
             " on conflict (run_id) do update set record = excluded.record, updated_at = now()",
             (rec.run_id, rec.job_id, rec.token, Jsonb(dataclasses.asdict(rec))))
 
     def _select(self, where, params):
-        rows = self.conn.execute(f"select record from local_workspace.runs where {where} order by run_id desc",
-                                 params).fetchall()
+        rows = self._execute(f"select record from local_workspace.runs where {where} order by run_id desc",
+                             params).fetchall()
         return [RunRecord.from_json(r[0]) for r in rows]
 
     def get(self, run_id):
@@ -188,6 +214,7 @@ class Jobs:
         self.cancel_grace = cancel_grace
         self.jobs = {}
         self.live: dict[int, RunRecord] = {}  # this emulator's runs that have not ended
+        self.unsaved: dict[int, RunRecord] = {}  # ended while the database was out of reach: saved later
         self._procs, self._threads = {}, []
         self.owner = uuid.uuid4().hex
         self.dsn, self.jobs_queue_delay = dsn, 3.0  # jobs_queued: how long a run waits
@@ -206,6 +233,9 @@ class Jobs:
         with self._lock:
             for rec in list(self.live.values()):  # a watcher that did not finish in time
                 self._conclude(rec, *CLOSED)
+            if self.unsaved:
+                log.warning("local workspace: the database missed the end of run(s) %s",
+                            ", ".join(map(str, self.unsaved)))
             self.store.close()
         Jobs._open_instances.discard(self.owner)
 
@@ -301,12 +331,12 @@ class Jobs:
         elif queue and limit > 0:
             rec.queue_reason = f"Queued due to reaching maximum concurrent runs of {limit}."
             self.live[rec.run_id] = rec
-            self.store.save(rec)
+            self._save(rec)
         else:
             rec.life, rec.result, rec.code, rec.kind, rec.ended = (
                 "SKIPPED", "MAXIMUM_CONCURRENT_RUNS_REACHED", "MAX_CONCURRENT_RUNS_EXCEEDED", "CLIENT_ERROR", now_ms())
             rec.message = f"Skipping this run because the limit of {limit} maximum concurrent runs has been reached."
-            self.store.save(rec)
+            self._save(rec)
 
     def _slots(self, job_id):
         """(max_concurrent_runs, the job's live runs oldest first, how many of them have started)."""
@@ -317,7 +347,7 @@ class Jobs:
     def _launch(self, rec):
         """The run is PENDING until its watcher thread has spawned the process."""
         rec.life, rec.queue_reason = "PENDING", None
-        self.store.save(rec)
+        self._save(rec)
         thread = threading.Thread(target=self._run_process, args=(rec,), name=f"run-{rec.run_id}", daemon=True)
         self._threads.append(thread)
         thread.start()
@@ -353,7 +383,7 @@ class Jobs:
                 _signal(proc, signal.SIGTERM)
             else:
                 rec.life = "RUNNING"
-            self.store.save(rec)
+            self._save(rec)
         settings = self.jobs[rec.job_id]["settings"]
         timeout = rec.task.get("timeout_seconds") or settings.get("timeout_seconds") or 0
         deadline = time.monotonic() + timeout if timeout > 0 else math.inf
@@ -407,7 +437,20 @@ class Jobs:
         rec.ended, rec.queue_reason = now_ms(), None
         self.live.pop(rec.run_id, None)
         self._procs.pop(rec.run_id, None)
-        self.store.save(rec)
+        self._save(rec)
+
+    def _save(self, rec):
+        """Save a record, then those the database missed before. While the database is out of reach this emulator
+        answers from memory (`live`, and `unsaved` for runs that ended) and saves them with the next change."""
+        if rec.life not in ACTIVE:
+            self.unsaved[rec.run_id] = rec
+        try:
+            for r in [rec, *(u for u in self.unsaved.values() if u is not rec)]:
+                self.store.save(r)
+                self.unsaved.pop(r.run_id, None)
+        except ApiError as e:
+            log.warning("local workspace: run %s is not saved yet (saved with the next change): %s", rec.run_id,
+                        e.message)
 
     def _stop(self, rec, reason):
         """Cancel (or time out, or shut down) a live run; a queued run ends without ever starting."""
@@ -416,7 +459,7 @@ class Jobs:
         if rec.stop:
             return
         rec.stop, rec.life = reason, "TERMINATING"
-        self.store.save(rec)
+        self._save(rec)
         if rec.run_id in self._procs:
             _signal(self._procs[rec.run_id], signal.SIGTERM)
 
@@ -450,7 +493,7 @@ class Jobs:
 
     def _record(self, run_id):
         with self._lock:
-            rec = self.live.get(run_id) or self.store.get(run_id)
+            rec = self.live.get(run_id) or self.unsaved.get(run_id) or self.store.get(run_id)
         if rec is None:
             raise bad(f"Run {run_id} does not exist.")  # the SDK maps this to ResourceDoesNotExist on runs/get
         return rec
@@ -472,7 +515,7 @@ class Jobs:
             raise bad("active_only and completed_only cannot both be true")
         job_id = _int(q["job_id"], "job_id") if "job_id" in q else None
         with self._lock:
-            runs = [self.live.get(r.run_id, r) for r in self.store.all()]
+            runs = [self.live.get(r.run_id) or self.unsaved.get(r.run_id) or r for r in self.store.all()]
         runs = [r for r in runs if (job_id is None or r.job_id == job_id)
                 and not (_flag(q, "active_only") and r.life not in ACTIVE)
                 and not (_flag(q, "completed_only") and r.life in ACTIVE)

@@ -600,6 +600,27 @@ def test_runs_persist_across_restarts(pg_dsn, tmp_path):
         wait_run(w, new)
 
 
+def test_the_run_store_survives_a_terminated_backend_and_a_server_restart(own, own_dsn, tmp_path):
+    with localws.Emulator(dsn=own_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
+        w = client(emu)
+        job_id = emu.add_job(fake_job())
+        first = w.jobs.run_now(job_id).run_id
+        wait_run(w, first)
+        with psycopg.connect(own_dsn, autocommit=True) as admin:  # what the model's SQL could once do
+            admin.execute("select pg_terminate_backend(pid) from pg_stat_activity "
+                          "where datname = current_database() and pid <> pg_backend_pid()")
+        assert w.jobs.get_run(first).state.result_state == jobs.RunResultState.SUCCESS
+        second = w.jobs.run_now(job_id, job_parameters={"sleep": "1"}).run_id
+        wait_for(lambda: "ready" in emu.run_log(second), what="worker ready")
+        pg_fixture.stop(own)  # the run ends while the database is down: answered from memory, saved later
+        assert wait_run(w, second).state.result_state == jobs.RunResultState.SUCCESS
+        pg_fixture.start(own)
+        third = w.jobs.run_now(job_id).run_id
+        assert wait_run(w, third).state.result_state == jobs.RunResultState.SUCCESS
+    with localws.Emulator(dsn=own_dsn, project_dir=ROOT, log_dir=tmp_path) as again:
+        assert [again.store.get(r).result for r in (first, second, third)] == ["SUCCESS"] * 3
+
+
 def test_runs_of_a_workspace_that_died_are_marked_failed(pg_dsn, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fixtures/dying_workspace.py"), pg_dsn,
                              str(tmp_path)], stdout=subprocess.PIPE, text=True)
