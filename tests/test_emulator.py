@@ -621,6 +621,37 @@ def test_the_run_store_survives_a_terminated_backend_and_a_server_restart(own, o
         assert [again.store.get(r).result for r in (first, second, third)] == ["SUCCESS"] * 3
 
 
+def test_run_logs_of_two_databases_never_mix(pg_server, tmp_path):
+    dsns = [pg_server.fresh_database() for _ in range(2)]
+    try:
+        for dsn in dsns:  # the same log directory, as `python primary.py` with and without LAKEBASE_DSN
+            with localws.Emulator(dsn=dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
+                w = client(emu)
+                job_id = emu.add_job(fake_job())
+                run_id = w.jobs.run_now(job_id, job_parameters={"stderr": f"from {dsn}"}).run_id
+                wait_run(w, run_id)
+                assert emu.run_log(run_id, "stderr") == f"from {dsn}\n"  # not appended to the other's run 1
+        assert sorted(p.name for p in tmp_path.glob("*/run-*.stderr")) == ["run-1.stderr"] * 2
+    finally:
+        for dsn in dsns:
+            pg_server.drop_database(dsn)
+
+
+def test_run_logs_are_private_and_a_temporary_log_dir_is_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "system-temp"))
+    (tmp_path / "system-temp").mkdir()
+    for log_dir in (tmp_path / "logs", None):
+        with localws.Emulator(project_dir=ROOT, log_dir=log_dir) as emu:
+            w = client(emu)
+            run_id = w.jobs.run_now(emu.add_job(fake_job())).run_id
+            wait_run(w, run_id)
+            assert emu.run_log(run_id).startswith("ready")
+            logs = list(emu.log_dir.glob("run-*"))
+            assert len(logs) == 2 and {p.stat().st_mode & 0o777 for p in logs} == {0o600}
+            assert emu.log_dir.stat().st_mode & 0o777 == 0o700
+    assert not list((tmp_path / "system-temp").iterdir())  # no local-runs-* left behind
+
+
 def test_runs_of_a_workspace_that_died_are_marked_failed(pg_dsn, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fixtures/dying_workspace.py"), pg_dsn,
                              str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -628,8 +659,8 @@ def test_runs_of_a_workspace_that_died_are_marked_failed(pg_dsn, tmp_path):
         line = proc.stdout.readline()
         assert line.startswith("run_id="), line
         run_id = int(line.split("=")[1])
-        wait_for(lambda: "ready" in ((tmp_path / f"run-{run_id}.stdout").read_text()
-                                     if (tmp_path / f"run-{run_id}.stdout").exists() else ""), what="worker")
+        wait_for(lambda: any("ready" in p.read_text() for p in tmp_path.glob(f"*/run-{run_id}.stdout")),
+                 what="worker")
     finally:
         proc.kill()
         proc.wait(5)
