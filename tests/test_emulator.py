@@ -10,8 +10,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import timedelta
@@ -36,6 +34,7 @@ from databricks.sdk.service import dashboards, database, iam, jobs, postgres
 import lakebase
 import localws
 import localws.answerer
+import localws.embedded
 import localws.emulator
 import localws.jobs
 
@@ -652,27 +651,6 @@ def test_run_logs_are_private_and_a_temporary_log_dir_is_removed(tmp_path, monke
     assert not list((tmp_path / "system-temp").iterdir())  # no local-runs-* left behind
 
 
-def test_runs_of_a_workspace_that_died_are_marked_failed(pg_dsn, tmp_path):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fixtures/dying_workspace.py"), pg_dsn,
-                             str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    try:
-        line = proc.stdout.readline()
-        assert line.startswith("run_id="), line
-        run_id = int(line.split("=")[1])
-        wait_for(lambda: any("ready" in p.read_text() for p in tmp_path.glob(f"*/run-{run_id}.stdout")),
-                 what="worker")
-    finally:
-        proc.kill()
-        proc.wait(5)
-    with localws.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
-        orphan = emu.store.get(run_id).pid
-        os.kill(orphan, signal.SIGKILL)  # the dead workspace's worker, left behind
-        run = client(emu).jobs.get_run(run_id)
-        assert (run.state.life_cycle_state, run.state.result_state) == (
-            jobs.RunLifeCycleState.TERMINATED, jobs.RunResultState.FAILED)
-        assert run.state.state_message == localws.jobs.SHUTDOWN_MESSAGE
-
-
 def test_closing_the_workspace_stops_its_runs(tmp_path):
     emu = localws.Emulator(project_dir=ROOT, log_dir=tmp_path, cancel_grace=0.3)
     w = client(emu)
@@ -1017,20 +995,20 @@ def test_embedded_postgres_keeps_its_data_across_restarts():
     # meanwhile makes /tmp/pytest-of-root private again.
     parent = Path(tempfile.mkdtemp(prefix="local-pg-"))
     try:
-        handle, dsn = localws._embedded_postgres(parent / "pgdata")
+        handle, dsn = localws.embedded.start(parent / "pgdata", say=print)
         try:
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("create table kept(x int)")
                 conn.execute("insert into kept values (42)")
         finally:
-            handle.cleanup()  # stops the server; the data directory stays
-        handle, dsn = localws._embedded_postgres(parent / "pgdata")
+            localws.embedded.stop(handle)  # stops the server; the data directory stays
+        handle, dsn = localws.embedded.start(parent / "pgdata", say=print)
         try:
             with psycopg.connect(dsn) as conn:
                 assert conn.info.dbname == "databricks_postgres"
                 assert conn.execute("select x from kept").fetchone() == (42,)
         finally:
-            handle.cleanup()
+            localws.embedded.stop(handle)
     finally:
         shutil.rmtree(parent, ignore_errors=True)
 
