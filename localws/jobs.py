@@ -15,6 +15,7 @@ and stderr); `run_page_url` is `<host>/?o=<workspace id>#job/<job>/run/<run>`, a
 Quirk `jobs_queued` (localws/quirks.py) adds what is real but slow: runs that wait QUEUED before they start.
 """
 import base64
+import ctypes
 import dataclasses
 import html
 import itertools
@@ -24,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +44,7 @@ from localws.emulator import WORKSPACE_ID, ApiError, Page, bad, now_ms, peer_uid
 
 log = logging.getLogger(__name__)
 
+HOST = socket.gethostname()  # run records of another machine's workspaces (one shared database) are left alone
 SHUTDOWN_MESSAGE = "the local workspace stopped while this run was active"
 CLOSED_MESSAGE = "the local workspace was closed while this run was active"
 ACTIVE = ("QUEUED", "PENDING", "RUNNING", "TERMINATING")
@@ -90,6 +93,7 @@ class RunRecord:
     owner_pid: int = 0
     error: str | None = None  # why the task failed, as get-output's `error` says
     held: bool = False  # jobs_queued: QUEUED for jobs_queue_delay seconds, whatever the job's free slots
+    owner_host: str = ""
     creator: str = ""  # the user whose token started it
 
     @classmethod
@@ -325,7 +329,7 @@ class Jobs:
                 return {"run_id": existing.run_id, "number_in_job": existing.run_id}
             rec = RunRecord(self.store.next_id(), self.store.next_id(), job_id, settings.get("name", f"job {job_id}"),
                             settings["tasks"][0], [], [], now_ms(), token, owner=self.owner, owner_pid=os.getpid(),
-                            creator=req.user.name)
+                            owner_host=HOST, creator=req.user.name)
             values = {**defined, **overrides}
             rec.parameters = [{"name": n, "default": d, "value": values[n]} for n, d in defined.items()]
             refs = {f"job.parameters.{n}": v for n, v in values.items()}
@@ -390,7 +394,7 @@ class Jobs:
                     open(self.log_dir / f"run-{rec.run_id}.stderr", "ab", opener=_private) as err:
                 proc = subprocess.Popen([sys.executable, str(python_file), *rec.argv], cwd=self.project_dir,
                                         env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_dies_with(os.getpid()))
         except (OSError, ValueError) as e:  # ValueError: a NUL in an argument
             return self._finish(rec, "FAILED", "INVALID_RUN_CONFIGURATION", "CLIENT_ERROR",
                                 f"could not start the worker: {e}")
@@ -501,20 +505,26 @@ class Jobs:
         self._schedule(rec.job_id)
 
     def _recover(self):
-        """Mark runs whose local workspace died while they were active as FAILED."""
+        """Reconcile the runs of local workspaces that died while they were active (see `_reconcile`)."""
         for rec in self.store.all():
-            if rec.life not in ACTIVE or rec.owner in Jobs._open_instances:
-                continue
-            if rec.owner_pid != os.getpid() and _alive(rec.owner_pid):
-                continue  # another local workspace, still running
+            self._reconcile(rec)
+
+    def _reconcile(self, rec):
+        """An active run of a local workspace on this machine that died (even by SIGKILL) ended FAILED, once its
+        worker is gone too (it dies with its workspace, logging `cancelled`); until then it reads as it is.
+        Runs are reconciled when read, so every open local workspace sees it end."""
+        if rec.life in ACTIVE and rec.run_id not in self.live and rec.owner not in Jobs._open_instances \
+                and rec.owner_host in ("", HOST) and (rec.owner_pid == os.getpid() or not _alive(rec.owner_pid)) \
+                and not _worker_alive(rec):
             self._conclude(rec, *SHUT_DOWN)
+        return rec
 
     def _record(self, run_id):
         with self._lock:
             rec = self.live.get(run_id) or self.unsaved.get(run_id) or self.store.get(run_id)
-        if rec is None:
-            raise bad(f"Run {run_id} does not exist.")  # the SDK maps this to ResourceDoesNotExist on runs/get
-        return rec
+            if rec is None:
+                raise bad(f"Run {run_id} does not exist.")  # the SDK maps this to ResourceDoesNotExist on runs/get
+            return self._reconcile(rec)
 
     def _get_run(self, req):
         with self._lock:  # a consistent snapshot: the watcher thread updates live records
@@ -533,7 +543,8 @@ class Jobs:
             raise bad("active_only and completed_only cannot both be true")
         job_id = _int(q["job_id"], "job_id") if "job_id" in q else None
         with self._lock:
-            runs = [self.live.get(r.run_id) or self.unsaved.get(r.run_id) or r for r in self.store.all()]
+            runs = [self._reconcile(self.live.get(r.run_id) or self.unsaved.get(r.run_id) or r)
+                    for r in self.store.all()]
         runs = [r for r in runs if (job_id is None or r.job_id == job_id)
                 and not (_flag(q, "active_only") and r.life not in ACTIVE)
                 and not (_flag(q, "completed_only") and r.life in ACTIVE)
@@ -708,6 +719,38 @@ def _page(items, query, limit_max, default=20):
     if offset > 0:
         page["prev_page_token"] = token(max(0, offset - limit))
     return items[offset:offset + limit], page
+
+
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+PR_SET_PDEATHSIG = 1
+
+
+def _dies_with(parent):
+    """The worker's preexec_fn on Linux: SIGTERM it (it logs `cancelled`) when the thread that started it ends,
+    which outlives the worker unless this process dies, even by SIGKILL. Elsewhere the worker outlives a killed
+    workspace, and its run is reconciled once it ends."""
+    if _prctl is None:
+        return None
+
+    def preexec():
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # died before prctl
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+def _worker_alive(rec):
+    """Whether the run's worker still runs: its pid is alive and, where /proc says, it started with the run (a pid
+    is reused in time)."""
+    if not rec.pid or not _alive(rec.pid):
+        return False
+    try:
+        ticks = int(Path(f"/proc/{rec.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True
+    return abs(boot + ticks / os.sysconf("SC_CLK_TCK") - (rec.started or 0) / 1000) < 10
 
 
 def _private(path, flags):

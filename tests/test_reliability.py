@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -672,6 +673,50 @@ def test_a_worker_killed_with_sigkill_is_reported_and_its_steps_are_kept(emu, db
     reply = reply_text(agent.predict(ask("Is it done?", "t-kill")))
     assert_clear(reply, f"Run {run_id} is TERMINATED FAILED, with 2 steps logged", "killed by SIGKILL")
     expect_thread(db, "t-kill", ["What was the total revenue in 2025?", "Is it done?"])
+
+
+def test_a_local_workspace_killed_mid_run_leaves_nothing_running_stuck_or_broken(tmp_path):
+    """kill -9 of `python primary.py` while a run goes on: its worker dies with it (logging `cancelled`), another
+    open session sees the run end FAILED, the next start stops the server nobody uses, and resetting the data
+    directory right after a kill starts cleanly."""
+    data_dir = tmp_path / "data"
+
+    def dying_workspace():
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fixtures/dying_workspace.py"), str(data_dir)],
+                                stdout=subprocess.PIPE, text=True)
+        said = dict(proc.stdout.readline().strip().split("=", 1) for _ in range(2))
+        return proc, said["dsn"], said["run_id"]
+
+    proc, dsn, run_id = dying_workspace()
+    try:
+        wait_for(lambda: steps_of(dsn, run_id), "the worker's first step")
+        with localws.Emulator(dsn=dsn, project_dir=ROOT, log_dir=tmp_path / "runs") as other:  # another session
+            w = workspace(other)
+            worker = other.store.get(int(run_id)).pid
+            assert w.jobs.get_run(int(run_id)).state.life_cycle_state.value == "RUNNING"
+            proc.kill()
+            proc.wait(10)
+            fault()
+            wait_for(lambda: not localws.jobs._alive(worker), "the worker to die with its workspace")
+            run = wait_for(lambda: (r := w.jobs.get_run(int(run_id))).state.result_state and r, "the run to end")
+            assert (run.state.life_cycle_state.value, run.state.result_state.value, run.state.state_message) == (
+                "TERMINATED", "FAILED", localws.jobs.SHUTDOWN_MESSAGE)
+        expect_steps(dsn, run_id, ["started", "cancelled"])  # logged before the run was marked failed: no later step
+        server = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+        assert localws.jobs._alive(server)  # nobody stopped it
+        localws.start(ROOT, data_dir=data_dir).close()  # the last live user of the server stops it
+        wait_for(lambda: not localws.jobs._alive(server), "the server to stop")  # its pid file goes first
+
+        proc, dsn, run_id = dying_workspace()  # killed again, and the data directory reset at once
+        proc.kill()
+        proc.wait(10)
+        fault()
+        wait_for(lambda: shutil.rmtree(data_dir, ignore_errors=True) or not data_dir.exists(), "rm -rf")
+        with localws.start(ROOT, data_dir=data_dir) as ws:  # no AssertionError from the old server's last moments
+            assert ws.emulator.store.all() == []
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_a_cancel_racing_completion_ends_in_one_outcome_and_loses_no_step(emu, db, pg_dsn):
