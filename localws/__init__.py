@@ -127,6 +127,9 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             sample.load_sample(conn)
+            if sample.reader_login(conn) is None:
+                say(f"note: the local Genie's SQL runs as {conn.info.user}, which can read this whole database: "
+                    f"grant it CREATEROLE to confine Genie to schema sample")
         job = load_job(project_dir, variables)
         overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": ""}
         for param in job.get("parameters") or []:  # whatever the bundle variables say, local mode uses these

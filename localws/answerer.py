@@ -268,7 +268,7 @@ class GenieAnswerer:
         max_rows + 1 rows. (DECLARE ... CURSOR also refuses anything but a SELECT or VALUES.)"""
         if self._login is None:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
-                self._login = reader_login(conn)
+                self._login = reader_login(conn) or {}  # {}: the DSN's own role (start() says so)
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10, **self._login) as conn, \
                 conn.transaction():
             conn.execute("set transaction read only")

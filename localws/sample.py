@@ -42,13 +42,21 @@ def load_sample(conn, data_dir=DATA_DIR) -> bool:
     return loaded
 
 
-def reader_login(conn) -> dict:
-    """Create (or repair) this database's reader role and return its login, `{"user", "password"}`.
+def reader_login(conn) -> dict | None:
+    """Create (or repair) this database's reader role and return its login, `{"user", "password"}`; None if the
+    role of `conn` may not create roles (then Genie's SQL can only run as that role).
 
     The role logs in, reads the tables of schema `sample` and can do nothing else: it is no superuser, has no
     grants elsewhere, and Postgres keeps server files, configuration, other sessions' SQL and their backends
     from such a role. Its random password is kept in `local_workspace.genie_login`, which only the role of
-    `conn` reads, so two processes on one database share it. Needs a role that may create roles."""
+    `conn` reads, so two processes on one database share it."""
+    try:
+        return _reader_login(conn)
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+
+
+def _reader_login(conn):
     with conn.transaction():
         conn.execute("select pg_advisory_xact_lock(hashtext('local_workspace'))")  # jobs.py creates the schema too
         oid = conn.execute("select oid from pg_database where datname = current_database()").fetchone()[0]
