@@ -174,6 +174,7 @@ def workspace_client(config: WorkerConfig):
 
 
 def _cancel(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough (a dying local workspace may send several)
     raise Cancelled(f"received {signal.Signals(signum).name}: the run was cancelled")
 
 

@@ -15,7 +15,6 @@ and stderr); `run_page_url` is `<host>/?o=<workspace id>#job/<job>/run/<run>`, a
 Quirk `jobs_queued` (localws/quirks.py) adds what is real but slow: runs that wait QUEUED before they start.
 """
 import base64
-import ctypes
 import dataclasses
 import html
 import itertools
@@ -44,6 +43,12 @@ from localws.emulator import WORKSPACE_ID, ApiError, Page, bad, now_ms, peer_uid
 
 log = logging.getLogger(__name__)
 
+# On Linux a run's process first runs this, which asks for SIGTERM when the thread that started it ends, then becomes
+# the task (exec: same pid). See _command().
+DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "  # PR_SET_PDEATHSIG
+                   "os.getppid() == int(sys.argv[1]) or os.kill(os.getpid(), signal.SIGTERM); "
+                   "os.execv(sys.argv[2], sys.argv[2:])")
+STARTING = 0.5  # s: a cancel reaches a process no sooner, or Python, still starting, would die unable to log it
 HOST = socket.gethostname()  # run records of another machine's workspaces (one shared database) are left alone
 SHUTDOWN_MESSAGE = "the local workspace stopped while this run was active"
 CLOSED_MESSAGE = "the local workspace was closed while this run was active"
@@ -227,7 +232,7 @@ class Jobs:
         self.jobs = {}
         self.live: dict[int, RunRecord] = {}  # this emulator's runs that have not ended
         self.unsaved: dict[int, RunRecord] = {}  # ended while the database was out of reach: saved later
-        self._procs, self._threads = {}, []
+        self._threads = []
         self.owner = uuid.uuid4().hex
         self.dsn, self.jobs_queue_delay = dsn, 3.0  # jobs_queued: how long a run waits
         self.omitted_run_fields = set()  # test hook: top-level run fields left out of runs/get and runs/list
@@ -392,23 +397,20 @@ class Jobs:
         try:
             with open(self.log_dir / f"run-{rec.run_id}.stdout", "ab", opener=_private) as out, \
                     open(self.log_dir / f"run-{rec.run_id}.stderr", "ab", opener=_private) as err:
-                proc = subprocess.Popen([sys.executable, str(python_file), *rec.argv], cwd=self.project_dir,
-                                        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        start_new_session=True, preexec_fn=_dies_with(os.getpid()))
+                proc = subprocess.Popen(_command(python_file, rec.argv), cwd=self.project_dir, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True)
         except (OSError, ValueError) as e:  # ValueError: a NUL in an argument
             return self._finish(rec, "FAILED", "INVALID_RUN_CONFIGURATION", "CLIENT_ERROR",
                                 f"could not start the worker: {e}")
         with self._lock:
-            self._procs[rec.run_id] = proc
             rec.pid, rec.started = proc.pid, now_ms()
-            if rec.stop:  # cancelled while spawning
-                _signal(proc, signal.SIGTERM)
-            else:
+            if not rec.stop:  # else cancelled while spawning
                 rec.life = "RUNNING"
             self._save(rec)
         settings = self.jobs[rec.job_id]["settings"]
         timeout = rec.task.get("timeout_seconds") or settings.get("timeout_seconds") or 0
-        deadline = time.monotonic() + timeout if timeout > 0 else math.inf
+        spawned = time.monotonic()
+        deadline = spawned + timeout if timeout > 0 else math.inf
         kill_at, killed = math.inf, False
         while True:
             try:
@@ -420,8 +422,10 @@ class Jobs:
             with self._lock:
                 if now >= deadline and not rec.stop:
                     self._stop(rec, "timeout")
-                if rec.stop and kill_at == math.inf:
-                    kill_at = now + self.cancel_grace
+                stopping = rec.stop
+            if stopping and kill_at == math.inf and now >= spawned + STARTING:
+                _signal(proc, signal.SIGTERM)
+                kill_at = now + self.cancel_grace
             if now >= kill_at and not killed:
                 _signal(proc, signal.SIGKILL)
                 killed = True
@@ -458,7 +462,6 @@ class Jobs:
         rec.life, rec.result, rec.code, rec.kind, rec.message = life, result, code, kind, message
         rec.ended, rec.queue_reason = now_ms(), None
         self.live.pop(rec.run_id, None)
-        self._procs.pop(rec.run_id, None)
         self._save(rec)
 
     def _save(self, rec):
@@ -480,10 +483,8 @@ class Jobs:
             return self._conclude(rec, *(CLOSED if reason == "shutdown" else CANCELLED))
         if rec.stop:
             return
-        rec.stop, rec.life = reason, "TERMINATING"
+        rec.stop, rec.life = reason, "TERMINATING"  # its watcher thread sends the process SIGTERM
         self._save(rec)
-        if rec.run_id in self._procs:
-            _signal(self._procs[rec.run_id], signal.SIGTERM)
 
     def _schedule(self, job_id):
         """Start queued runs of the job while it has free slots."""
@@ -721,22 +722,15 @@ def _page(items, query, limit_max, default=20):
     return items[offset:offset + limit], page
 
 
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-PR_SET_PDEATHSIG = 1
-
-
-def _dies_with(parent):
-    """The worker's preexec_fn on Linux: SIGTERM it (it logs `cancelled`) when the thread that started it ends,
-    which outlives the worker unless this process dies, even by SIGKILL. Elsewhere the worker outlives a killed
-    workspace, and its run is reconciled once it ends."""
-    if _prctl is None:
-        return None
-
-    def preexec():
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # died before prctl
-            os.kill(os.getpid(), signal.SIGTERM)
-    return preexec
+def _command(python_file, argv):
+    """The run's command. On Linux it dies with this workspace, even one killed by SIGKILL: its watcher thread,
+    which started it, outlives it otherwise; the worker then logs `cancelled`. (A preexec_fn would do the same
+    but make each start fork this whole process, ~50 ms.) Elsewhere a worker outlives a killed workspace, and its
+    run is reconciled once it ends."""
+    command = [sys.executable, str(python_file), *argv]
+    if sys.platform.startswith("linux"):
+        return [sys.executable, "-S", "-c", DIE_WITH_PARENT, str(os.getpid()), *command]
+    return command
 
 
 def _worker_alive(rec):
