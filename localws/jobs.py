@@ -635,7 +635,8 @@ class Jobs:
             return Page("<!doctype html><title>Forbidden</title><p>This page shows the runs of another user's "
                         "local workspace.</p>", status=403)
         with self._lock:
-            records = [self.live.get(r.run_id, r) for r in self.store.all()[:PAGE_RUNS]]
+            records = [self._reconcile(self.live.get(r.run_id) or self.unsaved.get(r.run_id) or r)
+                       for r in self.store.all()[:PAGE_RUNS]]
             statuses = {r.run_id: self._state(r, r.life, r.message)[1] for r in records}
         steps = self._steps([rec.run_id for rec in records])
         sections = [self._run_section(rec, statuses[rec.run_id], steps.get(rec.run_id, [])) for rec in records]
