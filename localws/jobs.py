@@ -381,6 +381,8 @@ class Jobs:
 
     def _run_process(self, rec):
         """Spawn the task's process, then watch it: timeout, cancel grace, exit code."""
+        if rec.stop:  # cancelled (or shut down) while pending: the run ends without ever starting
+            return self._finish(rec, *(CLOSED if rec.stop == "shutdown" else CANCELLED))
         python_file = self.project_dir / rec.task["spark_python_task"]["python_file"]
         if not python_file.is_file():
             return self._finish(rec, "FAILED", "RESOURCE_NOT_FOUND", "CLIENT_ERROR",

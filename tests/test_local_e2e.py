@@ -625,7 +625,8 @@ def test_the_walk_through_by_predict(local_agent):
     assert run.state.result_state.value == "CANCELED"
     with pool.connection() as conn:
         steps = lakebase.read_steps(conn, second)
-    assert [s["status"] for s in steps][-1:] == ["cancelled"], \
+    # cancelled before its worker's Python started (it then logs nothing, as on Databricks), or logged as cancelled
+    assert [s["status"] for s in steps][-1:] in ([], ["cancelled"]), \
         f"run {second} was cancelled, but its step log is {[s['status'] for s in steps]}"
     reply = reply_text(agent.predict(ask("is it done?", thread)))
     assert f"Run {second} is TERMINATED CANCELED" in reply and "Cancelled: " in reply, reply
