@@ -7,11 +7,14 @@ works); `openai_chat(base_url, model)` talks to any OpenAI-compatible server (vL
 server to stream (`"stream": true`, server-sent events of `chat.completion.chunk`s, as Databricks serving endpoints,
 vLLM and Ollama send them): text deltas go to `on_text` as they arrive, tool calls are assembled from their deltas
 by index. A server that answers one JSON completion instead (it ignores `stream`, or a proxy buffers) works too.
+Each call has a total `deadline`, checked as the reply's bytes arrive: the read timeout alone applies per read, so
+a reply that trickles in would never time out.
 
 `run_tools()` is the bounded tool loop. What the model can fix (unknown tool, bad arguments, a tool that
 raises) goes back to it as an "Error: ..." tool message; what it can't (LLMError, the caller's `fatal` types)
-is raised. The loop ends in one of three ways: it returns the model's text answer, or re-raises the `EndTurn`
-a tool raised, or raises `LimitReached`. A tool that has more to say to the caller's log than to the model
+is raised. At most `max_tool_calls` calls of one reply are run; the rest are answered with an error. The loop
+ends in one of three ways: it returns the model's text answer, or re-raises the `EndTurn` a tool raised, or
+raises `LimitReached`. A tool that has more to say to the caller's log than to the model
 returns a `ToolResult(content, detail)` (or raises `ToolError(message, detail=...)`): the model sees the
 content, `on_message` gets the detail.
 """
@@ -20,16 +23,19 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "databricks-claude-sonnet-4-5"
 RETRY_STATUSES = {429, 502, 503, 504}  # 500 is not retried: a model that fails on a request fails again
+READ_CHUNK = 65_536  # bytes read at most per socket read of a reply
+MAX_TOOL_CALLS = 10  # tool calls run per model reply
 
 
 class LLMError(Exception):
@@ -60,8 +66,9 @@ class ChatClient:
     url: str  # the full chat-completions URL
     model: str | None = None  # sent as "model" in the body when set (OpenAI-compatible servers need it)
     headers: Callable[[], dict] = dict  # called before every request, so refreshed tokens are picked up
-    timeout: tuple[float, float] = (10.0, 300.0)  # connect, read seconds; serving endpoints stop at ~297 s
-    retry_seconds: float = 60.0  # no retry starts later than this after the first try (+ one timeout in total)
+    timeout: tuple[float, float] = (10.0, 300.0)  # connect, read seconds (per read); endpoints stop at ~297 s
+    retry_seconds: float = 60.0  # no retry starts later than this after the first try
+    deadline: float = 360.0  # seconds one model call may take in all, retries and a streamed answer included
     backoff: float = 1.0  # first wait before a retry without Retry-After; doubles each time
     max_backoff: float = 20.0
     stream: bool = True  # ask for server-sent events; False for a server that refuses "stream": true
@@ -88,8 +95,9 @@ class ChatClient:
         body = {key: value for key, value in body.items() if value is not None}
         log.debug("POST %s %s", self.where, json.dumps(body, default=str))
         started = time.monotonic()
-        with self._post(body) as response:
-            reply = self._read(response, on_text or (lambda delta: None))
+        deadline = started + self.deadline
+        with self._post(body, deadline) as response:
+            reply = self._read(response, on_text or (lambda delta: None), deadline)
         if reply.finish_reason == "length":
             log.warning("the reply from %s was cut at max_tokens", self.where)
         log.info("chat completion from %s in %.1f s (%d tool calls, finish %s, usage %s)", self.where,
@@ -97,13 +105,13 @@ class ChatClient:
                  reply.usage)
         return reply
 
-    def _read(self, response, on_text) -> Completion:
+    def _read(self, response, on_text, deadline: float) -> Completion:
         """Read the answer as it arrives: server-sent events of chunks, or one JSON completion. Once its first byte
         has been read the request is not retried: part of the answer may have been used."""
         stream = _Stream(self.where, on_text) if "event-stream" in response.headers.get("Content-Type", "") else None
         whole = bytearray()
         try:
-            for data in response.iter_content(chunk_size=None):  # each piece as it comes off the connection
+            for data in self._chunks(response, deadline):
                 if stream is None:
                     whole += data
                 else:
@@ -117,8 +125,28 @@ class ChatClient:
             on_text(reply.message["content"])
         return reply
 
-    def _post(self, body) -> requests.Response:
-        """POST with retries on 429/502/503/504 and connection errors, honouring Retry-After, within the budget."""
+    def _chunks(self, response, deadline: float) -> Iterator[bytes]:
+        """The body's bytes as they come off the connection, one socket read at a time (each bounded by the read
+        timeout); past the deadline the call is given up. The one place a reply's bytes are read."""
+        size = 0
+        try:
+            while data := response.raw.read1(READ_CHUNK, decode_content=True):
+                size += len(data)
+                yield data
+                if time.monotonic() > deadline:
+                    raise LLMError(f"POST {self.where}: the reply was still arriving after the {self.deadline:g} s "
+                                   f"deadline for one model call ({size:,} bytes so far); the endpoint is "
+                                   f"overloaded, or something between us holds the reply back")
+        except urllib3.exceptions.ProtocolError as e:  # raised as requests' own iter_content raises them
+            raise requests.exceptions.ChunkedEncodingError("Response ended prematurely") from e
+        except urllib3.exceptions.DecodeError as e:
+            raise requests.exceptions.ContentDecodingError(e) from e
+        except urllib3.exceptions.ReadTimeoutError as e:
+            raise requests.ConnectionError(e) from e
+
+    def _post(self, body, deadline: float) -> requests.Response:
+        """POST with retries on 429/502/503/504 and connection errors, honouring Retry-After, within the budget
+        and the deadline; returns the response, its body still to read."""
         started = time.monotonic()
         for attempt in itertools.count(1):
             try:
@@ -126,24 +154,27 @@ class ChatClient:
             except Exception as e:  # the SDK's credential refresh: the person must fix their auth
                 raise LLMError(f"could not get auth headers for {self.where}: {e}") from e
             status = error = wait = None
+            timeout = (self.timeout[0], max(0.1, min(self.timeout[1], deadline - time.monotonic())))
             try:
-                response = self.session.post(self.url, json=body, headers=headers, timeout=self.timeout,
-                                             stream=True)
+                response = self.session.post(self.url, json=body, headers=headers, timeout=timeout, stream=True)
+                if response.status_code >= 400:
+                    with response:
+                        status, problem = response.status_code, _error_message(
+                            b"".join(self._chunks(response, deadline)), response.reason)
             except (requests.ConnectionError, requests.Timeout) as e:
                 error, problem = e, f"{type(e).__name__}: {e}"
             except requests.RequestException as e:
                 raise LLMError(f"POST {self.where} failed: {e}") from e
             else:
-                if response.status_code < 400:
+                if status is None:
                     return response
-                status, problem = response.status_code, _error_message(response)
                 if status not in RETRY_STATUSES:
                     raise LLMHTTPError(status, problem, self.where)
                 wait = _retry_after(response)
             if wait is None:
                 wait = min(self.backoff * 2 ** (attempt - 1), self.max_backoff)
             elapsed = time.monotonic() - started
-            if elapsed + wait > self.retry_seconds:
+            if elapsed + wait > self.retry_seconds or time.monotonic() + wait >= deadline:
                 gave_up = f"gave up after {attempt} attempts in {elapsed:.1f} s"
                 if status is not None:
                     raise LLMHTTPError(status, f"{problem} ({gave_up})", self.where)
@@ -198,15 +229,15 @@ def _retry_after(response) -> float | None:
         return None
 
 
-def _error_message(response) -> str:
+def _error_message(body: bytes, reason: str) -> str:
     """The endpoint's own message: Databricks {"error_code","message"}, OpenAI {"error":{"message"}}, or text."""
     try:
-        body = response.json()
+        data = json.loads(body)
     except ValueError:
-        body = None
-    if isinstance(body, dict) and (message := _error_text(body)):
+        data = None
+    if isinstance(data, dict) and (message := _error_text(data)):
         return message
-    return response.text.strip()[:500] or response.reason or "(empty body)"
+    return body.decode("utf-8", errors="replace").strip()[:500] or reason or "(empty body)"
 
 
 def _error_text(body: dict) -> str:
@@ -389,15 +420,16 @@ class LimitReached(Exception):
         self.messages, self.max_calls = messages, max_calls
 
 
-def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, on_text=None, fatal=(),
-              **complete_kw) -> str:
+def run_tools(client, messages: list, tools, *, max_calls=8, max_tool_calls=MAX_TOOL_CALLS, on_message=None,
+              on_text=None, fatal=(), **complete_kw) -> str:
     """Run the tool loop on `messages` (appended in place, never rewritten) and return the model's text answer.
 
     1. call the model with the tools (at most `max_calls` times, then raise LimitReached); on_text(delta) gets
        its text as it arrives
-    2. append its message; on_message(message, {"duration_s"})
+    2. append its message (a reply with more than `max_tool_calls` calls keeps one more, which stands for the
+       rest); on_message(message, {"duration_s"})
     3. no tool calls? return its text
-    4. run each tool call; a model-caused failure becomes the result "Error: ..."
+    4. run each tool call, up to `max_tool_calls`; a model-caused failure becomes the result "Error: ..."
     5. append each result; on_message(message, {"call_id", "name", "arguments", "duration_s", "error", "end_turn",
        "detail"}), where detail is the ToolResult's or ToolError's detail (else None)
     6. a tool raised EndTurn? re-raise it now that every call has its result; else back to 1
@@ -411,13 +443,20 @@ def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, on
     for _ in range(max_calls):
         started = time.monotonic()
         reply = client.complete(messages, tools=schemas, **complete_kw)
+        asked = len(reply.get("tool_calls", []))
+        if asked > max_tool_calls:  # the calls beyond the one standing for them are left out of the transcript
+            log.warning("the model asked for %d tool calls in one reply; running %d", asked, max_tool_calls)
+            reply = {**reply, "tool_calls": reply["tool_calls"][:max_tool_calls + 1]}
         messages.append(reply)
         hook(reply, {"duration_s": time.monotonic() - started})
         if "tool_calls" not in reply:
             return reply["content"] or ""
         end_turn = None
-        for call in reply["tool_calls"]:
-            content, info = _run_call(call, by_name, tuple(fatal))
+        for i, call in enumerate(reply["tool_calls"]):
+            if i < max_tool_calls:
+                content, info = _run_call(call, by_name, tuple(fatal))
+            else:
+                content, info = _not_run(call, asked, max_tool_calls)
             result = {"role": "tool", "tool_call_id": call["id"], "content": content}
             messages.append(result)
             hook(result, info)
@@ -425,6 +464,15 @@ def run_tools(client, messages: list, tools, *, max_calls=8, on_message=None, on
         if end_turn:
             raise end_turn
     raise LimitReached(messages, max_calls)
+
+
+def _not_run(call, asked: int, limit: int) -> tuple[str, dict]:
+    error = ToolError(f"not run: your reply asked for {asked:,} tool calls and at most {limit} run per reply, so "
+                      f"this call and the {asked - limit - 1:,} after it were not run (they are left out of this "
+                      f"conversation). Ask again for what you still need, at most {limit} calls at a time.")
+    return f"Error: {error}", {"call_id": call["id"], "name": call["function"]["name"],
+                               "arguments": call["function"]["arguments"], "error": error, "end_turn": None,
+                               "detail": None, "duration_s": 0.0}
 
 
 def _run_call(call, tools: dict, fatal: tuple) -> tuple[str, dict]:

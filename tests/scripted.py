@@ -44,6 +44,7 @@ class Response:
     interval: float = 0.0  # stream(): seconds between chunks
     end: str = "done"  # stream(): "done" ([DONE]), "cut" (the connection drops), "quiet" (the body just ends)
     gate: threading.Event | None = None  # stream(): after the first chunk, wait until it is set (see GATE_WAIT)
+    trickle: float = 0.0  # seconds between the body's bytes: a reply that arrives a byte at a time
 
 
 class ScriptedModel:
@@ -91,6 +92,13 @@ class ScriptedModel:
         """A text answer sent only after `seconds` (longer than the client's read timeout, to hang it)."""
         completion = self._completion({"role": "assistant", "content": content}, "stop")
         return self._push(f"slow({seconds})", completion, delay=seconds)
+
+    def trickle(self, every, content="late"):
+        """A text answer whose body is one JSON completion (never streamed) sent one byte every `every` seconds
+        (after prompt headers), so that no single read ever waits long."""
+        completion = self._completion({"role": "assistant", "content": content}, "stop")
+        self.queue.append(Response(f"trickle({every})", body=completion, trickle=every))
+        return self
 
     def malformed(self, body="<html>Bad gateway</html>"):
         """A 200 whose body is not a chat completion: a str is sent as is, a dict/list as JSON."""
@@ -207,7 +215,8 @@ class _Handler(BaseHTTPRequestHandler):
                 finish = "tool_calls" if message.get("tool_calls") else "stop"
                 response = Response(response.describe, body=self.model._completion(message, finish))
         wants_stream = (request.body or {}).get("stream") is True and not self.model.ignores_stream
-        if response.chunks is None and wants_stream and response.status == 200 and _is_completion(response.body):
+        if response.chunks is None and wants_stream and not response.trickle and response.status == 200 and \
+                _is_completion(response.body):
             response = Response(response.describe, chunks=completion_chunks(response.body))
         if response.chunks is not None:
             self._send_stream(response)
@@ -247,7 +256,13 @@ class _Handler(BaseHTTPRequestHandler):
             for key, value in response.headers.items():
                 self.send_header(key, value)
             self.end_headers()
-            self.wfile.write(data)
+            if not response.trickle:
+                self.wfile.write(data)
+            for i in range(len(data) if response.trickle else 0):
+                self.wfile.write(data[i:i + 1])
+                self.wfile.flush()
+                if self.model._stopped.wait(response.trickle):
+                    return
         except (BrokenPipeError, ConnectionResetError):  # the client gave up first (a timeout test)
             pass
 
