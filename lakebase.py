@@ -7,7 +7,9 @@ and are checked only at login, so each new connection gets a token younger than 
 pooled connections are recycled after `MAX_LIFETIME_SECONDS`. Minting is a pluggable callable returning a
 `Login` (`sdk_login`, or your own), cached by `CachedLogin`. `connect()` gives one autocommit connection
 (a worker), `open_pool()` a pool (the serving process). What a person must fix raises `LakebaseError`:
-one line saying what to fix, never a password or token.
+one line saying what to fix, never a password or token. Every session has bounds (`statement_timeout`,
+`lock_timeout`, `idle_in_transaction_session_timeout`): a held lock or a slow statement fails in seconds, and
+`explain()` says which bound was hit.
 
 Schema: `migrate(conn)` applies the numbered `MIGRATIONS` once, under an advisory lock. A thread's messages
 are append-only rows, one per chat-completions message, so a turn writes O(1) rows however long the thread.
@@ -44,6 +46,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 ENDPOINT_PATTERN = re.compile(r"projects/[^/]+/branches/[^/]+/endpoints/[^/]+")
 NO_THREAD = type("NoThread", (), {"__repr__": lambda self: "NO_THREAD"})()  # thread_owner(): no such thread
 _LOCK_MIGRATE, _LOCK_RUN = 7_231_001, 7_231_002  # advisory lock keys (for runs: the first of two keys)
+MIGRATE_LOCK_TIMEOUT, MIGRATE_STATEMENT_TIMEOUT = "2min", "10min"  # a migration may build an index on a big table
+RUN_SILENCE = timedelta(days=3)  # a run with no final step and no sign of life this long has ended (queued runs
+                                 # give up after 48 hours, jobs time out): prune_threads may delete it
 
 
 class LakebaseError(Exception):
@@ -59,6 +64,9 @@ class LakebaseConfig:
     user: str = ""  # Postgres role for the instance/endpoint modes; default: the SDK's current identity
     connect_timeout: int = 10  # seconds per connection attempt
     retry_seconds: float = 15.0  # keep retrying an unreachable server this long (restarts, failovers)
+    statement_timeout: float = 30.0  # seconds a statement may run before Postgres cancels it
+    lock_timeout: float = 5.0  # seconds a statement may wait for a lock another session holds
+    idle_in_transaction_timeout: float = 60.0  # seconds a session may sit idle in a transaction, holding locks
     pg_env: bool = False  # PG* variables are set: with no DSN, libpq reads them itself
 
     @classmethod
@@ -183,17 +191,32 @@ def _connect_kwargs(config: LakebaseConfig, login: Callable[[], Login] | None) -
     return kwargs
 
 
+def _set_bounds(conn, config: LakebaseConfig):
+    """Give the new session its time limits (after login: not every proxy passes a startup `options` on)."""
+    try:
+        conn.execute("select set_config('statement_timeout', %s, false), set_config('lock_timeout', %s, false), "
+                     "set_config('idle_in_transaction_session_timeout', %s, false)",
+                     [f"{round(seconds * 1000)}ms" for seconds in (config.statement_timeout, config.lock_timeout,
+                                                                    config.idle_in_transaction_timeout)])
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def connect(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login] | None = None):
-    """One autocommit psycopg.Connection; an unreachable server is retried for `config.retry_seconds`.
-    `login` replaces the configured credential minting (default: `login_for(config, workspace)`)."""
+    """One autocommit psycopg.Connection, with the config's bounds; an unreachable server is retried for
+    `config.retry_seconds`. `login` replaces the configured credential minting (default: `login_for`)."""
     login = login or login_for(config, workspace)
     deadline, delay = time.monotonic() + config.retry_seconds, 0.2
     while True:
         kwargs = _connect_kwargs(config, login)
         try:
-            return psycopg.connect(config.dsn, **kwargs)
+            conn = psycopg.connect(config.dsn, **kwargs)
         except psycopg.OperationalError as e:  # keep only its text: the exception's pgconn holds the password
             message = redact(re.sub(r"^connection (failed|is bad): ", "", " ".join(str(e).split())))
+        else:
+            return _set_bounds(conn, config)
         answered = "FATAL:" in message and not re.search(r"starting up|shutting down|recovery", message)
         if answered or time.monotonic() + delay > deadline:
             break
@@ -212,6 +235,7 @@ class Pool(ConnectionPool):
     """A ConnectionPool whose PoolTimeout says why no connection came, and what to do: new connections failing
     (credentials refused, server down: the last failure's reason), or every connection busy."""
     _last_error: str | None = None  # why the last new connection failed; None once one succeeds
+    bounds: LakebaseConfig | None = None  # the config whose time limits its sessions have (explain() names them)
 
     def _connect(self, timeout=None):
         try:
@@ -241,9 +265,40 @@ def open_pool(config: LakebaseConfig, workspace=None, *, login: Callable[[], Log
     when handed out (so dead ones after a server restart are replaced), each is recycled after max_lifetime."""
     login = login or login_for(config, workspace)
     connect(config, login=login).close()  # fail now with a LakebaseError, rather than later with a PoolTimeout
-    return Pool(config.dsn, kwargs=lambda: _connect_kwargs(config, login), min_size=min_size,
-                          max_size=max_size, max_lifetime=max_lifetime, timeout=timeout, name="lakebase",
-                          check=ConnectionPool.check_connection, open=True)
+    pool = Pool(config.dsn, kwargs=lambda: _connect_kwargs(config, login), min_size=min_size, max_size=max_size,
+                max_lifetime=max_lifetime, timeout=timeout, name="lakebase", check=ConnectionPool.check_connection,
+                configure=lambda conn: _set_bounds(conn, config), open=True)
+    pool.bounds = config
+    return pool
+
+
+def connection_lost(e: BaseException) -> bool:
+    """`e` says the connection itself is gone (a write in flight may or may not have been committed), not that
+    the server refused a statement and rolled its transaction back."""
+    return isinstance(e, psycopg.OperationalError) and not isinstance(e, PoolTimeout) and (
+        e.sqlstate is None or e.sqlstate[:2] == "08" or e.sqlstate.startswith("57P"))  # 57P01: admin shutdown
+
+
+def timed_out(e: BaseException) -> bool:
+    """`e` is a statement the server cancelled at lock_timeout or statement_timeout."""
+    return isinstance(e, psycopg.errors.LockNotAvailable) or (
+        isinstance(e, psycopg.errors.QueryCanceled) and "statement timeout" in str(e))
+
+
+def explain(e: BaseException, bounds: LakebaseConfig | None = None) -> str:
+    """A database error for a person, on one line, without secrets; for a statement cancelled at one of the
+    session's time limits (`bounds`: their values), which limit it hit and where to look."""
+    def value(seconds):
+        return f" ({seconds:g} s)" if bounds else ""
+
+    if isinstance(e, psycopg.errors.LockNotAvailable):
+        return (f"a statement waited longer than lock_timeout{value(bounds and bounds.lock_timeout)} for a lock "
+                f"that another database session holds on the agent's tables, and was cancelled (pg_stat_activity "
+                f"shows which session holds it)")
+    if timed_out(e):
+        return (f"a statement ran longer than statement_timeout{value(bounds and bounds.statement_timeout)} and "
+                f"was cancelled: the database is overloaded, or a table is locked or very large")
+    return " ".join(redact(str(e)).split()) or type(e).__name__
 
 
 # ------------------------------------------------------------------ schema
@@ -278,6 +333,8 @@ def migrate(conn) -> list[int]:
     """Apply the migrations not applied yet, in order; returns their numbers. Safe to run concurrently."""
     applied = []
     with conn.transaction():
+        conn.execute("select set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+                     (MIGRATE_LOCK_TIMEOUT, MIGRATE_STATEMENT_TIMEOUT))
         conn.execute("select pg_advisory_xact_lock(%s::bigint)", (_LOCK_MIGRATE,))  # a second process waits here
         conn.execute("create table if not exists schema_migrations (version int primary key, "
                      "applied_at timestamptz not null default now())")
@@ -399,6 +456,18 @@ def load_messages(conn, thread_id: str, *, last: int | None = None) -> list[dict
     cur = conn.execute("select message from (select seq, message from thread_messages where thread_id = %s "
                        "order by seq desc limit %s) as window_ order by seq", (thread_id, last))
     return [row[0] for row in cur]
+
+
+def load_window(conn, thread_id: str, last: int) -> list[dict]:
+    """The thread's last `last` messages, oldest first; when none of them is a user message (a turn of many tool
+    calls), preceded by the latest user message before them, so the model always sees what was asked."""
+    messages = load_messages(conn, thread_id, last=last)
+    if last == 0 or any(m.get("role") == "user" for m in messages):
+        return messages
+    cur = conn.execute("select message from thread_messages where thread_id = %s and message->>'role' = 'user' "
+                       "and seq <= (select max(seq) from thread_messages where thread_id = %s) - %s "
+                       "order by seq desc limit 1", (thread_id, thread_id, last))
+    return [row[0] for row in cur] + messages
 
 
 def thread_turns(conn, thread_id: str) -> int:

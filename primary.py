@@ -174,13 +174,13 @@ class PrimaryAgent:
         request = parse_request(request)
         if caller is not None:  # verified: whatever context.user_id claims, the token says who asks
             request.user_id = caller.user_id
-        with _failures_explained():
+        with _failures_explained(getattr(self.db, "bounds", None)):
             with self.db.connection() as conn:  # the owner is decided here, once; every later write holds to it
                 if not request.named:  # a client that resends the conversation: the thread that issued its items
                     request.thread_id = (lakebase.thread_of_items(conn, request.item_ids, request.user_id)
                                          or request.thread_id)
                 owner, turns = lakebase.claim_thread(conn, request.thread_id, request.user_id)
-                history = lakebase.load_messages(conn, request.thread_id, last=self.window)
+                history = lakebase.load_window(conn, request.thread_id, self.window)
             turn = Turn(self, request, turns + 1, history, owner, caller)
             final = turn.run(emit)
             with self.db.connection() as conn:
@@ -214,22 +214,30 @@ def _error_event(e: BaseException) -> dict:
 
 
 @contextlib.contextmanager
-def _failures_explained():
-    """What the user can't fix in the turn becomes a BadRequest or a TurnFailed saying what to check."""
+def _failures_explained(bounds):
+    """What the user can't fix in the turn becomes a BadRequest, or a TurnFailed saying what happened and what
+    to do."""
     try:
         yield
     except lakebase.UserIdRequired as e:
         raise BadRequest(f"{e}: send it as context.user_id, or start a new thread (no thread_id)") from None
     except PermissionError as e:
         raise BadRequest(f"{e}: start a new thread (no thread_id) or use one of yours") from None
-    except llm.LLMError as e:
-        raise TurnFailed(f"the chat model failed and nothing was stored: {e}. Check that the model endpoint is up "
-                         f"and reachable, then send the message again") from e
-    except psycopg_pool.PoolTimeout as e:  # lakebase.Pool says why: connections failing, or all busy
-        raise TurnFailed(f"the database failed and nothing was stored: {e}") from e
-    except (psycopg.Error, lakebase.LakebaseError) as e:
-        raise TurnFailed(f"the database failed and nothing was stored: {lakebase.redact(str(e))}. Check that "
-                         f"Postgres (Lakebase) is up and reachable, then send the message again") from e
+    except (llm.LLMError, psycopg_pool.PoolTimeout, psycopg.Error, lakebase.LakebaseError) as e:
+        raise TurnFailed(_failure(e, bounds)) from e
+
+
+def _failure(e: Exception, bounds) -> str:
+    if isinstance(e, llm.LLMError):
+        return (f"the chat model failed and nothing was stored: {e}. Check that the model endpoint is up and "
+                f"reachable, then send the message again")
+    if isinstance(e, psycopg_pool.PoolTimeout):  # lakebase.Pool says why: connections failing, or all busy
+        return f"the database failed and nothing was stored: {e}"
+    if lakebase.timed_out(e):
+        return (f"the database did not answer in time and nothing was stored: {lakebase.explain(e, bounds)}. "
+                f"Send the message again in a moment")
+    return (f"the database failed and nothing was stored: {lakebase.explain(e)}. Check that Postgres (Lakebase) "
+            f"is up and reachable, then send the message again")
 
 
 class Turn:
@@ -243,9 +251,9 @@ class Turn:
         self.caller, self.genie_checked = caller, False
         self.item_ids = []  # of the output items issued, stored with the turn
         # a new thread: the client's earlier messages, as many as the window holds (stored with the turn)
-        self.seed = _window(request.history[-agent.window:]) if number == 1 else []
+        self.seed = _window(request.history, agent.window) if number == 1 else []
         system = agent.system_prompt + (f"\n\n{INSTRUCTIONS}\n{request.instructions}" if request.instructions else "")
-        self.messages = [{"role": "system", "content": system}, *_window((history + self.seed)[-agent.window:]),
+        self.messages = [{"role": "system", "content": system}, *_window(history + self.seed, agent.window),
                          {"role": "user", "content": request.text}]
         self.first = len(self.messages) - 1  # where this turn's own messages start
 
@@ -400,10 +408,16 @@ class Turn:
         return json.dumps({"run_id": run_id, "state": "TERMINATING", "was": summary.state, "note": note})
 
 
-def _window(messages: list) -> list:
-    """Start the context at a user message: never with a tool result, nor a tool call whose results were cut."""
-    start = next((i for i, m in enumerate(messages) if m.get("role") == "user"), len(messages))
-    return messages[start:]
+def _window(messages: list, limit: int) -> list:
+    """The last `limit` messages, starting at a user message: never with a tool result, nor a tool call whose
+    results were cut. With no user message among them, the latest one before them leads what is left."""
+    tail = messages[max(0, len(messages) - limit):] if limit > 0 else []
+    start = next((i for i, m in enumerate(tail) if m.get("role") == "user"), None)
+    if start is not None:
+        return tail[start:]
+    asked = next((m for m in reversed(messages[:len(messages) - len(tail)]) if m.get("role") == "user"), None)
+    start = next((i for i, m in enumerate(tail) if m.get("role") != "tool"), len(tail))
+    return [asked, *tail[start:]] if asked else []
 
 
 def _cut(text: str, limit: int) -> str:

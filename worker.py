@@ -89,6 +89,7 @@ class WorkerConfig:
     chat: ChatConfig = dataclasses.field(default_factory=ChatConfig)  # --llm-endpoint, LLM_*
     db: lakebase.LakebaseConfig = dataclasses.field(default_factory=lakebase.LakebaseConfig)  # the step log
     max_calls: int = 12  # model calls per run
+    max_tool_calls: int = 5  # tool calls run per model reply (Genie answers about 5 questions a minute)
     retry_seconds: int = 120  # how long the SDK keeps retrying 429/503 (Genie allows ~5 questions a minute)
     log_level: str = "INFO"  # LOG_LEVEL
 
@@ -152,7 +153,8 @@ def run(config: WorkerConfig, chat, genie: Genie, step: StepLog) -> str:
                                  "duration_ms": round(info["duration_s"] * 1000), "error": info["error"] is not None,
                                  "detail": info["detail"] or {}})
 
-    answer = run_tools(chat, messages, [genie.tool()], max_calls=config.max_calls, on_message=on_message,
+    answer = run_tools(chat, messages, [genie.tool()], max_calls=config.max_calls,
+                       max_tool_calls=config.max_tool_calls, on_message=on_message,
                        fatal=(psycopg.Error, GenieUnavailable))
     return answer
 
@@ -241,8 +243,9 @@ def _describe(e: Exception, max_calls: int) -> str:
 
 
 def _error_text(e: BaseException) -> str:
-    """An error for a person: no secrets, on one line (an endpoint's error page or libpq may give several)."""
-    return " ".join(lakebase.redact(str(e)).split()) or type(e).__name__
+    """An error for a person: no secrets, on one line (an endpoint's error page or libpq may give several); for a
+    statement cancelled at a database time limit, which limit."""
+    return lakebase.explain(e)
 
 
 if __name__ == "__main__":

@@ -421,6 +421,39 @@ def test_connections_are_autocommit_with_keepalives(pg_dsn):
             "1", "30", "async-agent")
 
 
+def test_every_session_has_time_limits_and_a_statement_over_them_says_which(pg_dsn):
+    config = LakebaseConfig(dsn=pg_dsn, statement_timeout=0.3, lock_timeout=0.2, idle_in_transaction_timeout=9)
+    pool = lakebase.open_pool(config, max_size=1)
+    try:
+        with lakebase.connect(config) as single, pool.connection() as pooled:
+            for conn in (single, pooled):
+                assert [conn.execute(f"show {name}").fetchone()[0] for name in (
+                    "statement_timeout", "lock_timeout", "idle_in_transaction_session_timeout")] == [
+                    "300ms", "200ms", "9s"]
+            with pytest.raises(psycopg.errors.QueryCanceled) as slow:
+                single.execute("select pg_sleep(5)")
+            single.execute("begin")
+            single.execute("lock table pg_class in share mode")  # held by one session, wanted by the other
+            with pytest.raises(psycopg.errors.LockNotAvailable) as locked, pooled.transaction():
+                pooled.execute("lock table pg_class in exclusive mode")
+            single.execute("rollback")
+    finally:
+        pool.close()
+    assert lakebase.explain(slow.value, config).startswith("a statement ran longer than statement_timeout (0.3 s)")
+    assert lakebase.explain(locked.value, pool.bounds).startswith(
+        "a statement waited longer than lock_timeout (0.2 s) for a lock that another database session holds")
+
+
+def test_a_window_without_a_user_message_reaches_back_to_one(conn):
+    calls = [{"role": "tool", "tool_call_id": f"c{i}", "content": f"r{i}"} for i in range(6)]
+    lakebase.append_turn(conn, "t", [user("first"), assistant("ok")])
+    lakebase.append_turn(conn, "t", [user("second"), *calls, assistant("done")])
+    assert [m["content"] for m in lakebase.load_window(conn, "t", 3)] == ["second", "r4", "r5", "done"]
+    assert [m["content"] for m in lakebase.load_window(conn, "t", 8)] == ["second", *[f"r{i}" for i in range(6)],
+                                                                          "done"]
+    assert lakebase.load_window(conn, "t", 0) == []
+
+
 def test_unreachable_server_fails_in_bounded_time():
     started = time.monotonic()
     with pytest.raises(LakebaseError, match="up and reachable"):

@@ -589,8 +589,9 @@ def test_the_window_keeps_tool_calls_and_results_paired(chat, w, db, job_id, scr
         assert not sent or sent[0]["role"] == "user", (window, sent)
         ids = [c["id"] for m in sent for c in m.get("tool_calls", [])]
         assert ids == [m["tool_call_id"] for m in sent if m["role"] == "tool"], (window, sent)
-        # the window starts at the last user message it reaches: "second" (2..6), or "first" (7 and more)
-        assert len(sent) == {1: 0, 7: 7, 8: 7}.get(window, 2), (window, sent)
+        # the window starts at the last user message it reaches: "second" (2..6), or "first" (7 and more); with
+        # none among its messages, the latest user message before them leads: "second" before "ok" (1)
+        assert len(sent) == {7: 7, 8: 7}.get(window, 2), (window, sent)
     assert sent[0]["content"] == "first" and sent[-1]["content"] == "ok"
 
 

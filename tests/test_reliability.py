@@ -6,6 +6,7 @@ user, then asserts what a person reads (a clear message that says what to do, ne
 the thread's stored turns and the run's step log are whole. TALLY counts the faults injected and anything
 lost or half-saved; conftest.py's pytest_terminal_summary prints it. Nothing leaves 127.0.0.1.
 """
+import contextlib
 import functools
 import json
 import logging
@@ -39,6 +40,7 @@ import localws.emulator
 import localws.sample
 import localws.stand_in
 import runs
+import worker
 from lakebase import LakebaseConfig, LakebaseError
 from primary import BadRequest, PrimaryAgent, TurnFailed
 
@@ -161,8 +163,10 @@ def ask(text, thread=None, **request) -> dict:
     return {"input": [{"role": "user", "content": text}], "custom_inputs": custom, **request}
 
 
-def open_db(dsn, **pool):
-    db = lakebase.open_pool(LakebaseConfig(dsn=dsn, retry_seconds=2), **{"max_size": 4, "timeout": 5, **pool})
+def open_db(dsn, bounds=None, **pool):
+    """The agent's pool; `bounds`: LakebaseConfig fields such as lock_timeout."""
+    config = LakebaseConfig(dsn=dsn, retry_seconds=2, **(bounds or {}))
+    db = lakebase.open_pool(config, **{"max_size": 4, "timeout": 5, **pool})
     with db.connection() as conn:
         lakebase.migrate(conn)
     return db
@@ -1183,3 +1187,146 @@ def test_the_local_workspace_never_logs_its_database_password(own, tmp_path, cap
     # today: INFO "local workspace at ... (job 1, Genie space local-sample, Postgres
     # postgresql://rel_user:<password>@/...)"
     assert_secret_free(password, caplog.text)
+
+# ================================================================== every wait bounded
+
+@contextlib.contextmanager
+def held_lock(dsn, statement):
+    """Another session holds a lock (`statement`) in an open transaction. Postgres ends that session after WAIT/2 s
+    idle, so code that would wait for the lock forever still lets the test end."""
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute(f"set idle_in_transaction_session_timeout = '{WAIT // 2}s'")
+        other.execute("begin")
+        other.execute(statement)
+        fault()
+        yield
+        try:
+            other.execute("rollback")
+        except psycopg.OperationalError:  # the code under test waited so long that Postgres ended the session
+            pass
+
+
+def test_a_lock_held_on_the_thread_fails_the_turn_within_lock_timeout_saying_so(pg_dsn, scripted_model):
+    pool = open_db(pg_dsn, {"lock_timeout": 0.5})
+    try:
+        agent = PrimaryAgent(fast_chat(scripted_model), None, pool, 1)
+        scripted_model.reply("One.").reply("Two.").reply("Two, again.")
+        agent.predict(ask("first", "t-locked"))
+        with held_lock(pg_dsn, "select from threads where thread_id = 't-locked' for update"):
+            with pytest.raises(TurnFailed) as failed:
+                agent.predict(ask("second", "t-locked"))
+        assert_clear(str(failed.value), "the database did not answer in time and nothing was stored",
+                     "waited longer than lock_timeout (0.5 s) for a lock that another database session holds",
+                     "Send the message again in a moment")
+        assert "Check that Postgres (Lakebase) is up" not in str(failed.value)
+        agent.predict(ask("second", "t-locked"))
+        expect_thread(pool, "t-locked", ["first", "second"])
+    finally:
+        pool.close()
+
+
+def test_a_locked_step_log_fails_polls_within_lock_timeout_and_starves_no_one(emu, pg_dsn, scripted_model):
+    pool = open_db(pg_dsn, {"lock_timeout": 0.5}, max_size=2)
+    try:
+        agent = PrimaryAgent(fast_chat(scripted_model), workspace(emu), pool, emu.add_job(step_job()))
+        scripted_model.call_tool("start_databricks_job", {"request": "revenue"})
+        run_id = agent.predict(ask("revenue?", "t-log-locked"))["custom_outputs"]["run_ids"][0]
+        wait_for(lambda: len(steps_of(pg_dsn, run_id)) == 4, "the run's last step")
+        for _ in range(4):
+            scripted_model.call_tool("poll_databricks_job", {"run_id": run_id})
+        scripted_model.reply("Hello.")
+        with held_lock(pg_dsn, "lock table task_logs in access exclusive mode"):
+            with ThreadPoolExecutor(4) as executor:  # twice as many polls as the pool has connections
+                outcomes = list(executor.map(lambda i: _try_turn(agent, ask("is it done?", "t-log-locked")),
+                                             range(4)))
+            assert reply_text(agent.predict(ask("hi", "t-small-talk"))) == "Hello."  # the lock is still held
+        for outcome in outcomes:
+            assert isinstance(outcome, TurnFailed), outcome
+            assert_clear(str(outcome), "nothing was stored", "lock_timeout (0.5 s)")
+    finally:
+        pool.close()
+
+
+def _try_turn(agent, request):
+    try:
+        return agent.predict(request)
+    except TurnFailed as e:
+        return e
+
+
+def test_a_slow_statement_fails_the_turn_within_statement_timeout_saying_so(pg_dsn, scripted_model):
+    pool = open_db(pg_dsn, {"statement_timeout": 1})
+    try:
+        with pool.connection() as conn:  # a statement that would take 10 s (a huge table, an overloaded server)
+            conn.execute("create function slow() returns trigger language plpgsql as $$ begin "
+                         "perform pg_sleep(10); return new; end $$")
+            conn.execute("create trigger slow before insert on thread_messages for each row execute function slow()")
+        fault()
+        agent = PrimaryAgent(fast_chat(scripted_model), None, pool, 1)
+        scripted_model.reply("Hello.")
+        with pytest.raises(TurnFailed) as failed:
+            agent.predict(ask("hi", "t-slow"))
+        assert_clear(str(failed.value), "the database did not answer in time and nothing was stored",
+                     "ran longer than statement_timeout (1 s)")
+        expect_thread(pool, "t-slow", [])
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("trickle", ["a byte at a time", "a streamed word at a time"])
+def test_a_model_that_trickles_its_reply_is_cut_off_at_the_calls_deadline(db, scripted_model, trickle):
+    # every 0.2 s: each read waits far less than the 5 s read timeout; the whole reply would take ~50 s
+    agent = PrimaryAgent(fast_chat(scripted_model, deadline=2.0), None, db, 1)
+    if trickle == "a byte at a time":
+        scripted_model.trickle(0.2, "Hello.")
+    else:
+        scripted_model.stream(*[{"content": "word "}] * 250, interval=0.2)
+    fault()
+    with pytest.raises(TurnFailed) as failed:
+        agent.predict(ask("hi", "t-trickle"))
+    assert_clear(str(failed.value), "the chat model failed and nothing was stored",
+                 "still arriving after the 2 s deadline for one model call")
+    expect_thread(db, "t-trickle", [])
+
+
+def test_a_reply_of_10000_tool_calls_runs_a_few_and_the_window_still_holds_the_question(emu, db, scripted_model):
+    agent = PrimaryAgent(fast_chat(scripted_model), workspace(emu), db, emu.add_job(step_job()), window=8)
+    scripted_model.call_tool("start_databricks_job", {"request": "revenue"})
+    run_id = agent.predict(ask("revenue?", "t-flood"))["custom_outputs"]["run_ids"][0]
+    polls_before = len(emu.calls("GET", "/api/2.2/jobs/runs/get"))
+    # 20 polls of the real run (each a Jobs API call), then 9,980 of a run id that is not one (answered at once)
+    scripted_model.call_tools(*[("poll_databricks_job", {"run_id": run_id if i < 20 else "x"}) for i in range(10_000)])
+    scripted_model.reply("It is still running.")
+    fault()
+    assert reply_text(agent.predict(ask("is it done?", "t-flood"))) == "It is still running."
+    sent = scripted_model.requests[-1].body["messages"]
+    asked = sent.index({"role": "user", "content": "is it done?"})
+    results = [m["content"] for m in sent[asked:] if m["role"] == "tool"]
+    assert len(results) == llm.MAX_TOOL_CALLS + 1, len(results)
+    assert results[-1].startswith("Error: not run: your reply asked for 10,000 tool calls and at most 10 run")
+    assert len(emu.calls("GET", "/api/2.2/jobs/runs/get")) - polls_before == llm.MAX_TOOL_CALLS
+    turns = expect_thread(db, "t-flood", ["revenue?", "is it done?"])
+    assert len(turns[1]) == 1 + 1 + llm.MAX_TOOL_CALLS + 1 + 1  # user, the calls, their results, the answer
+    # the next turn's window (its last 8 messages are tool results and an answer) still begins with the question
+    scripted_model.reply("You're welcome.")
+    agent.predict(ask("thanks", "t-flood"))
+    assert scripted_model.requests[-1].body["messages"][1:] == [
+        {"role": "user", "content": "is it done?"}, {"role": "assistant", "content": "It is still running."},
+        {"role": "user", "content": "thanks"}]
+
+
+def test_a_worker_reply_of_10000_tool_calls_asks_genie_a_few_and_logs_a_few(emu, pg_dsn, scripted_model):
+    scripted_model.call_tools(*[("query_genie", {"question": f"sales in shop {i}"}) for i in range(10_000)])
+    scripted_model.reply("Total sales were 42.")
+    fault()
+    proc = start_worker(worker_env(emu, pg_dsn, scripted_model), "total sales", "r-flood")
+    out, err = finish(proc)
+    assert proc.returncode == 0 and out.strip() == "Total sales were 42.", err
+    bound = worker.WorkerConfig.max_tool_calls
+    steps = expect_steps(pg_dsn, "r-flood", ["started", *["tool_call"] * (bound + 1),
+                                             *["tool_result"] * (bound + 1), "completed"])
+    assert [s["payload"]["error"] for s in steps if s["status"] == "tool_result"] == [False] * bound + [True]
+    asked = [c for c in emu.calls("POST", f"/api/2.0/genie/spaces/{SPACE}/")
+             if c.path.endswith(("/start-conversation", "/messages"))]
+    assert len(asked) == bound
+
