@@ -17,6 +17,8 @@ Ownership: `claim_thread()` decides a thread's owner once, at the start of a tur
 owned by the user or anonymous for good); `append_turn(owner=...)` and `record_run(owner=...)` hold to that owner
 and refuse (PermissionError) a thread whose stored owner differs. `thread_owner()` reads it (or `NO_THREAD`).
 Text Postgres cannot store (NUL, lone surrogates) is replaced by U+FFFD with a warning, never dropped.
+Writes that may be retried carry a key chosen before the first try (`append_turn(key=)`, `log_step(key=)`,
+`reserve_run`), so a retry after a lost reply finds the first write instead of making a second.
 """
 import json
 import logging
@@ -53,6 +55,10 @@ RUN_SILENCE = timedelta(days=3)  # a run with no final step and no sign of life 
 
 class LakebaseError(Exception):
     """Cannot connect, for a reason a person must fix (configuration, permissions). Never holds a secret."""
+
+
+class Unreachable(LakebaseError):
+    """The server did not answer within the connect budget (down, restarting, network): it may come back."""
 
 
 @dataclass
@@ -223,10 +229,10 @@ def connect(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login
         log.warning("database not reachable yet, retrying in %.1f s: %s", delay, message)
         time.sleep(delay)
         delay = min(delay * 2, 3.0)
-    fix = "check LAKEBASE_DSN or the PG* variables"
     if not answered:
-        fix = "check that the server is up and reachable"
-    elif login:
+        raise Unreachable(f"cannot connect to Postgres: {message}; check that the server is up and reachable")
+    fix = "check LAKEBASE_DSN or the PG* variables"
+    if login:
         fix = f"check that role {kwargs['user']!r} exists there and may log in (LAKEBASE_USER picks another role)"
     raise LakebaseError(f"cannot connect to Postgres: {message}; {fix}")
 
@@ -326,6 +332,14 @@ create table task_logs (run_id text not null, step int not null, status text not
 create table thread_items (item_id text primary key, thread_id text not null references threads on delete cascade,
                            created_at timestamptz not null default now());
 create index thread_items_thread on thread_items (thread_id)"""),
+    (5, """
+alter table thread_messages add column turn_key text;
+create unique index thread_messages_turn_key on thread_messages (thread_id, turn_key);
+alter table task_logs add column step_key text;
+create unique index task_logs_step_key on task_logs (run_id, step_key);
+create table run_reservations (thread_id text not null references threads on delete cascade, slot text not null,
+                               idempotency_key text not null, created_at timestamptz not null default now(),
+                               primary key (thread_id, slot))"""),
 ]
 
 
@@ -421,27 +435,41 @@ def _claim_thread(conn, thread_id: str, owner: str | None) -> int:
     return turns
 
 
-def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None = None, item_ids=()) -> int:
+def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None = None, item_ids=(),
+                seed: list[dict] = (), key: str | None = None) -> int:
     """Append one turn's messages atomically, after any turn appended concurrently; returns the turn number.
     `owner`: the thread's owner as `claim_thread` decided it (None: anonymous); another stored owner is refused.
-    `item_ids`: the ids of the output items the turn issued, which find the thread again (`thread_of_items`)."""
+    `item_ids`: the ids of the output items the turn issued, which find the thread again (`thread_of_items`).
+    `seed`: the client's earlier messages, stored before them only if this append creates the thread's first turn.
+    `key`: chosen by the caller before the first try; a turn already stored under it is not stored again (its
+    number is returned), so retrying after a lost reply is safe."""
     check_id(thread_id, "thread id")
-    if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+    if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in [*seed, *messages]):
         raise ValueError("a turn is a non-empty list of chat messages (dicts with a 'role')")
     rows = [_storable(m, f"thread {thread_id} message") for m in messages]
     with conn.transaction():
-        turn = _claim_thread(conn, thread_id, owner) + 1  # the row lock serialises turns on this thread
+        turns = _claim_thread(conn, thread_id, owner)  # the row lock serialises turns on this thread
+        if key is not None:
+            stored = conn.execute("select turn from thread_messages where thread_id = %s and turn_key = %s",
+                                  (thread_id, key)).fetchone()
+            if stored:
+                log.info("thread %s: turn %d was already stored under this key", thread_id, stored[0])
+                return stored[0]
+        if turns == 0:
+            rows = [_storable(m, f"thread {thread_id} message") for m in seed] + rows
         last = conn.execute("select coalesce(max(seq), 0) from thread_messages where thread_id = %s",
                             (thread_id,)).fetchone()[0]
         with conn.cursor() as cur:
-            cur.executemany("insert into thread_messages (thread_id, seq, turn, message) "
-                            "values (%s, %s, %s, %s::jsonb)", [(thread_id, last + i, turn, row)
-                                                               for i, row in enumerate(rows, 1)])
+            cur.executemany("insert into thread_messages (thread_id, seq, turn, message, turn_key) "
+                            "values (%s, %s, %s, %s::jsonb, %s)",
+                            [(thread_id, last + i, turns + 1, row, key if i == 1 else None)
+                             for i, row in enumerate(rows, 1)])
             cur.executemany("insert into thread_items (item_id, thread_id) values (%s, %s) on conflict do nothing",
                             [(check_id(item_id, "item id"), thread_id) for item_id in item_ids])
-        conn.execute("update threads set turns = %s, updated_at = now() where thread_id = %s", (turn, thread_id))
-    log.debug("thread %s turn %d: %s", thread_id, turn, rows)
-    return turn
+        conn.execute("update threads set turns = %s, updated_at = now() where thread_id = %s",
+                     (turns + 1, thread_id))
+    log.debug("thread %s turn %d: %s", thread_id, turns + 1, rows)
+    return turns + 1
 
 
 def load_messages(conn, thread_id: str, *, last: int | None = None) -> list[dict]:
@@ -515,11 +543,20 @@ def delete_thread(conn, thread_id: str) -> bool:
 
 
 def prune_threads(conn, older_than: timedelta) -> int:
-    """Delete the threads not updated for `older_than`, as delete_thread does; returns how many."""
+    """Delete the threads not updated for `older_than`, as delete_thread does; returns how many. A thread with a
+    run that has not ended (no final step, and a sign of life within RUN_SILENCE) is kept, so a run's step log
+    is never cut short: its step numbers only grow."""
     if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
         raise ValueError(f"older_than must be a positive timedelta, got {older_than!r}")
-    query = sql.SQL(_DELETE_THREADS).format(sql.SQL("updated_at < now() - %s"))
-    return conn.execute(query, (older_than,)).fetchone()[0]
+    query = sql.SQL(_DELETE_THREADS).format(sql.SQL(_PRUNABLE))
+    return conn.execute(query, (older_than, RUN_SILENCE)).fetchone()[0]
+
+
+_PRUNABLE = """updated_at < now() - %s and not exists (
+  select from thread_runs r where r.thread_id = threads.thread_id
+    and not exists (select from task_logs l where l.run_id = r.run_id and l.status in ('completed', 'failed',
+                                                                                       'cancelled'))
+    and greatest(r.created_at, (select max(l.created_at) from task_logs l where l.run_id = r.run_id)) > now() - %s)"""
 
 
 # ------------------------------------------------------------------ runs
@@ -549,6 +586,21 @@ def record_run(conn, thread_id: str, run_id: str, idempotency_key: str, request:
     return held
 
 
+def reserve_run(conn, thread_id: str, slot: str, idempotency_key: str, *, owner: str | None = None) -> str:
+    """Before starting a job run: reserve `idempotency_key` for the run that `slot` (e.g. a turn's n-th start)
+    asks for, creating the thread if new. Returns the key reserved for the slot: this one, or the one an
+    earlier try reserved, which the caller must use instead so that a retry starts no second run."""
+    check_id(thread_id, "thread id")
+    if not all(isinstance(value, str) and value for value in (slot, idempotency_key)):
+        raise ValueError("slot and idempotency_key must be non-empty strings")
+    with conn.transaction():
+        _claim_thread(conn, thread_id, owner)
+        conn.execute("insert into run_reservations (thread_id, slot, idempotency_key) values (%s, %s, %s) "
+                     "on conflict do nothing", (thread_id, slot, idempotency_key))
+        return conn.execute("select idempotency_key from run_reservations where thread_id = %s and slot = %s",
+                            (thread_id, slot)).fetchone()[0]
+
+
 def find_run(conn, thread_id: str, *, run_id: str | None = None, idempotency_key: str | None = None) -> dict | None:
     """The thread's run with this run id or this idempotency key (give exactly one), or None."""
     check_id(thread_id, "thread id")
@@ -569,8 +621,10 @@ def list_runs(conn, thread_id: str) -> list[dict]:
 
 # ------------------------------------------------------------------ step log
 
-def log_step(conn, run_id: str, status: str, payload: dict) -> int:
-    """Append a step to the run's log, committed at once so pollers see it; returns its number (1, 2, ...)."""
+def log_step(conn, run_id: str, status: str, payload: dict, *, key: str | None = None) -> int:
+    """Append a step to the run's log, committed at once so pollers see it; returns its number (1, 2, ...).
+    `key`: chosen by the caller before the first try; a step already logged under it is not logged again (its
+    number is returned), so retrying after a lost reply is safe."""
     check_id(run_id, "run id")
     if status not in STATUSES:
         raise ValueError(f"invalid step status {status!r}: one of {', '.join(STATUSES)}")
@@ -580,9 +634,14 @@ def log_step(conn, run_id: str, status: str, payload: dict) -> int:
     with conn.transaction():
         # writers of one run take turns, so max(step) + 1 is unique (the primary key would refuse a duplicate)
         conn.execute("select pg_advisory_xact_lock(%s::int, hashtext(%s))", (_LOCK_RUN, run_id))
-        step = conn.execute("insert into task_logs (run_id, step, status, payload) select %s, coalesce(max(step), "
-                            "0) + 1, %s, %s::jsonb from task_logs where run_id = %s returning step",
-                            (run_id, status, text, run_id)).fetchone()[0]
+        logged = key is not None and conn.execute("select step from task_logs where run_id = %s and step_key = %s",
+                                                  (run_id, key)).fetchone()
+        if logged:
+            log.info("run %s: step %d was already logged under this key", run_id, logged[0])
+            return logged[0]
+        step = conn.execute("insert into task_logs (run_id, step, status, payload, step_key) select %s, "
+                            "coalesce(max(step), 0) + 1, %s, %s::jsonb, %s from task_logs where run_id = %s "
+                            "returning step", (run_id, status, text, key, run_id)).fetchone()[0]
     log.debug("run %s step %d %s: %s", run_id, step, status, text)
     return step
 

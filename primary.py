@@ -18,6 +18,7 @@ import os
 import queue
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -61,7 +62,11 @@ START_SCHEMA = {"type": "object", "required": ["request"], "properties": {"reque
 
 
 class TurnFailed(RuntimeError):
-    """The chat model or the database failed: nothing of the turn was stored; the message says what to check."""
+    """The chat model or the database failed: the message says whether the turn was stored and what to check."""
+
+
+class MaybeStored(Exception):
+    """The connection was lost while the turn was being stored, and stayed lost: it may have been committed."""
 
 
 class ConfigError(RuntimeError):
@@ -174,7 +179,8 @@ class PrimaryAgent:
         request = parse_request(request)
         if caller is not None:  # verified: whatever context.user_id claims, the token says who asks
             request.user_id = caller.user_id
-        with _failures_explained(getattr(self.db, "bounds", None)):
+        turn = None
+        with _failures_explained(getattr(self.db, "bounds", None), lambda: turn.started if turn else []):
             with self.db.connection() as conn:  # the owner is decided here, once; every later write holds to it
                 if not request.named:  # a client that resends the conversation: the thread that issued its items
                     request.thread_id = (lakebase.thread_of_items(conn, request.item_ids, request.user_id)
@@ -183,10 +189,29 @@ class PrimaryAgent:
                 history = lakebase.load_window(conn, request.thread_id, self.window)
             turn = Turn(self, request, turns + 1, history, owner, caller)
             final = turn.run(emit)
-            with self.db.connection() as conn:
-                turn.number = lakebase.append_turn(conn, request.thread_id, turn.new_messages(), owner=owner,
-                                                   item_ids=turn.item_ids)
+            turn.number = self._store(turn)
         return final, turn.custom_outputs()
+
+    def _store(self, turn) -> int:
+        """Append the turn under a key chosen now. A lost connection leaves unknown whether the append was
+        committed: it is tried once more on another connection, where the key keeps it from being stored twice."""
+        key, request = uuid.uuid4().hex, turn.request
+
+        def append():
+            with self.db.connection() as conn:
+                return lakebase.append_turn(conn, request.thread_id, turn.new_messages(), seed=turn.seed, key=key,
+                                            owner=turn.owner, item_ids=turn.item_ids)
+        try:
+            return append()
+        except psycopg.OperationalError as e:
+            if not lakebase.connection_lost(e):
+                raise  # the server refused it and rolled it back: nothing was stored
+            log.warning("thread %s: lost the database connection while storing the turn; trying again",
+                        request.thread_id)
+            try:
+                return append()
+            except (psycopg.Error, psycopg_pool.PoolTimeout, lakebase.LakebaseError) as again:
+                raise MaybeStored(lakebase.explain(e)) from again
 
     def own_run(self, thread_id: str, run_id) -> str:
         """The run id as text, if this thread started that run; else a ToolError."""
@@ -214,20 +239,24 @@ def _error_event(e: BaseException) -> dict:
 
 
 @contextlib.contextmanager
-def _failures_explained(bounds):
-    """What the user can't fix in the turn becomes a BadRequest, or a TurnFailed saying what happened and what
-    to do."""
+def _failures_explained(bounds, started):
+    """What the user can't fix in the turn becomes a BadRequest, or a TurnFailed saying what happened, what to do
+    and which job runs the turn had started (`started()`): they keep going."""
     try:
         yield
     except lakebase.UserIdRequired as e:
         raise BadRequest(f"{e}: send it as context.user_id, or start a new thread (no thread_id)") from None
     except PermissionError as e:
         raise BadRequest(f"{e}: start a new thread (no thread_id) or use one of yours") from None
-    except (llm.LLMError, psycopg_pool.PoolTimeout, psycopg.Error, lakebase.LakebaseError) as e:
-        raise TurnFailed(_failure(e, bounds)) from e
+    except (MaybeStored, llm.LLMError, psycopg_pool.PoolTimeout, psycopg.Error, lakebase.LakebaseError) as e:
+        raise TurnFailed(_failure(e, bounds) + "".join(_still_running(run) for run in started())) from e
 
 
 def _failure(e: Exception, bounds) -> str:
+    if isinstance(e, MaybeStored):
+        return (f"the database connection was lost while this turn was being stored, so it may or may not have "
+                f"been stored: {e}. Check that Postgres (Lakebase) is up and reachable, and send the message again "
+                f"only if the conversation does not show it")
     if isinstance(e, llm.LLMError):
         return (f"the chat model failed and nothing was stored: {e}. Check that the model endpoint is up and "
                 f"reachable, then send the message again")
@@ -238,6 +267,13 @@ def _failure(e: Exception, bounds) -> str:
                 f"Send the message again in a moment")
     return (f"the database failed and nothing was stored: {lakebase.explain(e)}. Check that Postgres (Lakebase) "
             f"is up and reachable, then send the message again")
+
+
+def _still_running(run: dict) -> str:
+    if run["recorded"]:
+        return f". Job run {run['run_id']} had already started and keeps going: ask about run {run['run_id']} later"
+    return (f". Job run {run['run_id']} had already started and keeps going, but is not recorded in this "
+            f"conversation: send the message again to record it (no second run starts)")
 
 
 class Turn:
@@ -295,8 +331,9 @@ class Turn:
         return items
 
     def new_messages(self) -> list[dict]:
-        """What the turn stores: the seeded history of a new thread, the user's message and all that followed."""
-        return self.seed + self.messages[self.first:]
+        """What the turn stores: the user's message and all that followed (and, if it creates the thread, the
+        seed before them: append_turn decides that)."""
+        return self.messages[self.first:]
 
     def custom_outputs(self) -> dict:
         return {"thread_id": self.request.thread_id, "turn": self.number,
@@ -315,28 +352,42 @@ class Turn:
     def start_databricks_job(self, request) -> str:
         if not isinstance(request, str) or not request.strip():
             raise llm.ToolError("request must be the user's data question, as a non-empty string")
+        request = lakebase.UNSTORABLE.sub("\ufffd", request.strip())  # a job parameter, an argv entry, a hash
+        run = next((run for run in self.started if run["request"] == request), None)  # repeated in one reply
+        if run:
+            raise llm.EndTurn(_start_result(run))
         if len(self.started) >= MAX_STARTS:
             raise llm.ToolError(f"this turn has already started {MAX_STARTS} jobs, the most one turn may start: "
                                 f"combine the questions into one request, or ask for the rest in the next turn")
-        request = lakebase.UNSTORABLE.sub("\ufffd", request.strip())  # a job parameter, an argv entry, a hash
         if len(request) > MAX_REQUEST_CHARS:
             raise llm.ToolError(f"the request has {len(request):,} characters; a job takes at most "
                                 f"{MAX_REQUEST_CHARS:,}: restate it more briefly")
         thread_id, db = self.request.thread_id, self.agent.db
-        key = self._idempotency_key(request)
-        with db.connection() as conn:
+        with db.connection() as conn:  # a retry of this turn gets the key its first try reserved, so the same run
+            key = lakebase.reserve_run(conn, thread_id, self._slot(), self._idempotency_key(request),
+                                       owner=self.owner)
             known = lakebase.find_run(conn, thread_id, idempotency_key=key)
         if known:
             run_id = known["run_id"]
         else:
-            started = self.agent.jobs.start({"request": request, "thread_id": thread_id, **self._on_behalf()}, key)
-            with db.connection() as conn:  # the run holding the key: this one, as run_now got the same token
-                run_id = lakebase.record_run(conn, thread_id, str(started), key, request, owner=self.owner)["run_id"]
-        run = next((run for run in self.started if run["run_id"] == run_id), None)  # a call repeated in one reply
-        if run is None:
-            run = {"run_id": run_id, "run_page_url": self.agent.jobs.page_url(run_id)}
-            self.started.append(run)
-        raise llm.EndTurn(json.dumps({**run, "status": "started"}))
+            run_id = str(self.agent.jobs.start({"request": request, "thread_id": thread_id, **self._on_behalf()},
+                                               key))
+        run = {"run_id": run_id, "run_page_url": self.agent.jobs.page_url(run_id), "request": request,
+               "recorded": bool(known)}
+        self.started.append(run)
+        if not known:
+            with db.connection() as conn:
+                lakebase.record_run(conn, thread_id, run_id, key, request, owner=self.owner)
+            run["recorded"] = True
+        raise llm.EndTurn(_start_result(run))
+
+    def _slot(self) -> str:
+        """Which start of which turn this is: a retry of the turn (the same request id, or the same turn number
+        and user message) has the same slots, whatever the model calls the request this time."""
+        basis = ([f"request {self.request.request_id}"] if self.request.request_id
+                 else [f"turn {self.number}", self.request.text])
+        return hashlib.sha256("\x00".join([self.request.thread_id, *basis, str(len(self.started))]).encode()
+                              ).hexdigest()
 
     def _on_behalf(self) -> dict:
         """The run's parameters naming who asked (asked_by), and, for a verified caller, the Genie space checked as
@@ -361,8 +412,8 @@ class Turn:
         return {**asked, "genie_space_id": space}
 
     def _idempotency_key(self, request: str) -> str:
-        """The same key for a retry of this request, so it never starts a second run (the Jobs API's idempotency
-        token covers a crash between run_now and record_run)."""
+        """The key for a start with no reservation yet: the same for a retry of this request (the Jobs API's
+        idempotency token covers a crash between run_now and record_run)."""
         request_id = self.request.request_id
         basis = ([self.request.thread_id, f"request {request_id}", str(len(self.started))] if request_id
                  else [self.request.thread_id, f"turn {self.number}", request])
@@ -418,6 +469,10 @@ def _window(messages: list, limit: int) -> list:
     asked = next((m for m in reversed(messages[:len(messages) - len(tail)]) if m.get("role") == "user"), None)
     start = next((i for i, m in enumerate(tail) if m.get("role") != "tool"), len(tail))
     return [asked, *tail[start:]] if asked else []
+
+
+def _start_result(run: dict) -> str:
+    return json.dumps({"run_id": run["run_id"], "run_page_url": run["run_page_url"], "status": "started"})
 
 
 def _cut(text: str, limit: int) -> str:

@@ -34,6 +34,7 @@ from llm import DEFAULT_ENDPOINT, ChatConfig, LimitReached, LLMError, run_tools
 log = logging.getLogger("worker")
 
 MAX_REQUEST_CHARS = 20_000
+FINAL_STEP_SECONDS = 20 * 60  # how long the run's last step is retried while the database is out of reach
 SYSTEM_PROMPT = """You are a data analyst. Answer the user's request with data from the query_genie tool, \
 which asks a Genie space questions in plain language and returns its answer, the SQL and the rows.
 Ask one focused question per call; ask follow-up questions when the first answer is not enough.
@@ -118,22 +119,38 @@ class WorkerConfig:
 
 
 class StepLog:
-    """Writes one run's steps to task_logs, reconnecting once if the connection was lost."""
+    """Writes one run's steps to task_logs, each under a key chosen before its first try, so a retry after a lost
+    reply never logs a step twice. A lost connection, a lock or statement timeout, or a failed reconnect is tried
+    again: at once for a step along the way, and with growing pauses for `final_seconds` for the run's last
+    step, which carries its answer."""
 
-    def __init__(self, connect, run_id: str):
-        self.connect, self.run_id = connect, run_id
+    def __init__(self, connect, run_id: str, final_seconds: float = FINAL_STEP_SECONDS):
+        self.connect, self.run_id, self.final_seconds = connect, run_id, final_seconds
         self.conn = connect()
 
-    def __call__(self, status: str, payload: dict) -> int:
+    def __call__(self, status: str, payload: dict, *, final: bool = False) -> int:
         # SIGTERM waits until the step is written: cut short, the write would leave its transaction open,
         # holding the run's step lock, and the `cancelled` step would wait for that lock forever.
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        key, deadline = uuid.uuid4().hex, time.monotonic() + (self.final_seconds if final else 0)
+        wait = 0.0  # the first retry goes at once: a restarted server is usually back, and connect() waits a while
         try:
-            return lakebase.log_step(self.conn, self.run_id, status, payload)
-        except psycopg.OperationalError:
-            log.warning("lost the database connection; reconnecting to log %s", status)
-            self.conn = self.connect()
-            return lakebase.log_step(self.conn, self.run_id, status, payload)
+            while True:
+                try:
+                    if self.conn.closed:
+                        self.conn = self.connect()
+                    return lakebase.log_step(self.conn, self.run_id, status, payload, key=key)
+                except (psycopg.Error, lakebase.LakebaseError) as e:
+                    transient = isinstance(e, lakebase.Unreachable) or lakebase.connection_lost(e) or \
+                        lakebase.timed_out(e)
+                    if not transient or (wait and time.monotonic() + wait > deadline):
+                        raise
+                    lost = lakebase.connection_lost(e) or isinstance(e, lakebase.Unreachable)
+                    log.warning("%s; %s%s to log the %s step (%s)", "lost the database connection" if lost else
+                                "the database failed", "reconnecting" if lost else "trying again",
+                                f" in {wait:.0f} s" if wait else "", status, lakebase.explain(e))
+                time.sleep(wait)
+                wait = min(max(2 * wait, 1.0), 30.0)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
@@ -226,7 +243,7 @@ def _end(step: StepLog, status: str, payload: dict, message: str, code: int) -> 
     """Log the run's last step and say why it ended; returns the exit code (3 if the log is out of reach)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already: a second SIGTERM changes nothing
     try:
-        step(status, payload)
+        step(status, payload, final=True)
     except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:
         why = payload.get("error") or payload.get("reason")
         print(f"worker: could not log the run's end ({f'{status}: {why}' if why else status}): {_error_text(e)}",

@@ -66,7 +66,8 @@ def test_migrate_applies_once_in_order(pg_dsn):
         assert lakebase.migrate(conn) == []
         assert [r[0] for r in conn.execute("select version from schema_migrations order by version")] == versions
         tables = {r[0] for r in conn.execute("select tablename from pg_tables where schemaname = 'public'")}
-        assert {"schema_migrations", "threads", "thread_messages", "thread_runs", "task_logs", "thread_items"} <= tables
+        assert {"schema_migrations", "threads", "thread_messages", "thread_runs", "task_logs", "thread_items",
+                "run_reservations"} <= tables
 
 
 def test_migrate_from_two_processes_at_once(pg_dsn):
@@ -323,6 +324,8 @@ def test_list_delete_and_prune(conn):
         lakebase.log_step(conn, f"run-{name}", "started", {"request": "q", "thread_id": name})
     lakebase.log_step(conn, "run-unrelated", "started", {"request": "q", "thread_id": None})
     conn.execute("update threads set updated_at = now() - interval '40 days' where thread_id = 'old'")
+    conn.execute("update task_logs set created_at = now() - interval '40 days' where run_id = 'run-old'")
+    conn.execute("update thread_runs set created_at = now() - interval '40 days' where run_id = 'run-old'")
     conn.execute("update threads set updated_at = now() - interval '5 days' where thread_id = 'mid'")
     assert [t["thread_id"] for t in lakebase.list_threads(conn)] == ["new", "mid", "old"]
     assert [t["thread_id"] for t in lakebase.list_threads(conn, owner="alice")] == ["new", "old"]
@@ -442,6 +445,24 @@ def test_every_session_has_time_limits_and_a_statement_over_them_says_which(pg_d
     assert lakebase.explain(slow.value, config).startswith("a statement ran longer than statement_timeout (0.3 s)")
     assert lakebase.explain(locked.value, pool.bounds).startswith(
         "a statement waited longer than lock_timeout (0.2 s) for a lock that another database session holds")
+
+
+def test_keyed_writes_are_stored_once(conn):
+    assert [lakebase.append_turn(conn, "t", [user(text)], key=key) for text, key in
+            [("a", "k1"), ("a", "k1"), ("b", "k2"), ("c", None), ("c", None)]] == [1, 1, 2, 3, 4]
+    assert [m["content"] for m in lakebase.load_messages(conn, "t")] == ["a", "b", "c", "c"]
+    assert [lakebase.log_step(conn, "r", status, {}, key=key) for status, key in
+            [("started", "s1"), ("started", "s1"), ("completed", "s2")]] == [1, 1, 2]
+    assert [lakebase.reserve_run(conn, "t", slot, key) for slot, key in
+            [("turn 5 #0", "key-a"), ("turn 5 #0", "key-b"), ("turn 5 #1", "key-c")]] == ["key-a", "key-a", "key-c"]
+
+
+def test_a_seed_is_stored_only_by_the_append_that_creates_the_first_turn(conn):
+    seed = [user("my name is Ada"), assistant("Hi Ada")]
+    for text in ("one", "two"):
+        lakebase.append_turn(conn, "t", [user(text), assistant("ok")], seed=seed)
+    assert [m["content"] for m in lakebase.load_messages(conn, "t")] == ["my name is Ada", "Hi Ada", "one", "ok",
+                                                                         "two", "ok"]
 
 
 def test_a_window_without_a_user_message_reaches_back_to_one(conn):

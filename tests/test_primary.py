@@ -5,6 +5,7 @@ import io
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -432,8 +433,10 @@ def test_a_job_started_in_a_new_thread_is_owned_at_once(agent, scripted_model, d
     scripted_model.call_tool("start_databricks_job", {"request": "revenue"})
     with db.connection() as conn:  # the turn's own write fails; the run record already made the thread Alice's
         refuse_inserts(conn, "thread_messages", "disk full (test)")
-    with pytest.raises(TurnFailed, match="the database failed and nothing was stored: disk full"):
+    with pytest.raises(TurnFailed, match="the database failed and nothing was stored: disk full") as failed:
         agent.predict({**ask("revenue?", "t-own"), "context": {"user_id": "alice"}})
+    # the run goes on, recorded for the thread: the user is told which it is
+    assert re.search(r"Job run (\d+) had already started and keeps going: ask about run \1 later", str(failed.value))
     [run_now] = emu.calls("POST", "/api/2.2/jobs/run-now")  # who asked, as the request named them
     assert run_now.body["job_parameters"] == {"request": "revenue", "thread_id": "t-own", "asked_by": "alice"}
     with pytest.raises(BadRequest, match="belongs to someone else"):

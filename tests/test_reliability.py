@@ -21,6 +21,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,7 @@ import psycopg
 import pytest
 from databricks.sdk import WorkspaceClient
 from databricks.sdk.config import Config
+from pg_proxy import LostCommits
 from psycopg import sql
 
 import genie
@@ -1188,6 +1190,7 @@ def test_the_local_workspace_never_logs_its_database_password(own, tmp_path, cap
     # postgresql://rel_user:<password>@/...)"
     assert_secret_free(password, caplog.text)
 
+
 # ================================================================== every wait bounded
 
 @contextlib.contextmanager
@@ -1330,3 +1333,132 @@ def test_a_worker_reply_of_10000_tool_calls_asks_genie_a_few_and_logs_a_few(emu,
              if c.path.endswith(("/start-conversation", "/messages"))]
     assert len(asked) == bound
 
+
+# ================================================================== nothing lost, nothing doubled
+
+def test_the_runs_last_step_outlasts_a_database_outage_longer_than_the_connect_budget(own, own_dsn):
+    config = LakebaseConfig(dsn=own_dsn, retry_seconds=1)  # connect() gives up on a down server after 1 s
+    step = worker.StepLog(lambda: lakebase.connect(config), "r-outage")
+    lakebase.migrate(step.conn)
+    step("started", {"request": "total sales", "thread_id": None})
+    pg_fixture.stop(own)  # the answer is ready; the database is not
+    fault()
+    back = threading.Timer(4, pg_fixture.start, (own,))
+    back.start()
+    try:
+        code = worker._end(step, "completed", {"answer": "Total sales were 42."}, "worker: completed", 0)
+    finally:
+        back.join()
+    assert code == 0
+    steps = expect_steps(own_dsn, "r-outage", ["started", "completed"])
+    assert steps[-1]["payload"] == {"answer": "Total sales were 42."}
+
+
+def test_a_lost_commit_reply_stores_the_turn_once_and_says_so_only_when_unsure(pg_dsn, scripted_model):
+    proxy = LostCommits(pg_dsn)
+    pool = open_db(proxy.dsn, timeout=2)
+    try:
+        agent = PrimaryAgent(fast_chat(scripted_model), None, pool, 1)
+        scripted_model.reply("One.").reply("Two.")
+        proxy.arm(b"insert into thread_messages")  # committed by the server; the reply never reaches the agent
+        fault()
+        assert reply_text(agent.predict(ask("first", "t-commit"))) == "One."
+        assert proxy.dropped == 1
+        expect_thread(pool, "t-commit", ["first"])
+        proxy.arm(b"insert into thread_messages", then_down=True)  # and the database stays out of reach
+        fault()
+        with pytest.raises(TurnFailed) as failed:
+            agent.predict(ask("second", "t-commit"))
+        assert_clear(str(failed.value), "it may or may not have been stored", "send the message again only if "
+                     "the conversation does not show it")
+        assert "nothing was stored" not in str(failed.value)
+        proxy.up()
+        wait_for(lambda: _reachable(pool), "the pool to reconnect")
+        expect_thread(pool, "t-commit", ["first", "second"])  # it had been stored: the user was told it might be
+    finally:
+        pool.close()
+        proxy.close()
+
+
+def _reachable(pool) -> bool:
+    try:
+        with pool.connection() as conn:
+            return conn.execute("select true").fetchone()[0]
+    except psycopg.Error:  # a PoolTimeout too
+        return False
+
+
+def test_a_lost_commit_reply_logs_the_runs_last_step_once(emu, pg_dsn, scripted_model):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        lakebase.migrate(conn)
+    proxy = LostCommits(pg_dsn)
+    try:
+        proxy.arm(b"insert into task_logs", b"completed")
+        scripted_model.reply("Total sales were 42.")
+        fault()
+        proc = start_worker(worker_env(emu, proxy.dsn, scripted_model), "total sales", "r-commit")
+        out, err = finish(proc)
+        assert proc.returncode == 0 and out.strip() == "Total sales were 42.", err
+        expect_steps(pg_dsn, "r-commit", ["started", "completed"])
+        assert proxy.dropped == 1 and "lost the database connection; reconnecting to log the completed step" in err
+    finally:
+        proxy.close()
+
+
+def test_a_run_whose_record_fails_is_named_and_a_reworded_retry_reuses_it(emu, db, scripted_model):
+    job_id = emu.add_job(step_job())
+    w = workspace(emu)
+    agent = PrimaryAgent(fast_chat(scripted_model), w, db, job_id)
+    with db.connection() as conn:  # recording the first run fails after run_now, as a lost connection would
+        conn.execute("create sequence records")
+        conn.execute("create function fail_first() returns trigger language plpgsql as $$ begin "
+                     "if nextval('records') = 1 then raise exception 'connection lost (test)'; end if; "
+                     "return new; end $$")
+        conn.execute("create trigger fail_first before insert on thread_runs for each row execute function "
+                     "fail_first()")
+    scripted_model.call_tool("start_databricks_job", {"request": "revenue by region in 2025"})
+    fault()
+    with pytest.raises(TurnFailed) as failed:
+        agent.predict(ask("revenue by region?", "t-orphan"))
+    [run] = w.jobs.list_runs(job_id=job_id)
+    assert_clear(str(failed.value), "nothing was stored", f"Job run {run.run_id} had already started and keeps going",
+                 "send the message again to record it (no second run starts)")
+    scripted_model.call_tool("start_databricks_job", {"request": "2025 revenue per region"})  # worded otherwise
+    response = agent.predict(ask("revenue by region?", "t-orphan"))
+    assert response["custom_outputs"]["run_ids"] == [str(run.run_id)]
+    assert [r.run_id for r in w.jobs.list_runs(job_id=job_id)] == [run.run_id]
+    with db.connection() as conn:
+        assert [r["run_id"] for r in lakebase.list_runs(conn, "t-orphan")] == [str(run.run_id)]
+    expect_thread(db, "t-orphan", ["revenue by region?"])
+
+
+def test_concurrent_first_turns_store_the_clients_history_once(db):
+    agent = PrimaryAgent(Script(), None, db, 1)
+    history = [{"role": "user", "content": "my name is Ada"}, {"role": "assistant", "content": "Hi Ada"}]
+    requests = [{"input": [*history, {"role": "user", "content": f"question {i}"}],
+                 "custom_inputs": {"thread_id": "t-seeded"}} for i in range(20)]
+    go = threading.Barrier(len(requests))
+    fault()
+    with ThreadPoolExecutor(len(requests)) as executor:
+        list(executor.map(lambda request: (go.wait(10), agent.predict(request)), requests))
+    turns = turns_of(db, "t-seeded")
+    contents = [m["content"] for turn in turns for m in turn]
+    assert contents.count("my name is Ada") == 1 and contents.count("Hi Ada") == 1, contents
+    assert turns[0][:2] == history and all(whole(turn[2:] if n == 0 else turn) for n, turn in enumerate(turns))
+    assert sorted(turn[-2]["content"] for turn in turns) == sorted(f"question {i}" for i in range(20))
+
+
+def test_pruning_never_cuts_the_step_log_of_a_run_still_going(emu, db, pg_dsn, scripted_model):
+    w = workspace(emu)
+    agent = PrimaryAgent(fast_chat(scripted_model), w, db, emu.add_job(step_job()))
+    scripted_model.call_tool("start_databricks_job", {"request": "[slow] revenue"})
+    run_id = agent.predict(ask("revenue?", "t-prune"))["custom_outputs"]["run_ids"][0]
+    wait_for(lambda: steps_of(pg_dsn, run_id), "the run's first step")
+    fault()
+    with db.connection() as conn:  # a retention job, with a very short retention
+        assert lakebase.prune_threads(conn, timedelta(microseconds=1)) == 0
+    w.jobs.cancel_run(int(run_id))
+    wait_ended(w, run_id)
+    expect_steps(pg_dsn, run_id, ["started", "cancelled"])
+    with db.connection() as conn:  # the run has ended: now it goes
+        assert lakebase.prune_threads(conn, timedelta(microseconds=1)) == 1
