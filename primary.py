@@ -249,7 +249,7 @@ def _failures_explained(bounds, started):
     except PermissionError as e:
         raise BadRequest(f"{e}: start a new thread (no thread_id) or use one of yours") from None
     except (MaybeStored, llm.LLMError, psycopg_pool.PoolTimeout, psycopg.Error, lakebase.LakebaseError) as e:
-        raise TurnFailed(_failure(e, bounds) + "".join(_still_running(run) for run in started())) from e
+        raise TurnFailed(_failure(e, bounds).rstrip(".") + "".join(_still_running(run) for run in started())) from e
 
 
 def _failure(e: Exception, bounds) -> str:
