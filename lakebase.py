@@ -340,6 +340,8 @@ create unique index task_logs_step_key on task_logs (run_id, step_key);
 create table run_reservations (thread_id text not null references threads on delete cascade, slot text not null,
                                idempotency_key text not null, created_at timestamptz not null default now(),
                                primary key (thread_id, slot))"""),
+    (6, """
+alter table thread_runs add column delivered_turn int"""),  # the turn that gave the user the run's outcome
 ]
 
 
@@ -436,13 +438,14 @@ def _claim_thread(conn, thread_id: str, owner: str | None) -> int:
 
 
 def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None = None, item_ids=(),
-                seed: list[dict] = (), key: str | None = None) -> int:
+                seed: list[dict] = (), key: str | None = None, delivered=()) -> int:
     """Append one turn's messages atomically, after any turn appended concurrently; returns the turn number.
     `owner`: the thread's owner as `claim_thread` decided it (None: anonymous); another stored owner is refused.
     `item_ids`: the ids of the output items the turn issued, which find the thread again (`thread_of_items`).
     `seed`: the client's earlier messages, stored before them only if this append creates the thread's first turn.
     `key`: chosen by the caller before the first try; a turn already stored under it is not stored again (its
-    number is returned), so retrying after a lost reply is safe."""
+    number is returned), so retrying after a lost reply is safe.
+    `delivered`: run ids whose outcome the turn gave the user, marked delivered in the same transaction."""
     check_id(thread_id, "thread id")
     if not messages or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in [*seed, *messages]):
         raise ValueError("a turn is a non-empty list of chat messages (dicts with a 'role')")
@@ -468,6 +471,9 @@ def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None
                             [(check_id(item_id, "item id"), thread_id) for item_id in item_ids])
         conn.execute("update threads set turns = %s, updated_at = now() where thread_id = %s",
                      (turns + 1, thread_id))
+        if delivered:
+            conn.execute("update thread_runs set delivered_turn = %s where thread_id = %s and run_id = any(%s) "
+                         "and delivered_turn is null", (turns + 1, thread_id, list(delivered)))
     log.debug("thread %s turn %d: %s", thread_id, turns + 1, rows)
     return turns + 1
 
@@ -617,6 +623,15 @@ def list_runs(conn, thread_id: str) -> list[dict]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(f"select {_RUN_COLUMNS} from thread_runs where thread_id = %s order by created_at, "
                            f"run_id", (check_id(thread_id, "thread id"),)).fetchall()
+
+
+def undelivered_runs(conn, thread_id: str, *, limit: int, skip=()) -> list[str]:
+    """Run ids of the thread's runs whose outcome no turn has given the user yet, oldest first, at most `limit`,
+    leaving out those in `skip`."""
+    cur = conn.execute("select run_id from thread_runs where thread_id = %s and delivered_turn is null and "
+                       "not run_id = any(%s) order by created_at, run_id limit %s",
+                       (check_id(thread_id, "thread id"), list(skip), limit))
+    return [row[0] for row in cur]
 
 
 # ------------------------------------------------------------------ step log

@@ -47,13 +47,17 @@ DEFAULT_MAX_CALLS = 6  # model calls per turn
 RECENT_STEPS = 5  # steps of a run shown by poll
 MAX_STARTS = 3  # job runs one turn may start: a runaway model can't flood the job queue
 MAX_ANSWER_CHARS = 8_000  # a worker answer longer than this is cut to a head and a tail for the model
+MAX_DELIVERIES = 3  # runs read from the Jobs API at the start of a turn, to tell the user of those that ended
 SYSTEM_PROMPT = """You are the assistant people chat with about their company's data.
 Answer greetings, small talk and questions about this conversation yourself, briefly.
 For a question that needs data (numbers, tables, trends), call start_databricks_job with the request restated \
 completely: the job's worker does not see this conversation. The job runs in the background.
 When the user asks how a job is doing or for its answer, call poll_databricks_job with its run id and give them \
 the answer, or its state and progress, in plain words. To stop a job, call terminate_databricks_job.
-Never invent numbers. When a tool returns an error, say what went wrong and what to do about it."""
+Never invent numbers. When a tool returns an error, say what went wrong and what to do about it.
+A turn may start with poll_databricks_job results marked "unasked": jobs of this conversation that ended since \
+the user last heard of them. Whatever the user wrote, answer it and also tell them each such job's outcome (its \
+answer, its error, or that it was cancelled)."""
 INSTRUCTIONS = "The client sent these instructions for this turn; follow them unless they conflict with the above:"
 RUN_SCHEMA = {"type": "object", "required": ["run_id"], "properties": {"run_id": {
     "type": "string", "description": "the run id that start_databricks_job returned, e.g. \"123\""}}}
@@ -187,7 +191,7 @@ class PrimaryAgent:
                                          or request.thread_id)
                 owner, turns = lakebase.claim_thread(conn, request.thread_id, request.user_id)
                 history = lakebase.load_window(conn, request.thread_id, self.window)
-            turn = Turn(self, request, turns + 1, history, owner, caller)
+            turn = Turn(self, request, turns + 1, history, owner, caller, news=self.finished_runs(request.thread_id))
             final = turn.run(emit)
             turn.number = self._store(turn)
         return final, turn.custom_outputs()
@@ -200,7 +204,8 @@ class PrimaryAgent:
         def append():
             with self.db.connection() as conn:
                 return lakebase.append_turn(conn, request.thread_id, turn.new_messages(), seed=turn.seed, key=key,
-                                            owner=turn.owner, item_ids=turn.item_ids)
+                                            owner=turn.owner, item_ids=turn.item_ids,
+                                            delivered=turn.delivered)
         try:
             return append()
         except psycopg.OperationalError as e:
@@ -212,6 +217,52 @@ class PrimaryAgent:
                 return append()
             except (psycopg.Error, psycopg_pool.PoolTimeout, lakebase.LakebaseError) as again:
                 raise MaybeStored(lakebase.explain(e)) from again
+
+    def finished_runs(self, thread_id: str, *, skip=()) -> list[dict]:
+        """Reports (run_report) of the thread's runs that have ended and whose outcome no turn has given the user,
+        oldest first. Bounded: it reads at most MAX_DELIVERIES runs from the Jobs API, and stops at the first
+        failure (logged), so a failing Jobs API delays the news rather than failing the turn. `skip`: run ids
+        not to read."""
+        from databricks.sdk.errors import DatabricksError
+
+        with self.db.connection() as conn:
+            candidates = lakebase.undelivered_runs(conn, thread_id, limit=MAX_DELIVERIES, skip=skip)
+        reports = []
+        for run_id in candidates:
+            try:
+                report = self.run_report(run_id, self.jobs.get(run_id))
+            except (llm.ToolError, DatabricksError, OSError) as e:
+                log.warning("could not read run %s to tell its outcome, next turn will: %s", run_id, e)
+                break
+            if ended(report):
+                reports.append(report)
+        return reports
+
+    def run_report(self, run_id: str, run) -> dict:
+        """What poll_databricks_job returns: the run's state (`run`: the Jobs API's Run, read before the steps: a run
+        that has ended has logged all it will), its progress from the step log, and once it has ended its answer,
+        error or cancellation (from the run's output when the worker logged no final step)."""
+        summary = runs.summarize(run)
+        with self.db.connection() as conn:
+            progress = lakebase.run_progress(conn, run_id, recent=RECENT_STEPS)
+        report = {"run_id": run_id, "state": summary.state, "state_message": summary.message,
+                  "queued": summary.queue_reason, "run_page_url": run.run_page_url, "steps": progress["steps"],
+                  "recent_steps": [runs.describe_step(step) for step in progress["recent"]]}
+        final = progress["final"] or {"status": None, "payload": {}}
+        payload = final["payload"]
+        if final["status"] == "completed":
+            report["answer"] = _cut(str(payload.get("answer")), MAX_ANSWER_CHARS)
+        elif final["status"] == "failed":
+            report["error"] = payload.get("error")
+        elif final["status"] == "cancelled":
+            report["cancelled"] = payload.get("reason") or "cancelled"
+        elif summary.finished:  # ended with no final step: the worker died first, or its database was out of reach
+            outcome = self.jobs.outcome(run)
+            if "answer" in outcome:
+                outcome["answer"] = _cut(outcome["answer"], MAX_ANSWER_CHARS)
+            if outcome:
+                report.update(outcome, note="the worker logged no final step; this is from the run's output")
+        return {k: v for k, v in report.items() if v is not None}
 
     def own_run(self, thread_id: str, run_id) -> str:
         """The run id as text, if this thread started that run; else a ToolError."""
@@ -281,7 +332,7 @@ class Turn:
     Its methods named like the tools are the tools."""
 
     def __init__(self, agent: PrimaryAgent, request: TurnRequest, number: int, history: list, owner=None,
-                 caller: Caller | None = None):
+                 caller: Caller | None = None, news=()):
         self.agent, self.request, self.number, self.started = agent, request, number, []
         self.owner = owner  # the thread's owner, decided when the turn began (None: anonymous)
         self.caller, self.genie_checked = caller, False
@@ -292,6 +343,9 @@ class Turn:
         self.messages = [{"role": "system", "content": system}, *_window(history + self.seed, agent.window),
                          {"role": "user", "content": request.text}]
         self.first = len(self.messages) - 1  # where this turn's own messages start
+        self.news = list(news)  # reports of runs that ended unasked: the model is handed them as polls of its own
+        self.messages += _news_messages(self.news)
+        self.delivered = [report["run_id"] for report in self.news]  # runs whose outcome this turn tells
 
     def run(self, emit) -> dict:
         """The bounded tool loop, streamed: emit(event) gets the model's text as it arrives and each tool call and
@@ -311,16 +365,19 @@ class Turn:
                     emit(item_done(item))
                 text_id = None
 
+        for message in self.messages[self.first + 1:]:  # the news, as the tool calls they are
+            on_message(message, {})
         try:
             llm.run_tools(self.agent.chat, self.messages, self.tools(), max_calls=self.agent.max_calls,
                           on_message=on_message, on_text=on_text,
                           fatal=(psycopg.Error, lakebase.LakebaseError, PermissionError))
         except llm.EndTurn:
-            self.messages.append({"role": "assistant", "content": _started_reply(self.started)})
+            self.messages.append({"role": "assistant", "content": _started_reply(self.started) + self._untold()})
             on_text(self.messages[-1]["content"])
         except llm.LimitReached:
             self.messages.append({"role": "assistant", "content": f"I could not finish this within "
-                                  f"{self.agent.max_calls} steps. Please ask again, perhaps more narrowly."})
+                                  f"{self.agent.max_calls} steps. Please ask again, perhaps more narrowly."
+                                  + self._untold()})
             on_text(self.messages[-1]["content"])
         return self.items(self.messages[-1], final=True, item_id=text_id)[0]
 
@@ -330,6 +387,11 @@ class Turn:
         self.item_ids += [item["id"] for item in items if "id" in item]
         return items
 
+    def _untold(self) -> str:
+        """The news in our own words, when the turn ends in a reply of ours and the model wrote nothing itself."""
+        told = any(m["role"] == "assistant" and m.get("content") for m in self.messages[self.first:])
+        return "" if told or not self.news else "\n\n" + "\n\n".join(_outcome(report) for report in self.news)
+
     def new_messages(self) -> list[dict]:
         """What the turn stores: the user's message and all that followed (and, if it creates the thread, the
         seed before them: append_turn decides that)."""
@@ -337,7 +399,7 @@ class Turn:
 
     def custom_outputs(self) -> dict:
         return {"thread_id": self.request.thread_id, "turn": self.number,
-                "run_ids": [run["run_id"] for run in self.started]}
+                "run_ids": [run["run_id"] for run in self.started], "delivered_run_ids": list(self.delivered)}
 
     def tools(self) -> list[llm.Tool]:
         return [
@@ -421,28 +483,10 @@ class Turn:
 
     def poll_databricks_job(self, run_id) -> str:
         run_id = self.agent.own_run(self.request.thread_id, run_id)
-        run = self.agent.jobs.get(run_id)  # read before the steps: a run that has ended has logged all it will
-        summary = runs.summarize(run)
-        with self.agent.db.connection() as conn:
-            progress = lakebase.run_progress(conn, run_id, recent=RECENT_STEPS)
-        report = {"run_id": run_id, "state": summary.state, "state_message": summary.message,
-                  "queued": summary.queue_reason, "run_page_url": run.run_page_url, "steps": progress["steps"],
-                  "recent_steps": [runs.describe_step(step) for step in progress["recent"]]}
-        final = progress["final"] or {"status": None, "payload": {}}
-        payload = final["payload"]
-        if final["status"] == "completed":
-            report["answer"] = _cut(str(payload.get("answer")), MAX_ANSWER_CHARS)
-        elif final["status"] == "failed":
-            report["error"] = payload.get("error")
-        elif final["status"] == "cancelled":
-            report["cancelled"] = payload.get("reason") or "cancelled"
-        elif summary.finished:  # ended with no final step: the worker died first, or its database was out of reach
-            outcome = self.agent.jobs.outcome(run)
-            if "answer" in outcome:
-                outcome["answer"] = _cut(outcome["answer"], MAX_ANSWER_CHARS)
-            if outcome:
-                report.update(outcome, note="the worker logged no final step; this is from the run's output")
-        return json.dumps({k: v for k, v in report.items() if v is not None}, ensure_ascii=False)
+        report = self.agent.run_report(run_id, self.agent.jobs.get(run_id))
+        if ended(report) and run_id not in self.delivered:  # a poll the user asked for delivers the outcome too
+            self.delivered.append(run_id)
+        return json.dumps(report, ensure_ascii=False)
 
     def terminate_databricks_job(self, run_id) -> str:
         run_id = self.agent.own_run(self.request.thread_id, run_id)
@@ -482,11 +526,41 @@ def _cut(text: str, limit: int) -> str:
     return f"{text[:half]}\n[... {len(text) - 2 * half:,} characters left out ...]\n{text[-half:]}"
 
 
+def ended(report: dict) -> bool:
+    """Whether a run_report is of a run that has ended, or whose worker has logged its outcome."""
+    return bool({"answer", "error", "cancelled"} & report.keys()) or report["state"].split()[0] in runs.FINISHED
+
+
+def _news_messages(reports: list) -> list[dict]:
+    """Runs that ended unasked, as one assistant message polling them and the poll results, marked "unasked"."""
+    if not reports:
+        return []
+    calls = [{"id": f"unasked_{r['run_id']}", "type": "function", "function": {
+        "name": "poll_databricks_job", "arguments": json.dumps({"run_id": r["run_id"]})}} for r in reports]
+    return [{"role": "assistant", "content": None, "tool_calls": calls},
+            *({"role": "tool", "tool_call_id": f"unasked_{r['run_id']}",
+               "content": json.dumps({**r, "unasked": True}, ensure_ascii=False)} for r in reports)]
+
+
+def _outcome(report: dict) -> str:
+    """A run's outcome in a few words, for a reply of ours."""
+    run = f"Run {report['run_id']}"
+    if "answer" in report:
+        return f"{run} has finished. Its answer:\n{_cut(report['answer'], 2_000)}"
+    if "error" in report:
+        return f"{run} failed: {report['error']}"
+    if "cancelled" in report:
+        return f"{run} was cancelled: {report['cancelled']}"
+    details = f" ({report['state_message']})" if report.get("state_message") else ""
+    return f"{run} ended without an answer: {report['state']}{details}"
+
+
 def _started_reply(started: list) -> str:
     named = ", ".join(f"run {r['run_id']}" + (f" ({r['run_page_url']})" if r["run_page_url"] else "")
                       for r in started)
-    return (f"I've started a job to answer this: {named}. It usually takes a minute or two; ask me about "
-            f"run {started[-1]['run_id']} to see how it is going and to get the answer.")
+    return (f"I've started a job to answer this: {named}. It works in the background, so you can go on "
+            f"chatting: once it has ended, my next reply brings you its outcome, whatever you write. To see how it "
+            f"is going meanwhile, ask me about run {started[-1]['run_id']}.")
 
 
 if __name__ == "__main__":

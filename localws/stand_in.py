@@ -19,8 +19,14 @@ ABOUT = ("I am the offline stand-in model of the local workspace, not a real lan
 CLARIFY = ("I'm the offline stand-in model and only follow a few rules: ask a question about the sample sales "
            "data (revenue, orders, customers, products, regions...), ask \"is it done?\" about a job, or say "
            "\"cancel\". What would you like to know?")
-GREETING = re.compile(r"\b(?:hi|hello|hey|hiya|good (?:morning|afternoon|evening)|help|what can you do|"
-                      r"who are you|thanks?|thank you|cheers)\b")
+HELP_TEXT = ("I can start a job that answers a question about the sample sales data (revenue, orders, customers, "
+             "products, regions, months, growth... in 2024 and 2025), for example \"What was the total revenue in "
+             "2025?\". Ask \"is it done?\" (or about a run by its number) for its progress and answer, or say "
+             "\"cancel\" to stop it. When a job ends, my next reply tells you its outcome.")
+GREETING = re.compile(r"\b(?:hi|hello|hey|hiya|good (?:morning|afternoon|evening)|thanks?|thank you|cheers)\b")
+BYE = re.compile(r"\b(?:bye|goodbye|good night|see you|farewell|that's all)\b")
+WHO = re.compile(r"\b(?:who|what) are you\b|\bare you (?:a |an )?(?:real|human|person|bot|robot|ai|model)\b")
+HELP = re.compile(r"\b(?:help|what can you do|how does (?:this|it) work|what can i ask)\b")
 CANCEL = re.compile(r"\b(?:cancel|stop|terminate|abort|kill)\b")
 STATUS = re.compile(r"\b(?:is it done|done yet|finished|status|progress|any updates?|how is it going)\b")
 MAYBE_STATUS = re.compile(r"\b(?:done|check|results?|ready|update|answer)\b")
@@ -100,19 +106,42 @@ def _restate(output: str) -> str:
 
 def _primary_turn(messages):
     results = _tool_results(messages)
-    if results:
+    news = [(name, output) for name, output in results if _unasked(output)]
+    if results and len(news) < len(results):  # results of its own calls
         return "\n\n".join(_relay(name, output) for name, output in results), []
+    told = "\n\n".join(_relay(name, output) for name, output in news)  # runs that ended unasked: said first
+    content, calls = _answer(messages, {json.loads(output)["run_id"] for _, output in news})
+    return "\n\n".join(part for part in (told, content) if part) or None, calls
+
+
+def _answer(messages, told_runs):
+    """The reply to the user's last message: text, or tool calls (none for a run whose outcome was just told)."""
     text = _last_user(messages)
     low = text.lower()
     if CANCEL.search(low):
         return _about_run(messages, text, "terminate_databricks_job", "cancel")
     if STATUS.search(low) or (MAYBE_STATUS.search(low) and not DATA.search(low)):
-        return _about_run(messages, text, "poll_databricks_job", "check on")
+        content, calls = _about_run(messages, text, "poll_databricks_job", "check on")
+        return (None, []) if calls and calls[0][1]["run_id"] in told_runs else (content, calls)
     if DATA.search(low):
         return None, [("start_databricks_job", {"request": _standalone(messages, text)})]
+    if BYE.search(low):
+        return "Goodbye! Type /quit to leave the terminal; your thread and its runs are kept.", []
+    if WHO.search(low):
+        return ABOUT, []
+    if HELP.search(low):
+        return HELP_TEXT, []
     if GREETING.search(low):
         return ("You're welcome! " if re.search(r"\bthank|\bcheers", low) else "Hello! ") + ABOUT, []
     return CLARIFY, []
+
+
+def _unasked(output: str) -> bool:
+    """Whether a tool result is a run's outcome the agent handed over unasked (a poll it made by itself)."""
+    try:
+        return json.loads(output).get("unasked") is True
+    except (ValueError, AttributeError):
+        return False
 
 
 def _standalone(messages, text) -> str:
@@ -135,7 +164,7 @@ def _about_run(messages, text, tool, verb):
     said = RUN_MENTION.search(text) or re.search(rf"\b(?!20\d\d\b){RUN_ID}\b", text)  # a number, not a year
     found = said or (earlier[-1] if earlier else None)
     if found is None:
-        return f"Which run should I {verb}? Tell me its run id, for example \"run 123\".", []
+        return f"Which run should I {verb}? Tell me its run id: the number my reply gave when the job started.", []
     return None, [(tool, {"run_id": next(g for g in found.groups() if g)})]
 
 
@@ -154,7 +183,8 @@ def _relay(name: str, output: str) -> str:
         return f"I started a job to answer that: run {run}. Ask me \"is it done?\" in a moment to see how it goes."
     steps = data.get("steps")
     count = len(steps) if isinstance(steps, list) else steps
-    lead = f"I asked to cancel run {run}; it is now" if name == "terminate_databricks_job" else f"Run {run} is"
+    lead = (f"I asked to cancel run {run}; it is now" if name == "terminate_databricks_job"
+            else f"Run {run} has ended since we last spoke: it is" if data.get("unasked") else f"Run {run} is")
     parts = [f"{lead} {data.get('state') or 'in an unknown state'}"
              + (f", with {count} steps logged." if count is not None else ".")]
     for key, title in (("answer", "Answer:\n"), ("error", "Error: "), ("cancelled", "Cancelled: "),

@@ -160,7 +160,8 @@ def test_data_question_starts_a_job_and_the_turn_ends_there(agent, scripted_mode
     assert result["call_id"] == call["call_id"] and json.loads(result["output"])["run_id"] == run_id
     url = f"{emu.url}/?o=1#job/{job_id}/run/{run_id}"
     assert f"run {run_id} ({url})" in reply["content"][0]["text"]
-    assert response["custom_outputs"] == {"thread_id": "t-data", "turn": 1, "run_ids": [run_id]}
+    assert response["custom_outputs"] == {"thread_id": "t-data", "turn": 1, "run_ids": [run_id],
+                                          "delivered_run_ids": []}
     run = w.jobs.get_run(int(run_id))
     assert {p.name: p.value for p in run.job_parameters} == {"request": "total revenue in 2025",
                                                              "thread_id": "t-data", "asked_by": ""}  # anonymous
@@ -183,20 +184,22 @@ def test_the_next_turn_polls_the_answer_in_another_process(agent, scripted_model
         response = other.predict(ask("is it done?", "t-next"))
         report = json.loads(last_tool_result(scripted_model))
         sent = scripted_model.requests[-2].body["messages"]
-        assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool", "assistant", "user"]
+        assert [m["role"] for m in sent] == ["system", "user", "assistant", "tool", "assistant", "user",
+                                             "assistant", "tool"]  # the run's outcome, handed over unasked
         scripted_model.reply("You're welcome!")
         again = other.predict(ask("thanks", "t-next"))
     finally:
         pool.close()
     assert texts(response) == ["Revenue: 42."] and texts(again) == ["You're welcome!"]
-    assert response["custom_outputs"] == {"thread_id": "t-next", "turn": 2, "run_ids": []}
+    assert response["custom_outputs"] == {"thread_id": "t-next", "turn": 2, "run_ids": [],
+                                          "delivered_run_ids": [run_id]}
     assert again["custom_outputs"]["turn"] == 3
     assert report["state"] == "TERMINATED SUCCESS" and report["steps"] == 4
     assert report["answer"] == "Answer to: [steps] revenue by region"
     assert report["run_page_url"].endswith(f"/run/{run_id}")
     assert report["recent_steps"][0].startswith("#1 started: [steps] revenue")
     assert report["recent_steps"][2] == "#3 query_genie answered in 1.2 s: Genie: 42 Rows (1): 42"
-    assert len(stored(db, "t-next")) == 4 + 4 + 2
+    assert len(stored(db, "t-next")) == 4 + 6 + 2
 
 
 def test_poll_of_a_running_run_and_of_a_failed_run(agent, scripted_model, w):
@@ -450,6 +453,109 @@ def test_a_verified_caller_gets_no_job_when_no_genie_space_is_configured_to_chec
     assert last_tool_result(scripted_model) == ("Error: no Genie space is configured (GENIE_SPACE_ID), so ada@example"
                                                 ".com's access to it can't be checked and no job was started")
     assert not emu.calls("POST", "/api/2.2/jobs/run-now")
+
+
+# ------------------------------------------------------------------ runs that end between turns
+
+def news_sent(request):
+    """The poll results a model request carried after the user's message, unasked: {run id: report}."""
+    messages = request.body["messages"]
+    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    reports = [json.loads(m["content"]) for m in messages[last_user + 1:] if m["role"] == "tool"]
+    return {r["run_id"]: r for r in reports if r.get("unasked")}
+
+
+def run_for(w, db, job_id, thread_id, request) -> str:
+    """A run of the thread started as the agent starts one, outside a turn (so no turn hears of it early)."""
+    run_id = str(w.jobs.run_now(job_id, job_parameters={"request": request, "thread_id": thread_id}).run_id)
+    with db.connection() as conn:
+        lakebase.record_run(conn, thread_id, run_id, f"key {run_id}", request)
+    return run_id
+
+
+def delivered_turns(db, thread_id):
+    with db.connection() as conn:
+        return dict(conn.execute("select run_id, delivered_turn from thread_runs where thread_id = %s",
+                                 (thread_id,)).fetchall())
+
+
+def test_a_run_that_ended_between_turns_is_told_once_whatever_the_user_says(agent, scripted_model, db, w, job_id):
+    scripted_model.reply("Hi.")
+    agent.predict(ask("hi", "t-news"))
+    done, failed, slow = (run_for(w, db, job_id, "t-news", request)
+                          for request in ("revenue by region", "[fail] margin", "[slow] churn"))
+    wait_ended(w, done), wait_ended(w, failed)
+    scripted_model.reply("You're welcome! Also: run 1 answered, run 2 failed.")
+    response = agent.predict(ask("thanks", "t-news"))
+    news = news_sent(scripted_model.requests[-1])
+    assert set(news) == {done, failed}, news
+    assert news[done]["answer"] == "Answer to: revenue by region" and news[done]["state"] == "TERMINATED SUCCESS"
+    assert news[failed]["error"] == "Genie could not answer: the table sales is missing"
+    assert [item["type"] for item in response["output"]] == ["function_call"] * 2 + ["function_call_output"] * 2 + [
+        "message"]
+    assert response["custom_outputs"]["delivered_run_ids"] == [done, failed]
+    assert delivered_turns(db, "t-news") == {done: 2, failed: 2, slow: None}
+
+    scripted_model.reply("Sure.")
+    again = agent.predict(ask("ok", "t-news"))  # told once: not again
+    assert news_sent(scripted_model.requests[-1]) == {} and again["custom_outputs"]["delivered_run_ids"] == []
+    assert scripted_model.requests[-1].body["messages"][-1] == {"role": "user", "content": "ok"}
+
+
+def test_a_run_that_ended_between_turns_is_told_once_when_streaming(agent, scripted_model, db, w):
+    _, run_id = start(agent, scripted_model, "orders by month", thread="t-news-stream")
+    wait_ended(w, run_id)
+    scripted_model.reply("Hello! Your orders-by-month job has finished: ...")
+    events = list(agent.predict_stream(ask("hello", "t-news-stream")))
+    assert set(news_sent(scripted_model.requests[-1])) == {run_id}
+    items = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert [(i["type"], i.get("name")) for i in items] == [("function_call", "poll_databricks_job"),
+                                                         ("function_call_output", None), ("message", None)]
+    assert json.loads(items[1]["output"])["answer"] == "Answer to: orders by month"
+    assert events[-1]["custom_outputs"]["delivered_run_ids"] == [run_id]
+    scripted_model.reply("Hi again.")
+    events = list(agent.predict_stream(ask("hello again", "t-news-stream")))
+    assert news_sent(scripted_model.requests[-1]) == {} and events[-1]["custom_outputs"]["delivered_run_ids"] == []
+    assert delivered_turns(db, "t-news-stream") == {run_id: 2}
+
+
+def test_news_reads_a_few_runs_per_turn_and_a_poll_counts_as_telling(agent, scripted_model, db, w, emu, job_id):
+    started = [run_for(w, db, job_id, "t-many", f"question {i}") for i in range(5)]
+    for run_id in started:
+        wait_ended(w, run_id)
+    reads = len(emu.calls("GET", "/api/2.2/jobs/runs/get"))
+    scripted_model.call_tool("poll_databricks_job", {"run_id": started[4]}).reply("Here are four of them.")
+    response = agent.predict(ask("what's new?", "t-many"))
+    assert list(news_sent(scripted_model.requests[-2])) == started[:primary.MAX_DELIVERIES]  # oldest first
+    assert len(emu.calls("GET", "/api/2.2/jobs/runs/get")) - reads == primary.MAX_DELIVERIES + 1  # + the poll
+    assert response["custom_outputs"]["delivered_run_ids"] == [*started[:primary.MAX_DELIVERIES], started[4]]
+    scripted_model.reply("The last one too.")
+    agent.predict(ask("and?", "t-many"))
+    assert list(news_sent(scripted_model.requests[-1])) == [started[3]]
+
+
+def test_a_failing_jobs_api_delays_the_news_but_not_the_turn(agent, scripted_model, db, w, emu):
+    _, run_id = start(agent, scripted_model, "revenue", thread="t-news-fault")
+    wait_ended(w, run_id)
+    emu.inject("GET", "/api/2.2/jobs/runs/get", 500, "INTERNAL_ERROR", "the Jobs API is down")
+    scripted_model.reply("Hi.")
+    response = agent.predict(ask("hi", "t-news-fault"))
+    assert texts(response) == ["Hi."] and response["custom_outputs"]["delivered_run_ids"] == []
+    assert news_sent(scripted_model.requests[-1]) == {}
+    scripted_model.reply("Hi, and your job has finished.")
+    response = agent.predict(ask("hi again", "t-news-fault"))  # the next turn tells it
+    assert set(news_sent(scripted_model.requests[-1])) == {run_id}
+    assert response["custom_outputs"]["delivered_run_ids"] == [run_id]
+
+
+def test_a_job_started_while_news_arrives_says_the_news_in_its_reply(agent, scripted_model, db, w):
+    _, first = start(agent, scripted_model, "revenue by region", thread="t-news-start")
+    wait_ended(w, first)
+    response, second = start(agent, scripted_model, "orders by month", thread="t-news-start")
+    reply = texts(response)[-1]
+    assert reply.startswith(f"I've started a job to answer this: run {second}") and "a minute or two" not in reply
+    assert f"Run {first} has finished. Its answer:\nAnswer to: revenue by region" in reply, reply
+    assert response["custom_outputs"]["delivered_run_ids"] == [first]
 
 
 # ------------------------------------------------------------------ idempotency
@@ -723,7 +829,7 @@ def test_stream_forwards_each_text_delta_as_the_model_sends_it(agent, scripted_m
     assert final == {"type": "response.output_item.done", "item": {
         "type": "message", "id": final["item"]["id"], "role": "assistant",
         "content": [{"type": "output_text", "text": "Hello, I am here.", "annotations": []}]},
-        "custom_outputs": {"thread_id": "t-live", "turn": 1, "run_ids": []}}
+        "custom_outputs": {"thread_id": "t-live", "turn": 1, "run_ids": [], "delivered_run_ids": []}}
     assert [m["content"] for m in stored(db, "t-live")] == ["hi", "Hello, I am here."]  # once, at the end
     scripted_model.ignores_stream = True  # a model (or a proxy) that answers whole: one delta, as the answer came
     scripted_model.reply("All at once.")
@@ -732,7 +838,7 @@ def test_stream_forwards_each_text_delta_as_the_model_sends_it(agent, scripted_m
 
 
 def test_stream_carries_tool_calls_and_results_as_they_happen(agent, scripted_model, db):
-    _, run_id = start(agent, scripted_model, "revenue", thread="t-stream")
+    _, run_id = start(agent, scripted_model, "[slow] revenue", thread="t-stream")  # still running next turn
     poll = {"tool_calls": [{"index": 0, "id": "call_p", "type": "function", "function": {
         "name": "poll_databricks_job", "arguments": json.dumps({"run_id": run_id})}}]}
     scripted_model.stream({"content": "Let me "}, {"content": "check."}, poll, finish_reason="tool_calls")
@@ -749,7 +855,7 @@ def test_stream_carries_tool_calls_and_results_as_they_happen(agent, scripted_mo
     assert json.loads(result["item"]["output"])["run_id"] == run_id
     assert {e["item_id"] for e in answer} == {final["item"]["id"]} != {said["item_id"]}
     assert "".join(e["delta"] for e in answer) == final["item"]["content"][0]["text"] == "It is still running."
-    assert final["custom_outputs"] == {"thread_id": "t-stream", "turn": 2, "run_ids": []}
+    assert final["custom_outputs"] == {"thread_id": "t-stream", "turn": 2, "run_ids": [], "delivered_run_ids": []}
     assert all("custom_outputs" not in e for e in events[:-1])
     assert len(stored(db, "t-stream")) == 8
 
@@ -906,13 +1012,14 @@ def test_terminal_chat_runs_and_watch(emu, w, job_id, pg_dsn, db, scripted_model
     assert "[start_databricks_job" in lines and "I've started a job to answer this: run" in lines
     assert "Traceback" not in out.stderr
     with db.connection() as conn:
-        assert [m["content"] for m in lakebase.load_messages(conn, "t-term")][:2] == ["hello", "Hello from the agent."]
+        said = [m["content"] for m in lakebase.load_messages(conn, "t-term") if m["role"] != "tool" and m["content"]]
+        assert said[:2] == ["hello", "Hello from the agent."]
         assert len(lakebase.list_runs(conn, "t-term")) == 2
     # another process continues the thread: the model sees its history
     scripted_model.reply("You said hello.")
     out = terminal(terminal_env(emu, job_id, pg_dsn, scripted_model), "what did I say first?\n", "--thread", "t-term")
     assert out.returncode == 0 and "You said hello." in out.stdout
-    sent = [m.get("content") for m in scripted_model.requests[-1].body["messages"]]
+    sent = [m["content"] for m in scripted_model.requests[-1].body["messages"] if m["role"] != "tool" and m["content"]]
     assert sent[1:3] == ["hello", "Hello from the agent."] and sent[-1] == "what did I say first?"
 
 
