@@ -234,7 +234,7 @@ class PrimaryAgent:
             except (llm.ToolError, DatabricksError, OSError) as e:
                 log.warning("could not read run %s to tell its outcome, next turn will: %s", run_id, e)
                 break
-            if ended(report):
+            if report["state"].split()[0] in runs.FINISHED:  # its worker may have logged its outcome a bit earlier
                 reports.append(report)
         return reports
 

@@ -12,13 +12,16 @@ import itertools
 import logging
 import os
 import re
+import select
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg_pool import PoolTimeout
 
 import lakebase
 import llm
@@ -27,13 +30,24 @@ from llm import DEFAULT_ENDPOINT
 from primary import AgentConfig, ConfigError, PrimaryAgent, TurnFailed, build_agent
 from runs import FINISHED, describe_step, run_state, shorten
 
+try:
+    import readline  # line editing and history, where the platform has it
+except ImportError:
+    readline = None
+
 HERE = Path(__file__).resolve().parent
+log = logging.getLogger("terminal")
+PROMPT = "> "
+HEAD_LINES, TAIL_LINES = 30, 10  # a longer reply is shown as its head and tail (/last shows all of it)
+RECAP_TURNS, RECAP_MESSAGES = 3, 40  # a continued thread's recap: its last exchanges, from its last messages
+PASTE_SECONDS = 0.05  # without readline, lines arriving this soon after a line are pasted with it
 
 HELP = """commands:
-  /new            start a new thread
-  /thread ID      switch to thread ID
+  /new [NAME]     start a new thread (named NAME, or a random id)
+  /thread ID      switch to thread ID (a recap of its last turns if it has some)
   /runs           this thread's job runs and their states
   /watch RUN_ID   follow a run's steps live until it ends (Ctrl-C stops watching; the run goes on)
+  /last           the last reply in full (a long one is shown as its head and tail)
   /help           this help
   /quit           leave (so does Ctrl-D)"""
 ENVIRONMENT = f"""environment:
@@ -61,13 +75,14 @@ class SetupError(Exception):
 @dataclass
 class Config(AgentConfig):
     watch_interval: float = 1.0  # seconds between polls of /watch
+    notice_interval: float = 3.0  # seconds between looks for runs of the thread that ended (a few Jobs API reads)
     workspace: str | None = None  # what configures a Databricks workspace here (DATABRICKS_HOST, a profile), or None
-    log_level: str = "WARNING"  # LOG_LEVEL
+    log_level: str = ""  # LOG_LEVEL: log records on stderr; unset, warnings are said as plain notes
 
     @classmethod
     def from_env(cls, env=os.environ) -> "Config":
         return dataclasses.replace(super().from_env(env), workspace=workspace_source(env),
-                                   log_level=env.get("LOG_LEVEL") or "WARNING")
+                                   log_level=env.get("LOG_LEVEL") or "")
 
 
 def workspace_source(env) -> str | None:
@@ -90,7 +105,9 @@ def setup(args, config: Config):
         return setup_local(args, config)
     problems = config.problems()
     if problems:
-        raise SetupError(f"a workspace is configured ({source}) but {'; '.join(problems)}")
+        raise SetupError(f"a workspace is configured ({source}) but not set up for this agent: {'; '.join(problems)}. "
+                         f"Deploy the agent there and set these (README: Deploy to Databricks), or run "
+                         f"'python primary.py --local' to use the local workspace")
     agent = build_agent(config)
     print(f"workspace {agent.jobs.workspace.config.host} ({source}), job {config.job_id}", flush=True)
     return agent, agent.db.close
@@ -124,54 +141,129 @@ def setup_local(args, config: Config):
     return agent, close
 
 
-class Terminal:
-    """The chat loop: a prompt, the agent's replies, and the slash commands."""
+class Notes(logging.Handler):
+    """Warnings as the chat says them: one plain line each ("note: ..."), each kind once, not log records.
+    `sink` prints a line (Terminal.notify while the chat runs)."""
 
-    def __init__(self, agent: PrimaryAgent, thread_id: str, watch_interval=1.0):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen, self.sink = set(), lambda line: print(line, file=sys.stderr, flush=True)
+
+    def emit(self, record):
+        if (record.name, record.msg) not in self.seen:
+            self.seen.add((record.name, record.msg))
+            self.sink(f"note: {printable(record.getMessage())}")
+
+
+class Terminal:
+    """The chat loop: a prompt with line editing, the agent's replies, the slash commands, and a notice at the
+    prompt when a run of the thread ends (a watcher thread, on a terminal only)."""
+
+    def __init__(self, agent: PrimaryAgent, thread_id: str, watch_interval=1.0, notice_interval=3.0):
         self.agent, self.thread_id, self.watch_interval = agent, thread_id, watch_interval
+        self.notice_interval, self.tty = notice_interval, sys.stdin.isatty() and sys.stdout.isatty()
+        self.lock, self.at_prompt, self.held = threading.Lock(), False, []  # held: notices that came mid-reply
+        self.noticed, self.last_reply, self.done = set(), "", threading.Event()
 
     def loop(self):
         from databricks.sdk.errors import DatabricksError  # loaded already, by setup()
 
-        print(f"thread {self.thread_id} - /help for commands", flush=True)
-        while True:
+        self.switch(self.thread_id)
+        if self.tty:
+            _line_editing(self._prompt_up)
+            threading.Thread(target=self._watch_runs, name="run-notices", daemon=True).start()
+        try:
+            while True:
+                try:
+                    line = self.read().strip()
+                except EOFError:
+                    return print()
+                except KeyboardInterrupt:
+                    print("\n(/quit to leave)")
+                    continue
+                if line in ("/quit", "/exit"):
+                    return
+                try:
+                    if line.startswith("/"):
+                        self.command(line)
+                    elif line:
+                        self.say(line)
+                except (BadRequest, TurnFailed, lakebase.LakebaseError, psycopg.Error, llm.ToolError,
+                        DatabricksError) as e:
+                    print(f"error: {lakebase.redact(str(e))}", flush=True)
+                except KeyboardInterrupt:
+                    print("\n(interrupted: an answer still on its way is stored in the thread)", flush=True)
+        finally:
+            self.done.set()
+            with self.lock:
+                held, self.held = self.held, None  # from now on notices are printed as they come
+            for notice in held:
+                print(notice, flush=True)
+
+    def read(self) -> str:
+        """One message: a line, or a pasted block (bracketed paste with readline; else the lines pending with it)."""
+        with self.lock:
+            held, self.held = self.held, []
+            self.at_prompt = not (self.tty and readline)  # with readline: once the prompt is up (_prompt_up)
+        for notice in held:
+            print(notice, flush=True)
+        try:
+            line = input(PROMPT)
+        finally:
+            with self.lock:
+                self.at_prompt = False
+        return line + (_pending_lines() if self.tty and readline is None else "")
+
+    def _prompt_up(self):
+        """readline's pre-input hook: the prompt is on the screen, notices may go above it."""
+        with self.lock:
+            held, self.held, self.at_prompt = self.held or [], [], True
+        for notice in held:
+            self.notify(notice)
+
+    def notify(self, line: str):
+        """Show a line now if the prompt is up, on a line of its own above what the user is typing; else after the
+        reply being printed."""
+        with self.lock:
+            if self.held is not None and not self.at_prompt:
+                return self.held.append(line)
+            typed = readline.get_line_buffer() if readline and self.at_prompt else ""
+            sys.stdout.write(f"\r\x1b[K{line}\n{PROMPT}{typed}" if self.at_prompt else f"{line}\n")
+            sys.stdout.flush()
+
+    def _watch_runs(self):
+        """Every notice_interval: the thread's runs that ended and were not told yet get a notice, once each."""
+        while not self.done.wait(self.notice_interval):
+            thread = self.thread_id
             try:
-                line = input("> ").strip()
-            except EOFError:
-                return print()
-            except KeyboardInterrupt:
-                print("\n(/quit to leave)")
+                reports = self.agent.finished_runs(thread, skip=[r for t, r in self.noticed if t == thread])
+            except (psycopg.Error, lakebase.LakebaseError, PoolTimeout) as e:
+                log.debug("no run notices this time: %s", e)
                 continue
-            if line in ("/quit", "/exit"):
-                return
-            try:
-                if line.startswith("/"):
-                    self.command(line)
-                elif line:
-                    self.say(line)
-            except (BadRequest, TurnFailed, lakebase.LakebaseError, psycopg.Error, llm.ToolError,
-                    DatabricksError) as e:
-                print(f"error: {lakebase.redact(str(e))}", flush=True)
-            except KeyboardInterrupt:
-                print("\n(interrupted: an answer still on its way is stored in the thread)", flush=True)
+            for report in reports:
+                self.noticed.add((thread, report["run_id"]))
+                self.notify(notice(report))
 
     def say(self, text: str):
-        """Send a message; print the reply as it streams in, each tool call on a line of its own."""
+        """Send a message; print the reply as it streams in (a long one as its head and tail), each tool call on a
+        line of its own."""
         request = {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": self.thread_id}}
-        line_open = False  # streamed text is on the screen and its line not ended yet
+        clip = None  # the message being printed
         for event in self.agent.predict_stream(request):
             item = event.get("item") or {}
             if event["type"] == "response.output_text.delta":
-                print(printable(event["delta"]), end="", flush=True)
-                line_open = True
+                clip = clip or Clip()
+                clip.feed(printable(event["delta"]))
             elif event["type"] == "error":
-                print("\n" * line_open + f"error: {printable(event['message'])}", flush=True)
-                line_open = False
+                print("\n" * (clip is not None) + f"error: {printable(event['message'])}", flush=True)
+                clip = None
             elif item.get("type") == "message":
-                if not line_open:  # a message that was not streamed
-                    print(printable(item["content"][0]["text"]), end="")
+                if clip is None:  # a message that was not streamed
+                    clip = Clip()
+                    clip.feed(printable(item["content"][0]["text"]))
+                self.last_reply = clip.end()
                 print("\n" if "custom_outputs" in event else "", flush=True)  # the reply ends with a blank line
-                line_open = False
+                clip = None
             elif item.get("type") == "function_call":
                 print(printable(f"  [{item['name']} {item['arguments']}]"), flush=True)
 
@@ -181,34 +273,58 @@ class Terminal:
         if name == "/help":
             print(HELP)
         elif name == "/new":
-            self.thread_id = uuid.uuid4().hex
-            print(f"thread {self.thread_id}")
+            self.switch(check_thread_id(arg) if arg else uuid.uuid4().hex, new=True)
         elif name == "/thread" and arg:
-            self.thread_id = check_thread_id(arg)
-            print(f"thread {self.thread_id}")
+            self.switch(check_thread_id(arg))
         elif name == "/runs":
             self.runs()
         elif name == "/watch" and arg:
             self.watch(arg)
+        elif name == "/last":
+            print(self.last_reply or "no reply yet in this session")
         elif name in ("/thread", "/watch"):
             print(f"{name} needs {'a thread id' if name == '/thread' else 'a run id'}; /help lists the commands")
         else:
             print(f"unknown command {line!r}; /help lists them")
+
+    def switch(self, thread_id: str, new=False):
+        """Make `thread_id` the thread, saying whether it is new or continued (with a recap of its last turns);
+        `new`: only if it has no turns yet."""
+        with self.agent.db.connection() as conn:
+            turns = lakebase.thread_turns(conn, thread_id)
+            recent = lakebase.load_messages(conn, thread_id, last=RECAP_MESSAGES) if turns else []
+        if new and turns:
+            return print(f"thread {thread_id} already exists ({turns} turn{'s' * (turns != 1)}): /thread {thread_id} "
+                         f"continues it")
+        self.thread_id = thread_id
+        if not turns:
+            return print(f"thread {thread_id} (new) - /help for commands", flush=True)
+        print(f"thread {thread_id} (continued, {turns} turn{'s' * (turns != 1)} so far) - /help for commands")
+        for who, text in recap(recent):
+            print(f"  {who}: {shorten(printable(text), 100)}")
+        print(flush=True)
 
     def runs(self):
         with self.agent.db.connection() as conn:
             runs = lakebase.list_runs(conn, self.thread_id)
         if not runs:
             print("no job runs in this thread yet")
+        rows = []
         for run in runs:
             try:
                 state = run_state(self.agent.jobs.get(run["run_id"]))
             except llm.ToolError as e:
                 state = f"(state unavailable: {e})"
-            print(f"run {run['run_id']}  {state}  {run['created_at']:%Y-%m-%d %H:%M}  {shorten(run['request'], 60)}")
+            rows.append((f"run {run['run_id']}", state, f"{run['created_at']:%Y-%m-%d %H:%M}",
+                         shorten(printable(run["request"]), 60)))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)] if rows else []
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
 
     def watch(self, arg: str):
         """Print the run's steps as they are logged, until it ends, with a spinner (a dot per poll off a TTY)."""
+        if not arg.isdigit():
+            return print(f"/watch needs a run id, the number of the run (/runs lists them), not {arg!r}")
         run_id = self.agent.own_run(self.thread_id, arg)
         cursor, started, spinner, tty = 0, time.monotonic(), itertools.cycle("|/-\\"), sys.stdout.isatty()
         marked = False  # a progress mark is on the current line
@@ -232,6 +348,87 @@ class Terminal:
             print(f"\nstopped watching run {run_id}; it goes on (/runs shows it)", flush=True)
 
 
+def notice(report: dict) -> str:
+    """One line saying how a run ended: its answer's first line, or what to ask."""
+    run, first = f"run {report['run_id']}", ""
+    if "answer" in report:
+        lines = [line for line in report["answer"].splitlines() if line.strip()] or [""]
+        first = shorten(printable(lines[0]), 100)
+        rest = len(lines) > 1 or first.endswith("...")
+        return f"* {run} answered: {first}" + (" (ask me for the whole answer)" if rest else "")
+    if "error" in report:
+        return f"* {run} failed: ask me for the details"
+    if "cancelled" in report:
+        return f"* {run} was cancelled"
+    return f"* {run} ended without an answer ({report['state']}): ask me for the details"
+
+
+def recap(messages: list) -> list[tuple[str, str]]:
+    """The last RECAP_TURNS exchanges of a thread: ("you", message) and ("agent", its last reply) pairs."""
+    pairs = []
+    for m in messages:
+        if m.get("role") == "user":
+            pairs.append([("you", m.get("content") or "")])
+        elif m.get("role") == "assistant" and m.get("content") and pairs:
+            pairs[-1][1:] = [("agent", m["content"])]
+    return [line for pair in pairs[-RECAP_TURNS:] for line in pair]
+
+
+class Clip:
+    """A reply printed as it streams in: its first HEAD_LINES lines as they come, the rest held; at its end the rest,
+    or, when that is long, how many lines are left out and the last TAIL_LINES (/last shows the whole reply)."""
+
+    def __init__(self):
+        self.text, self.shown = "", 0  # all of the reply so far; how much of it is on the screen
+
+    def feed(self, delta: str):
+        self.text += delta
+        head = _after_lines(self.text, HEAD_LINES)
+        if head > self.shown:
+            print(self.text[self.shown:head], end="", flush=True)
+            self.shown = head
+
+    def end(self) -> str:
+        """Print what is held; the whole reply."""
+        rest = self.text[self.shown:].split("\n")
+        if len(rest) > TAIL_LINES + 5:
+            rest = [f"[... {len(rest) - TAIL_LINES} more lines: /last shows the whole reply ...]", *rest[-TAIL_LINES:]]
+        print("\n".join(rest), end="", flush=True)
+        return self.text
+
+
+def _after_lines(text: str, lines: int) -> int:
+    """Where `text`'s first `lines` lines end (after their newline); its length if it has fewer."""
+    at = -1
+    for _ in range(lines):
+        at = text.find("\n", at + 1)
+        if at < 0:
+            return len(text)
+    return at + 1
+
+
+def _line_editing(prompt_up):
+    """Arrows edit and recall lines (readline, which also lifts the terminal's line length limit: it reads key by
+    key); a pasted block arrives as one message (bracketed paste). `prompt_up()` runs once each prompt is shown."""
+    if readline is None:
+        return
+    if "libedit" not in (readline.__doc__ or ""):  # libedit (macOS) has a syntax of its own
+        readline.parse_and_bind("set enable-bracketed-paste on")
+        readline.parse_and_bind("set horizontal-scroll-mode off")
+    readline.set_pre_input_hook(prompt_up)
+
+
+def _pending_lines() -> str:
+    """Lines typed or pasted together with the one just read (without readline): they belong to one message."""
+    more = ""
+    while select.select([sys.stdin], [], [], PASTE_SECONDS)[0]:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        more += "\n" + line.rstrip("\n")
+    return more
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="primary.py", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Chat with the primary agent: small talk answered directly, data "
@@ -252,17 +449,30 @@ def main(argv=None) -> int:
 
         return serving.deploy_main(argv[1:])
     args = parser().parse_args(argv)
-    config = Config.from_env()
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config, notes = Config.from_env(), Notes()
+    if config.log_level:
+        logging.basicConfig(level=config.log_level, stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, handlers=[notes])
     try:
         thread_id = check_thread_id(args.thread or uuid.uuid4().hex)
         agent, close = setup(args, config)
     except (SetupError, ConfigError, BadRequest, lakebase.LakebaseError, psycopg.Error) as e:
         print(f"primary.py: {lakebase.redact(str(e))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nprimary.py: interrupted while starting", file=sys.stderr)
+        return 130
+    terminal = Terminal(agent, thread_id, config.watch_interval, config.notice_interval)
+    notes.sink = terminal.notify
     try:
-        Terminal(agent, thread_id, config.watch_interval).loop()
+        terminal.loop()
+    except KeyboardInterrupt:  # before the first prompt: the loop handles it after that
+        print()
     finally:
-        close()
+        try:
+            close()
+        except KeyboardInterrupt:
+            print("\nprimary.py: interrupted while stopping", file=sys.stderr)
     return 0

@@ -14,8 +14,8 @@ from localws.answerer import FOLLOW_UP
 MODEL = "offline-stand-in"
 ABOUT = ("I am the offline stand-in model of the local workspace, not a real language model: I follow a few "
          "fixed rules. Ask me about the sample sales data (for example \"What was the revenue growth in 2025?\") "
-         "and I will start a Databricks job to answer it; then ask \"is it done?\" to see its progress, or say "
-         "\"cancel\" to stop it.")
+         "and I will start a Databricks job to answer it; my first reply after it has ended tells you its answer. "
+         "Meanwhile ask \"is it done?\" to see its progress, or say \"cancel\" to stop it.")
 CLARIFY = ("I'm the offline stand-in model and only follow a few rules: ask a question about the sample sales "
            "data (revenue, orders, customers, products, regions...), ask \"is it done?\" about a job, or say "
            "\"cancel\". What would you like to know?")
@@ -132,7 +132,9 @@ def _answer(messages, told_runs):
     if HELP.search(low):
         return HELP_TEXT, []
     if GREETING.search(low):
-        return ("You're welcome! " if re.search(r"\bthank|\bcheers", low) else "Hello! ") + ABOUT, []
+        if re.search(r"\bthank|\bcheers", low):
+            return "You're welcome!", []
+        return "Hello! " + ABOUT, []
     return CLARIFY, []
 
 

@@ -28,6 +28,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pg_fixture
+import psycopg
 import pytest
 
 import lakebase
@@ -41,6 +42,8 @@ WAIT = 30  # seconds: the bound on every wait (start-up, a turn, a run)
 wait_for = functools.partial(pg_fixture.wait_for, timeout=WAIT, every=0.2)
 PROMPT = "\n> "
 SPINNER = re.compile(r"\r[|/\\-] run (\d+) (QUEUED|PENDING|RUNNING|TERMINATING) \d+ s")
+PASTE_MODE = re.compile(r"\x1b\[\?2004h|\x1b\[\?2004l\r?")  # readline's bracketed paste on and off
+NOTICE = re.compile(r"[^\n]*\r\x1b\[K(\* run [^\n]*\n)")  # a notice erases the line it is printed over
 
 
 # ------------------------------------------------------------------ the expected numbers, from the CSVs
@@ -103,7 +106,7 @@ class Terminal:
     `expect` waits, bounded, for a pattern in the output not consumed yet; failures show the transcript."""
 
     def __init__(self, env, *args):
-        self.args, self.transcript, self.pending, self.returncode = args, "", "", None
+        self.args, self.transcript, self.pending, self.before, self.returncode = args, "", "", "", None
         self.decoder, self.carry = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: become primary.py
@@ -122,7 +125,7 @@ class Terminal:
                 self.fail(f"timed out after {timeout} s waiting for {what}")
             if self._read(left) == "":
                 self.fail(f"primary.py ended while waiting for {what}")
-        self.pending = self.pending[match.end():]
+        self.before, self.pending = self.pending[:match.start()], self.pending[match.end():]
         return match
 
     def _read(self, timeout) -> str | None:
@@ -134,10 +137,11 @@ class Terminal:
         except OSError:  # EIO: the child has closed the terminal
             data = b""
         text = self.carry + self.decoder.decode(data, final=not data)
-        text, self.carry = (text[:-1], "\r") if text.endswith("\r") and data else (text, "")  # \r\n may be split
-        text = text.replace("\r\n", "\n")  # the terminal's newline; a lone \r is the spinner's
+        split = re.search(r"(?:\x1b\[\?2004l)?\r?\Z", text) if data else None  # \r\n, or paste-off + \r: split?
+        text, self.carry = (text[:split.start()], split.group(0)) if split and split.group(0) else (text, "")
+        text = PASTE_MODE.sub("", text.replace("\r\n", "\n"))  # the terminal's newline; a lone \r: the spinner's
         self.transcript += text
-        self.pending += text
+        self.pending = NOTICE.sub(r"\1", self.pending + text)
         return (text or None) if data else ""
 
     def fail(self, message):
@@ -154,9 +158,8 @@ class Terminal:
         return self.until_prompt(f"the prompt after {line!r}", timeout)
 
     def until_prompt(self, what, timeout=WAIT) -> str:
-        start = len(self.transcript) - len(self.pending)
-        match = self.expect(re.escape(PROMPT), what, timeout)
-        return self.transcript[start:len(self.transcript) - len(self.pending) - len(match.group(0))]
+        self.expect(re.escape(PROMPT), what, timeout)
+        return self.before
 
     def interrupt(self):
         os.write(self.fd, b"\x03")  # the terminal sends SIGINT to its foreground process group
@@ -199,7 +202,8 @@ def start_session(env, *args) -> tuple[Terminal, str, str]:
     t = Terminal(env, *args)
     try:
         startup = t.until_prompt("the first prompt", timeout=60)  # a new data dir runs initdb first
-        thread = re.search(r"^thread (\S+) - /help for commands$", startup, re.M)
+        thread = re.search(r"^thread (\S+) \((?:new|continued, \d+ turns? so far)\) - /help for commands$", startup,
+                           re.M)
         if not thread:
             t.fail("no 'thread ... - /help for commands' line at start-up")
     except BaseException:
@@ -222,8 +226,7 @@ def screen_lines(out) -> list[str]:
 
 def watch(t, run_id) -> tuple[str, str]:
     """/watch RUN_ID until it ends by itself: (what it printed, the final state)."""
-    t.send(f"/watch {run_id}")
-    out = t.until_prompt(f"/watch {run_id} to end by itself")
+    out = t.say(f"/watch {run_id}")
     ended = [line for line in screen_lines(out) if line.startswith(f"run {run_id} ended: ")]
     if not ended:
         t.fail(f"/watch {run_id} came back without 'run {run_id} ended: ...'")
@@ -238,7 +241,7 @@ def step_lines(out) -> list[str]:
 def runs_table(t) -> dict:
     """/runs as {run id: state}."""
     out = t.say("/runs")
-    return dict(re.findall(r"^run (\d+)  (\S+(?: \S+)?)  \d{4}-\d\d-\d\d", out, re.M))
+    return dict(re.findall(r"^run (\d+) +(\S+(?: \S+)?) +\d{4}-\d\d-\d\d", out, re.M))
 
 
 def assert_only_the_banner(startup):
@@ -281,32 +284,26 @@ def test_a_newcomer_walks_through_the_readme_in_a_terminal(scratch):
         assert f'[start_databricks_job {{"request": "{question}"}}]' in reply, reply
         first = started_run(t, reply)
 
-        # /watch: the steps live, with the spinner, ending by itself
-        out, state = watch(t, first)
-        assert state == "TERMINATED SUCCESS", out
-        steps = step_lines(out)
-        assert [re.match(r"#(\d+) (\S+)", s).groups() for s in steps] == [
-            ("1", "started:"), ("2", "calls"), ("3", "query_genie"), ("4", "answer:")], steps
-        assert steps[0] == f"#1 started: {question}"
-        assert steps[1].startswith("#2 calls query_genie {\"question\":") and "2025" in steps[1], steps[1]
-        assert steps[2].startswith("#3 query_genie answered in "), steps[2]
-        assert money(REVENUE_2025) in steps[3], (money(REVENUE_2025), steps[3])
-        spinning = [m.start() for m in SPINNER.finditer(out) if m.group(1) == first]
-        assert spinning and "\x1b[K" in out, f"no TTY spinner in /watch:\n{out!r}"
-        assert out.index("#1 started") < spinning[-1] < out.index(f"run {first} ended"), \
-            f"the steps were not shown while the run was going:\n{out!r}"
+        # the run ends while the prompt waits: the terminal says so, and the next reply, whatever was said, tells
+        # the answer (once)
+        t.expect(rf"\* run {first} answered: Total revenue in 2025: {re.escape(money(REVENUE_2025))}\. \(ask me for "
+                 rf"the whole answer\)\n",
+                 f"the notice that run {first} has ended")
+        reply = t.say("thanks")
+        assert reply.index(f'[poll_databricks_job {{"run_id": "{first}"}}]') < reply.index(
+            f"Run {first} has ended since we last spoke: it is TERMINATED SUCCESS") < reply.index(
+            f"Total revenue in 2025: {money(REVENUE_2025)}.") < reply.index("You're welcome!"), reply
+        reply = t.say("thanks again")
+        assert "poll_databricks_job" not in reply and money(REVENUE_2025) not in reply, reply
 
-        # poll: the answer, with the right number
-        reply = t.say("is it done?")
-        assert f'[poll_databricks_job {{"run_id": "{first}"}}]' in reply, reply
-        assert f"Run {first} is TERMINATED SUCCESS" in reply and money(REVENUE_2025) in reply, reply
-
-        # a second question, watched until its worker is at work, then cancelled
+        # a second question, watched live (steps and a spinner) until its worker is at work, then cancelled
         reply = t.say("How many orders were there in 2024?")
         second = started_run(t, reply)
         assert int(second) > int(first)
         t.send(f"/watch {second}")
+        t.expect(r"#1 started: How many orders were there in 2024\?\n", f"run {second}'s first step")
         t.expect(r"#\d+ calls query_genie", f"run {second} to call query_genie")
+        t.expect(rf"\r[|/\\-] run {second} RUNNING \d+ s", f"the spinner of run {second} while Genie works")
         t.interrupt()
         t.expect(rf"stopped watching run {second}; it goes on", "Ctrl-C to stop watching")
         t.until_prompt("the prompt after Ctrl-C")
@@ -344,9 +341,12 @@ def test_a_second_session_continues_the_thread_and_its_runs(scratch):
     t, startup, same = start_session(env, "--data-dir", str(data_dir), "--thread", thread)
     with t:
         assert same == thread
+        assert f"thread {thread} (continued, 1 turn so far) - /help for commands\n  you: What was the total revenue " \
+               f"in 2025?\n  agent: I've started a job to answer this: run {first} (" in startup, startup
         assert runs_table(t) == {first: "TERMINATED SUCCESS"}
-        reply = t.say("is it done?")  # the model sees the first session's turns
-        assert f"Run {first} is TERMINATED SUCCESS" in reply and money(REVENUE_2025) in reply, reply
+        reply = t.say("is it done?")  # it ended after the first session's last turn: this reply tells it
+        assert f"Run {first} has ended since we last spoke: it is TERMINATED SUCCESS" in reply, reply
+        assert money(REVENUE_2025) in reply, reply
         second = started_run(t, t.say("How many orders were there in 2024?"))
         assert int(second) > int(first), "run ids restarted instead of continuing"
         runs = runs_table(t)
@@ -355,6 +355,43 @@ def test_a_second_session_continues_the_thread_and_its_runs(scratch):
         t.send("/quit")
         assert t.wait() == 0
     assert "Traceback" not in t.transcript, t.transcript
+    print(t.transcript)
+
+
+# ------------------------------------------------------------------ the prompt
+
+def test_the_prompt_takes_long_lines_and_pasted_blocks_whole_and_tells_when_a_run_ends(tmp_path, pg_dsn):
+    t, _, thread = start_session(newcomer_env(tmp_path, LAKEBASE_DSN=pg_dsn))
+    with t:
+        long = " ".join(f"word{i}" for i in range(1000))[:6014]  # beyond the terminal's 4,095-character line
+        t.send(long)
+        assert "What would you like to know?" in t.until_prompt("the reply to a long line")
+        os.write(t.fd, b"\x1b[200~first line\nsecond line\nthird line\x1b[201~\n")  # a paste, as terminals send it
+        assert "What would you like to know?" in t.until_prompt("the reply to a pasted block")
+
+        # a run ends while the user is typing: the notice goes above the prompt, and what they typed stays
+        question = "What was the total revenue in 2025?"
+        run = started_run(t, t.say(question))
+        os.write(t.fd, b"hel")
+        t.expect(rf"\* run {run} answered: Total revenue in 2025: [^\n]*\n> hel", "the notice over the prompt")
+        t.send("lo")
+        reply = t.until_prompt("the reply to hello")
+        assert f"Run {run} has ended since we last spoke" in reply and "Hello!" in reply, reply
+
+        # threads: /new NAME, /thread ID with a recap
+        assert t.say("/new side-topic").strip() == "thread side-topic (new) - /help for commands"
+        assert "Hello!" in t.say("hi")
+        recap = t.say(f"/thread {thread}")
+        assert recap.startswith(f"thread {thread} (continued, 4 turns so far) - /help for commands\n"), recap
+        assert "  you: first line second line third line\n" in recap and "  you: hello\n" in recap, recap
+        assert t.say("/new side-topic").strip() == ("thread side-topic already exists (1 turn): /thread side-topic "
+                                                    "continues it")
+        t.send("/quit")
+        assert t.wait() == 0
+    with psycopg.connect(pg_dsn) as conn:
+        said = [m["content"] for m in lakebase.load_messages(conn, thread) if m["role"] == "user"]
+    assert said == [long, "first line\nsecond line\nthird line", question, "hello"], [len(m) for m in said]
+    assert "Traceback" not in t.transcript
     print(t.transcript)
 
 
@@ -423,8 +460,10 @@ def test_a_workspace_without_a_job_id_is_refused_in_one_line(tmp_path, configure
     finally:
         t.close()
     assert code != 0, t.transcript
-    assert t.transcript.strip() == (f"primary.py: a workspace is configured ({source}) but DATABRICKS_JOB_ID (the "
-                                    f"worker job's id) is not set"), t.transcript
+    assert t.transcript.strip() == (f"primary.py: a workspace is configured ({source}) but not set up for this "
+                                    f"agent: DATABRICKS_JOB_ID (the worker job's id) is not set. Deploy the agent "
+                                    f"there and set these (README: Deploy to Databricks), or run 'python primary.py "
+                                    f"--local' to use the local workspace"), t.transcript
     assert not (tmp_path / ".local").exists(), "the local workspace started although a workspace is configured"
 
 
@@ -628,8 +667,13 @@ def test_the_walk_through_by_predict(local_agent):
     # cancelled before its worker's Python started (it then logs nothing, as on Databricks), or logged as cancelled
     assert [s["status"] for s in steps][-1:] in ([], ["cancelled"]), \
         f"run {second} was cancelled, but its step log is {[s['status'] for s in steps]}"
-    reply = reply_text(agent.predict(ask("is it done?", thread)))
-    assert f"Run {second} is TERMINATED CANCELED" in reply and "Cancelled: " in reply, reply
+    told = agent.predict(ask("thanks", thread))  # it ended between turns: this turn tells it, unasked
+    reply = reply_text(told)
+    assert f"Run {second} has ended since we last spoke: it is TERMINATED CANCELED" in reply, reply
+    assert "Cancelled: " in reply and reply.endswith("You're welcome!"), reply
+    assert told["custom_outputs"]["delivered_run_ids"] == [second]
+    again = agent.predict(ask("thanks", thread))
+    assert reply_text(again) == "You're welcome!" and again["custom_outputs"]["delivered_run_ids"] == []
 
 
 def test_supported_shapes_through_the_whole_stack(local_agent):
@@ -652,9 +696,11 @@ def test_supported_shapes_through_the_whole_stack(local_agent):
     }
     thread = agent.predict(ask("hello"))["custom_outputs"]["thread_id"]
     runs = {question: agent.predict(ask(question, thread))["custom_outputs"]["run_ids"][0] for question in expected}
+    replies = ""  # a run that ended before its poll is told, unasked, by whichever turn comes first
     for question, run_id in runs.items():
         wait_for(lambda: w.jobs.get_run(int(run_id)).state.result_state, f"run {run_id} ({question!r}) to end")
-        reply = reply_text(agent.predict(ask(f"is run {run_id} done?", thread)))
-        assert f"Run {run_id} is TERMINATED SUCCESS" in reply, reply
+        replies += reply_text(agent.predict(ask(f"is run {run_id} done?", thread))) + "\n"
+    for question, run_id in runs.items():
+        assert re.search(rf"Run {run_id} (is|has ended since we last spoke: it is) TERMINATED SUCCESS", replies)
         for sentence in expected[question]:
-            assert sentence in reply, (question, sentence, reply)
+            assert sentence in replies, (question, sentence, replies)

@@ -563,11 +563,50 @@ STARTED = [SYSTEM, user("What was the revenue growth in 2025?"),
            {"role": "assistant", "content": "I started a job for that: run 123."}]
 
 
-@pytest.mark.parametrize("text", ["hello", "Hi there!", "what can you do?", "thanks!"])
+@pytest.mark.parametrize("text", ["hello", "Hi there!", "who are you?", "What are you?"])
 def test_primary_greets_and_says_it_is_the_stand_in(text):
     content, calls = reply([SYSTEM, user(text)])
     assert not calls and "offline stand-in model" in content and "not a real language model" in content
-    assert ("You're welcome" in content) == text.startswith("thanks")
+    assert content.startswith("Hello!") == text.lower().startswith(("hello", "hi"))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("thanks!", "You're welcome!"), ("bye", "Goodbye!"), ("ok bye then", "Goodbye!"),
+    ("help", "I can start a job that answers a question about the sample sales data"),
+    ("what can you do?", "I can start a job that answers a question about the sample sales data")])
+def test_primary_answers_thanks_bye_and_help_plainly(text, expected):
+    content, calls = reply([SYSTEM, user(text)])
+    assert not calls and content.startswith(expected) and "Hello!" not in content, content
+
+
+def test_primary_takes_no_run_id_from_its_own_example():
+    asked, _ = reply([SYSTEM, user("is it done?")])
+    assert "Which run should I check on?" in asked
+    content, calls = reply([SYSTEM, user("is it done?"), {"role": "assistant", "content": asked},
+                            user("is it done?")])
+    assert not calls and "Which run" in content
+
+
+def news(run_id, **report):
+    """The agent's poll of a run that ended unasked (primary.Turn hands such news to the model)."""
+    call_id = f"unasked_{run_id}"
+    return [assistant_call("poll_databricks_job", {"run_id": run_id}, call_id),
+            tool_result(call_id, json.dumps({"run_id": run_id, "state": "TERMINATED SUCCESS", "steps": 4,
+                                             **report, "unasked": True}))]
+
+
+def test_primary_tells_runs_that_ended_unasked_whatever_the_user_said():
+    answered = news("123", answer="Revenue grew 26.4% in 2025.")
+    content, calls = reply([*STARTED, user("thanks"), *answered])
+    assert not calls and content.startswith("Run 123 has ended since we last spoke: it is TERMINATED SUCCESS")
+    assert "Revenue grew 26.4% in 2025." in content and content.endswith("You're welcome!")
+    content, calls = reply([*STARTED, user("is it done?"), *answered])  # already told: no poll of its own
+    assert not calls and "Revenue grew 26.4% in 2025." in content
+    failed = news("123", state="TERMINATED FAILED", error="Genie space 'x' can't be used")
+    message = stand_in_reply({"messages": [*STARTED, user("top 3 products by revenue"), *failed],
+                              "tools": PRIMARY})["choices"][0]["message"]
+    assert "Genie space 'x' can't be used" in message["content"]  # said, with the new question's job started
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["start_databricks_job"]
 
 
 @pytest.mark.parametrize("text", ["What was the revenue growth in 2025?", "top 5 products by revenue",

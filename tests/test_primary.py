@@ -1056,9 +1056,11 @@ def test_terminal_says_what_is_missing(emu, job_id, pg_dsn, scripted_model):
     del env["DATABRICKS_JOB_ID"], env["LAKEBASE_DSN"]
     out = terminal(env, "")
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.strip() == ("primary.py: a workspace is configured (DATABRICKS_HOST) but DATABRICKS_JOB_ID "
-                                  "(the worker job's id) is not set; no database is set: set LAKEBASE_INSTANCE or "
-                                  "LAKEBASE_ENDPOINT (or LAKEBASE_DSN)")
+    assert out.stderr.strip() == ("primary.py: a workspace is configured (DATABRICKS_HOST) but not set up for this "
+                                  "agent: DATABRICKS_JOB_ID (the worker job's id) is not set; no database is set: set "
+                                  "LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (or LAKEBASE_DSN). Deploy the agent there "
+                                  "and set these (README: Deploy to Databricks), or run 'python primary.py --local' "
+                                  "to use the local workspace")
 
 
 def test_terminal_help(tmp_path):
