@@ -672,13 +672,16 @@ def read_steps(conn, run_id: str, *, after: int = 0, limit: int = 500) -> list[d
 
 
 def run_progress(conn, run_id: str, *, recent: int = 5) -> dict:
-    """How far a run has got, without reading its whole log: {"steps": how many, "recent": the last `recent`
-    steps in order (without Genie's full result, `detail`), "final": its completed/failed/cancelled step or None}."""
+    """How far a run has got, without reading its whole log: {"steps": how many, "answered": how many tool results
+    were not errors, "recent": the last `recent` steps in order (without Genie's full result, `detail`), "final": its
+    completed/failed/cancelled step or None}."""
     check_id(run_id, "run id")
     with conn.cursor(row_factory=dict_row) as cur:
-        count = cur.execute("select count(*) as n from task_logs where run_id = %s", (run_id,)).fetchone()["n"]
+        counts = cur.execute("select count(*) as n, count(*) filter (where status = 'tool_result' and "
+                             "payload->>'error' = 'false') as answered from task_logs where run_id = %s",
+                             (run_id,)).fetchone()
         last = cur.execute("select step, status, payload - 'detail' as payload, created_at from task_logs "
                            "where run_id = %s order by step desc limit %s", (run_id, recent)).fetchall()
         final = cur.execute("select step, status, payload, created_at from task_logs where run_id = %s and status "
                             "in ('completed', 'failed', 'cancelled') order by step desc limit 1", (run_id,)).fetchone()
-    return {"steps": count, "recent": last[::-1], "final": final}
+    return {"steps": counts["n"], "answered": counts["answered"], "recent": last[::-1], "final": final}

@@ -252,6 +252,8 @@ class PrimaryAgent:
         payload = final["payload"]
         if final["status"] == "completed":
             report["answer"] = _cut(str(payload.get("answer")), MAX_ANSWER_CHARS)
+            if not progress["answered"]:  # a refusal or an error, said as an answer
+                report["no_data"] = "none of the run's data queries succeeded: its answer has no data, it says why"
         elif final["status"] == "failed":
             report["error"] = payload.get("error")
         elif final["status"] == "cancelled":
@@ -546,7 +548,8 @@ def _outcome(report: dict) -> str:
     """A run's outcome in a few words, for a reply of ours."""
     run = f"Run {report['run_id']}"
     if "answer" in report:
-        return f"{run} has finished. Its answer:\n{_cut(report['answer'], 2_000)}"
+        got = "without data. What it says" if "no_data" in report else "Its answer"
+        return f"{run} has finished, {got}:\n{_cut(report['answer'], 2_000)}"
     if "error" in report:
         return f"{run} failed: {report['error']}"
     if "cancelled" in report:

@@ -355,7 +355,8 @@ def notice(report: dict) -> str:
         lines = [line for line in report["answer"].splitlines() if line.strip()] or [""]
         first = shorten(printable(lines[0]), 100)
         rest = len(lines) > 1 or first.endswith("...")
-        return f"* {run} answered: {first}" + (" (ask me for the whole answer)" if rest else "")
+        how = "ended without data" if "no_data" in report else "answered"
+        return f"* {run} {how}: {first}" + (" (ask me for the whole answer)" if rest else "")
     if "error" in report:
         return f"* {run} failed: ask me for the details"
     if "cancelled" in report:

@@ -18,7 +18,8 @@ orders are left out; metrics: revenue (or sales), orders, units, customers, aver
 - follow-ups in the same conversation reuse the previous question: "and by month?", "what about 2024?",
   "and orders?", "for all years?"
 The only filter is a year. A question that narrows to anything else (a month or quarter, a region, segment or
-category, a status, "last year") is refused, not answered for all the data.
+category, a status, "last year") is refused, not answered for all the data; so is one with a word no rule
+understands ("median", "churned", "new customers"), rather than answered as another question. A refusal is short.
 """
 import logging
 import re
@@ -33,12 +34,10 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 5000  # Genie's row limit
 YEARS = (2024, 2025)
-HELP = ("I can answer questions about the sample sales data (orders 2024-2025): totals (\"total revenue in 2025\", "
-        "\"how many orders?\", \"average order value\"), top-N (\"top 5 products by revenue\", \"which region has "
-        "the most sales?\"), breakdowns by month, quarter, year, region, segment, category, product or customer "
-        "(\"revenue by month in 2025\"), growth (\"revenue growth year over year\", \"month-over-month order "
-        "growth\", \"which region grew fastest?\") and follow-ups (\"and by month?\", \"what about 2024?\") "
-        "(metrics: revenue or sales, orders, units, customers, average order value)")
+HELP = ("I answer totals, top-N, breakdowns (by month, quarter, year, region, segment, category, product or "
+        "customer) and growth of revenue, orders, units, customers or average order value in 2024-2025, e.g. "
+        "\"top 5 products by revenue\", \"revenue by month in 2025\", \"revenue growth year over year\", and "
+        "follow-ups like \"what about 2024?\"")
 # Postgres type oid -> Databricks ColumnInfoTypeName
 TYPES = {16: "BOOLEAN", 20: "LONG", 21: "INT", 23: "INT", 700: "DOUBLE", 701: "DOUBLE", 1700: "DECIMAL",
          1082: "DATE", 1114: "TIMESTAMP", 1184: "TIMESTAMP"}
@@ -95,6 +94,15 @@ UNSUPPORTED = re.compile(  # filters the rules can't apply: refuse rather than a
     r"(?:last|this|previous|next|past) (?:year|quarter|month|week)|cancel\w*|returned|returns|shipped|"
     r"sign(?:ed)?[- ]?ups?|(?:north|south)?(?:east|west)|midwest|consumers?|small business|enterprises?|"
     r"electronics|home|office|outdoor|apparel)\b")
+FILLER = set("""a about all also an and any anything are as at be been bought buy by can could data dataset did do does
+each ever every for from get give got had has have hello hey hi how i in is it its list made make many me much my
+number of on only our over overall please show so something sum tell than thanks that the their there these those to
+total totals us was we were what which who with would you just now then same but""".split())  # no change of meaning
+CONCEPTS = re.compile("|".join([r"\ba(?:verage|vg) order value\b"]  # the words the rules understand
+                                + [rf"\b(?:{spec[4]})\b" for spec in METRICS.values()]
+                                + [rf"\b(?:{spec[3]})\b" for spec in DIMS.values()] + [
+    r"\b(?:top|bottom|best|worst|biggest|largest|smallest|leading|most|least|popular|selling|highest|lowest|greatest|"
+    r"fewest|fastest|slowest|growing|each|split|broken|down|across|per|time|" + "|".join(NUMBERS) + r")\b"]))
 ASCENDING = re.compile(r"\b(?:bottom|worst|lowest|least|smallest|fewest|slowest)\b")
 FOLLOW_UP = re.compile(r"^\W*(?:and|what about|how about|same|now|also|then|only|just|but|for)\b")
 
@@ -147,10 +155,22 @@ def parse(question: str) -> Ask:
     return Ask(metric, dim, top, growth, year, ascending)
 
 
+def unknown_words(question: str) -> list[str]:
+    """The words of `question` that no rule understands and that might change its meaning ("median", "churned",
+    "new"): answering without them would answer another question."""
+    text = question.lower().replace("’", "'")
+    for pattern in (CONCEPTS, GROWTH, FOLLOW_UP, re.compile(r"\b20\d\d\b|\d+|'s\b|'re\b")):
+        text = pattern.sub(" ", text)
+    return [word for word in re.findall(r"[a-z]+(?:'[a-z]+)?", text) if word not in FILLER]
+
+
 def resolve(question: str, history=()) -> Ask:
     """The Ask of `question` in its conversation: a follow-up takes what it leaves out from the previous one."""
     if m := UNSUPPORTED.search(question.lower()):
         raise CannotAnswer(f"I can't narrow the data to {m.group(0)!r}: the only filter I apply is a year. {HELP}")
+    if unknown := unknown_words(question):
+        raise CannotAnswer(f"I can't answer {question!r} as asked: I don't know what {' '.join(unknown)!r} means "
+                           f"here, and answering another question instead would mislead. {HELP}")
     ask = parse(question)
     earlier = [h if isinstance(h, str) else h.get("question") or "" for h in history]
     said = ask != Ask(ascending=ask.ascending)  # something recognised, to follow up with

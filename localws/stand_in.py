@@ -111,6 +111,8 @@ def _primary_turn(messages):
         return "\n\n".join(_relay(name, output) for name, output in results), []
     told = "\n\n".join(_relay(name, output) for name, output in news)  # runs that ended unasked: said first
     content, calls = _answer(messages, {json.loads(output)["run_id"] for _, output in news})
+    if told and content == CLARIFY:  # "ok", "cool": the news is the reply
+        content = None
     return "\n\n".join(part for part in (told, content) if part) or None, calls
 
 
@@ -188,8 +190,10 @@ def _relay(name: str, output: str) -> str:
     lead = (f"I asked to cancel run {run}; it is now" if name == "terminate_databricks_job"
             else f"Run {run} has ended since we last spoke: it is" if data.get("unasked") else f"Run {run} is")
     parts = [f"{lead} {data.get('state') or 'in an unknown state'}"
-             + (f", with {count} steps logged." if count is not None else ".")]
-    for key, title in (("answer", "Answer:\n"), ("error", "Error: "), ("cancelled", "Cancelled: "),
+             + (f", with {count} step{'s' * (count != 1)} logged" if count is not None else "")
+             + (", but it got no data." if data.get("no_data") else ".")]
+    answer = "What it says:\n" if data.get("no_data") else "Answer:\n"
+    for key, title in (("answer", answer), ("error", "Error: "), ("cancelled", "Cancelled: "),
                        ("queued", "Queued: "), ("state_message", "Details: ")):
         if data.get(key):
             parts.append(f"{title}{data[key]}")

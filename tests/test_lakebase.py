@@ -673,4 +673,4 @@ def test_run_progress_reads_the_count_the_last_steps_and_the_end(conn):
                                                                       (8, "completed")]
     assert progress["recent"][1]["payload"] == {"output": "o2"}  # Genie's full rows are left in the log
     assert (progress["final"]["step"], progress["final"]["payload"]) == (8, {"answer": "42"})
-    assert lakebase.run_progress(conn, "79") == {"steps": 0, "recent": [], "final": None}
+    assert lakebase.run_progress(conn, "79") == {"steps": 0, "answered": 0, "recent": [], "final": None}

@@ -704,3 +704,16 @@ def test_supported_shapes_through_the_whole_stack(local_agent):
         assert re.search(rf"Run {run_id} (is|has ended since we last spoke: it is) TERMINATED SUCCESS", replies)
         for sentence in expected[question]:
             assert sentence in replies, (question, sentence, replies)
+
+
+def test_a_question_the_offline_genie_would_change_ends_as_a_refusal_not_as_data(local_agent):
+    agent, w, pool = local_agent
+    asked = agent.predict(ask("Which customers churned?"))
+    thread, [run] = asked["custom_outputs"]["thread_id"], asked["custom_outputs"]["run_ids"]
+    wait_for(lambda: w.jobs.get_run(int(run)).state.result_state, f"run {run} to end")
+    told = reply_text(agent.predict(ask("ok", thread)))
+    assert told.startswith(f"Run {run} has ended since we last spoke: it is TERMINATED SUCCESS, with 4 steps logged, "
+                           f"but it got no data.\n\nWhat it says:\nI could not get the data: Genie could not answer: "
+                           f"I can't answer 'Which customers churned?' as asked: I don't know what 'churned' means "
+                           f"here"), told
+    assert "Answer:" not in told and "What would you like to know?" not in told, told

@@ -278,9 +278,11 @@ def test_a_year_without_data_says_so(genie):
 
 
 def test_question_text_never_reaches_the_sql(genie, sample_dsn):
-    result = genie.answer("total revenue in 2025'); drop table sample.orders; --")
-    assert "drop" not in result.sql.lower() and "'2025-01-01'" in result.sql
+    result = genie.answer("total revenue in 2025'); --")
+    assert "--" not in result.sql and "'2025-01-01'" in result.sql
     assert num(result.rows[0][0]) == measure("revenue", in_year(2025))
+    with pytest.raises(CannotAnswer, match="'drop table sample'"):
+        genie.answer("total revenue in 2025'); drop table sample.orders; --")
     assert count_rows(sample_dsn)["orders"] == len(ORDERS)
 
 
@@ -341,6 +343,21 @@ def test_filters_other_than_a_year_are_refused_not_ignored(genie, question, word
     with pytest.raises(CannotAnswer, match=f"can't narrow the data to '{word}': the only filter I apply is a year"
                                            ".*top 5 products by revenue"):
         genie.answer(question)
+
+
+@pytest.mark.parametrize("question, word", [
+    ("Which customers churned?", "churned"),  # would have been: the top 5 customers by revenue
+    ("What was the median order value?", "median"),  # the average
+    ("How many new customers in 2025?", "new"),  # active customers
+    ("total profit by region", "profit"),  # revenue by region
+    ("revenue per employee in 2024", "employee"),  # total revenue
+])
+def test_a_question_the_rules_would_change_is_refused_in_a_few_lines(genie, question, word):
+    with pytest.raises(CannotAnswer) as e:
+        genie.answer(question)
+    message = str(e.value)
+    assert message.startswith(f"I can't answer {question!r} as asked: I don't know what {word!r} means here")
+    assert "top 5 products by revenue" in message and len(message) < 500, message
 
 
 # ---------------------------------------------------------------- the chat path
