@@ -118,7 +118,7 @@ def _message(where, item) -> dict | None:
         raise BadRequest(f"{where}: content must be a string or a list of text parts")
     if len(content) > MAX_CONTENT_CHARS:
         raise BadRequest(f"{where}: the message has {len(content):,} characters; the limit is "
-                         f"{MAX_CONTENT_CHARS:,} (MAX_CONTENT_CHARS)")
+                         f"{MAX_CONTENT_CHARS:,}: send a shorter message")
     return {"role": role, "content": content}
 
 

@@ -267,7 +267,7 @@ KEY = _matching(r"[\w.-]{1,128}", "a secret name")
 
 
 def deploy_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="primary.py deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="primary.py deploy",
                                 description="Deploy the agent to Model Serving (needs mlflow).", epilog=DEPLOY_EPILOG)
     add, database = p.add_argument, p.add_mutually_exclusive_group(required=True)
     add("--catalog", required=True, type=NAME, help="Unity Catalog catalog of the model")

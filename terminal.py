@@ -14,6 +14,7 @@ import os
 import re
 import select
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -51,14 +52,18 @@ HELP = """commands:
   /help           this help
   /quit           leave (so does Ctrl-D)"""
 ENVIRONMENT = f"""environment:
-  DATABRICKS_HOST, DATABRICKS_TOKEN, DATABRICKS_CONFIG_PROFILE, ...  the workspace (the SDK's own auth); without
-                  one (no host, no profile, no DEFAULT profile in ~/.databrickscfg) the local workspace starts
-  DATABRICKS_JOB_ID   the worker job's id (needed with a workspace)
+  DATABRICKS_HOST, DATABRICKS_TOKEN, DATABRICKS_CONFIG_PROFILE, ...
+                  the workspace (the SDK's own auth); without one (no host, no profile, no DEFAULT profile in
+                  ~/.databrickscfg) the local workspace starts
+  DATABRICKS_JOB_ID
+                  the worker job's id (needed with a workspace)
   LAKEBASE_DSN (or PGHOST, PGUSER, ...), LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT, LAKEBASE_DATABASE
                   the Postgres of threads and step logs (one of them is needed with a workspace)
-  LLM_ENDPOINT_NAME   the chat model's serving endpoint (default {DEFAULT_ENDPOINT})
-  LLM_BASE_URL, LLM_MODEL, LLM_API_KEY   an OpenAI-compatible server instead (e.g. http://127.0.0.1:11434/v1)
-  LOG_LEVEL       logging on stderr (default WARNING)"""
+  LLM_ENDPOINT_NAME
+                  the chat model's serving endpoint (default {DEFAULT_ENDPOINT})
+  LLM_BASE_URL, LLM_MODEL, LLM_API_KEY
+                  an OpenAI-compatible server instead (e.g. http://127.0.0.1:11434/v1)
+  LOG_LEVEL       log records on stderr at this level (unset: warnings are said as plain notes)"""
 
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but newline and tab: text must not drive the terminal
@@ -430,8 +435,28 @@ def _pending_lines() -> str:
     return more
 
 
+class Wrapped(argparse.RawDescriptionHelpFormatter):
+    """Keeps the lines of the description and epilog (the command and variable lists), wrapped to the terminal's
+    width as argparse wraps the options, continuing under the text column."""
+
+    def _fill_text(self, text, width, indent):
+        entries = []  # [indent, text]: a line, with the lines continuing it (as indented as it, by 4 or more)
+        for line in text.splitlines():
+            depth = len(line) - len(line.lstrip())
+            if entries and depth >= 4 and depth == entries[-1][0] and line.strip():
+                entries[-1][1] += " " + line.strip()
+            else:
+                entries.append([depth, line])
+        lines = []
+        for _, line in entries:
+            hang = re.match(r"\s*(?:\S+(?: \S+)*\s{2,})?", line).end()  # "  /watch RUN_ID   " or the indent
+            lines += textwrap.wrap(line, width, subsequent_indent=" " * min(hang, width // 2),
+                                   break_on_hyphens=False) or [""]
+        return "\n".join(indent + line for line in lines)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="primary.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="primary.py", formatter_class=Wrapped,
                                 description="Chat with the primary agent: small talk answered directly, data "
                                             "questions answered by a Databricks Job run.",
                                 epilog=f"{HELP}\n\n{ENVIRONMENT}\n\n'python primary.py deploy ...' deploys the "

@@ -85,8 +85,9 @@ class LocalWorkspace:
     def close(self):
         active = self.emulator.active_runs()
         if active:  # they would otherwise just be gone from the user's point of view
-            log.warning("stopping %d active run(s) of the local workspace: %s", len(active),
-                        ", ".join(map(str, active)))
+            log.warning("the local workspace stops, and with it %s %s, still going: %s cancelled",
+                        "runs" if len(active) > 1 else "run", ", ".join(map(str, active)),
+                        "they are" if len(active) > 1 else "it is")
         self.emulator.close()
         if self.postgres is not None:
             embedded.stop(self.postgres)  # stops the server when no other process uses it; the data stays

@@ -3,6 +3,7 @@ SDK over HTTP), whose runs are real subprocesses of tests/fixtures/step_worker.p
 import functools
 import io
 import json
+import logging
 import os
 import queue
 import re
@@ -1064,10 +1065,55 @@ def test_terminal_says_what_is_missing(emu, job_id, pg_dsn, scripted_model):
 
 
 def test_terminal_help(tmp_path):
-    out = terminal(dict(os.environ), "", "--help")
-    for word in ("/new", "/thread ID", "/runs", "/watch RUN_ID", "/quit", "--local", "--data-dir", "--thread",
+    out = terminal(dict(os.environ, COLUMNS="80"), "", "--help")
+    for word in ("/new", "/thread ID", "/runs", "/watch RUN_ID", "/last", "/quit", "--local", "--data-dir", "--thread",
                  "DATABRICKS_JOB_ID", "LAKEBASE_DSN", "LLM_BASE_URL", "LLM_ENDPOINT_NAME", "deploy"):
         assert word in out.stdout
+    deploy = terminal(dict(os.environ, COLUMNS="80"), "", "deploy", "--help")
+    for text in (out.stdout, deploy.stdout):  # wrapped to the terminal, the lists and the epilogs too
+        assert "--help" in text and max(len(line) for line in text.splitlines()) <= 80, text
+
+
+def test_terminal_shows_a_long_reply_as_its_head_and_tail():
+    import terminal as chat
+
+    reply = "\n".join(f"line {i}" for i in range(269))
+    shown = chat.clipped(reply).splitlines()
+    assert len(shown) == chat.HEAD_LINES + 1 + chat.TAIL_LINES and shown[0] == "line 0" and shown[-1] == "line 268"
+    assert shown[chat.HEAD_LINES] == f"[... {269 - chat.HEAD_LINES - chat.TAIL_LINES} more lines: /last shows the " \
+                                     f"whole reply ...]"
+    assert chat.clipped("short\nreply") == "short\nreply"
+
+
+def test_terminal_says_each_kind_of_warning_once_in_words():
+    import terminal as chat
+
+    notes, said = chat.Notes(), []
+    notes.sink = said.append
+    log = logging.getLogger("test-notes")
+    log.addHandler(notes)
+    try:
+        log.warning("the local workspace stops, and with it %s %s", "run", "5")
+        log.warning("the local workspace stops, and with it %s %s", "runs", "5, 7")
+        log.info("not for the user")
+        log.warning("replaced \x1b[31m characters")
+    finally:
+        log.removeHandler(notes)
+    assert said == ["note: the local workspace stops, and with it run 5", "note: replaced \ufffd[31m characters"]
+
+
+def test_terminal_notices_say_how_a_run_ended_in_one_line():
+    from terminal import notice
+
+    answered = {"run_id": "5", "state": "TERMINATED SUCCESS", "answer": "Total revenue: $1.\n\nRows (1 in all): ..."}
+    assert notice(answered) == "* run 5 answered: Total revenue: $1. (ask me for the whole answer)"
+    assert notice({**answered, "answer": "Total revenue: $1."}) == "* run 5 answered: Total revenue: $1."
+    assert notice({**answered, "no_data": "..."}).startswith("* run 5 ended without data: Total revenue")
+    assert notice({"run_id": "6", "state": "TERMINATED FAILED", "error": "x"}) == \
+        "* run 6 failed: ask me for the details"
+    assert notice({"run_id": "7", "state": "TERMINATED CANCELED", "cancelled": "x"}) == "* run 7 was cancelled"
+    assert notice({"run_id": "8", "state": "INTERNAL_ERROR"}) == \
+        "* run 8 ended without an answer (INTERNAL_ERROR): ask me for the details"
 
 
 def test_terminal_local_mode(pg_dsn, tmp_path):
