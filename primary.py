@@ -223,10 +223,12 @@ class PrimaryAgent:
         oldest first. Bounded: it reads at most MAX_DELIVERIES runs from the Jobs API, and stops at the first
         failure (logged), so a failing Jobs API delays the news rather than failing the turn. `skip`: run ids
         not to read."""
-        from databricks.sdk.errors import DatabricksError
-
         with self.db.connection() as conn:
             candidates = lakebase.undelivered_runs(conn, thread_id, limit=MAX_DELIVERIES, skip=skip)
+        if not candidates:
+            return []
+        from databricks.sdk.errors import DatabricksError  # loaded already: the runs were started with the SDK
+
         reports = []
         for run_id in candidates:
             try:

@@ -240,14 +240,19 @@ class Terminal:
         """Every notice_interval: the thread's runs that ended and were not told yet get a notice, once each."""
         while not self.done.wait(self.notice_interval):
             thread = self.thread_id
+            with self.lock:
+                skip = [run for t, run in self.noticed if t == thread]
             try:
-                reports = self.agent.finished_runs(thread, skip=[r for t, r in self.noticed if t == thread])
+                reports = self.agent.finished_runs(thread, skip=skip)
             except (psycopg.Error, lakebase.LakebaseError, PoolTimeout) as e:
                 log.debug("no run notices this time: %s", e)
                 continue
             for report in reports:
-                self.noticed.add((thread, report["run_id"]))
-                self.notify(notice(report))
+                with self.lock:
+                    seen = (thread, report["run_id"]) in self.noticed
+                    self.noticed.add((thread, report["run_id"]))
+                if not seen:
+                    self.notify(notice(report))
 
     def say(self, text: str):
         """Send a message; print the reply as it streams in (a long one as its head and tail), each tool call on a
@@ -328,8 +333,8 @@ class Terminal:
 
     def watch(self, arg: str):
         """Print the run's steps as they are logged, until it ends, with a spinner (a dot per poll off a TTY)."""
-        if not arg.isdigit():
-            return print(f"/watch needs a run id, the number of the run (/runs lists them), not {arg!r}")
+        if not (arg.isascii() and arg.isdigit()):
+            raise llm.ToolError(f"run {arg!r} is not a run id: /watch takes the number of a run (/runs lists them)")
         run_id = self.agent.own_run(self.thread_id, arg)
         cursor, started, spinner, tty = 0, time.monotonic(), itertools.cycle("|/-\\"), sys.stdout.isatty()
         marked = False  # a progress mark is on the current line
@@ -344,6 +349,8 @@ class Terminal:
                     print(("\r\x1b[K" if tty else "\n") * marked + "\n".join(lines), flush=True)
                     cursor, marked = steps[-1]["step"] if steps else cursor, False
                 if ended:
+                    with self.lock:  # seen ending: no notice
+                        self.noticed.add((self.thread_id, run_id))
                     return
                 elapsed = time.monotonic() - started
                 print(f"\r{next(spinner)} run {run_id} {state} {elapsed:.0f} s" if tty else ".", end="", flush=True)

@@ -440,7 +440,8 @@ def test_a_worker_whose_model_hangs_is_timed_out_and_the_user_is_told(emu, db, p
     assert run.state.result_state.value == "TIMEDOUT"
     expect_steps(pg_dsn, run_id, ["started", "cancelled"])
     reply = reply_text(agent.predict(ask("Is it done?", "t-timeout")))
-    assert_clear(reply, f"Run {run_id} is TERMINATED TIMEDOUT", "timed out after 4 seconds")
+    assert_clear(reply, f"Run {run_id} has ended since we last spoke: it is TERMINATED TIMEDOUT",
+                 "timed out after 4 seconds")
     expect_thread(db, "t-timeout", ["What was the total revenue in 2025?", "Is it done?"])
 
 
@@ -661,7 +662,7 @@ def test_a_failing_run_is_reported_with_its_error_and_keeps_its_steps(emu, db, p
     steps = expect_steps(pg_dsn, run_id, ["started", "tool_call", "failed"])
     assert steps[-1]["payload"]["kind"] == "GenieUnavailable"
     reply = reply_text(agent.predict(ask("Is it done?", "t-fails")))
-    assert_clear(reply, f"Run {run_id} is TERMINATED FAILED, with 3 steps logged",
+    assert_clear(reply, f"Run {run_id} has ended since we last spoke: it is TERMINATED FAILED, with 3 steps logged",
                  "Error: Genie space 'no-such-space' can't be used")
     expect_thread(db, "t-fails", ["What was the total revenue in 2025?", "Is it done?"])
 
@@ -677,7 +678,8 @@ def test_a_worker_killed_with_sigkill_is_reported_and_its_steps_are_kept(emu, db
     assert run.state.result_state.value == "FAILED"
     expect_steps(pg_dsn, run_id, ["started", "tool_call"])
     reply = reply_text(agent.predict(ask("Is it done?", "t-kill")))
-    assert_clear(reply, f"Run {run_id} is TERMINATED FAILED, with 2 steps logged", "killed by SIGKILL")
+    assert_clear(reply, f"Run {run_id} has ended since we last spoke: it is TERMINATED FAILED, with 2 steps logged",
+                 "killed by SIGKILL")
     expect_thread(db, "t-kill", ["What was the total revenue in 2025?", "Is it done?"])
 
 
@@ -749,7 +751,7 @@ def test_a_cancel_racing_completion_ends_in_one_outcome_and_loses_no_step(emu, d
     TALLY["lost_steps"] += 0 if ends else 1
     assert statuses[:3] == ["started", "tool_call", "tool_result"] and ends and len(statuses) == 3 + len(ends)
     reply = reply_text(agent.predict(ask("Is it done?", "t-race")))
-    assert_clear(reply, f"Run {run_id} is TERMINATED {run.state.result_state.value}")
+    assert_clear(reply, f"Run {run_id} has ended since we last spoke: it is TERMINATED {run.state.result_state.value}")
     if "completed" in ends:  # the answer was written: the user gets it
         assert "Total sales: 42" in reply
     expect_thread(db, "t-race", ["What was the total revenue in 2025?", f"Please cancel run {run_id}",

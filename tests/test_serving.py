@@ -459,7 +459,8 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
                                                "lakebase": [{"name": "my-instance"}]}
     assert meta["flavors"]["python_function"]["loader_module"] == "mlflow.pyfunc.loaders.code_model"
     assert meta["metadata"] == {"task": "agent/v1/responses"}
-    scripted_model.call_tool("start_databricks_job", {"request": "orders in 2025"}).reply("Hi from the stream.")
+    scripted_model.call_tool("start_databricks_job", {"request": "[slow] orders in 2025"})  # running next turn
+    scripted_model.reply("Hi from the stream.")
     batch = [ask("how many orders in 2025?", "t-logged"), ask("hello", "t-logged")]
     out = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, logged.model_uri, json.dumps(batch)],
                          cwd=tmp_path, env=subprocess_env(endpoint_env(emu, job_id, pg_dsn)), capture_output=True,
@@ -474,12 +475,12 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
     assert [e.type for e in deltas] == ["response.output_text.delta"] * 3 and final.item["type"] == "message"
     assert {e.item_id for e in deltas} == {final.item["id"]}
     assert "".join(e.delta for e in deltas) == final.item["content"][0]["text"] == "Hi from the stream."
-    assert final.custom_outputs == {"thread_id": "t-logged", "turn": 2, "run_ids": []}
+    assert final.custom_outputs == {"thread_id": "t-logged", "turn": 2, "run_ids": [], "delivered_run_ids": []}
     assert result["modules"] == ["lakebase", "llm", "primary"]  # the model's own copies: the project is not on sys.path
     assert [m["role"] for m in stored(pg_dsn, "t-logged")] == ["user", "assistant", "tool", "assistant", "user",
                                                                "assistant"]
     assert [r.body["job_parameters"] for r in emu.calls("POST", "/api/2.2/jobs/run-now")] == [
-        {"request": "orders in 2025", "thread_id": "t-logged"}]
+        {"request": "[slow] orders in 2025", "thread_id": "t-logged"}]
     assert run_id.isdigit()
 
 
