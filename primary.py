@@ -10,13 +10,18 @@ append at its end; nothing of a failed turn is stored.
 `python primary.py` is a terminal chat on a workspace, or on the local stand-in workspace (see --help): it lives
 in terminal.py. The request and response shapes are in agent_io.py, the Jobs API calls in runs.py.
 """
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the modules load is one line, not a traceback (terminal.main takes over)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("\nprimary.py: interrupted while starting"))
+
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import queue
-import sys
 import threading
 import uuid
 from collections.abc import Iterator

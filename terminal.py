@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import select
+import signal
 import sys
 import textwrap
 import threading
@@ -482,6 +483,7 @@ def main(argv=None) -> int:
 
         return serving.deploy_main(argv[1:])
     args = parser().parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt from here on
     config, notes = Config.from_env(), Notes()
     if config.log_level:
         logging.basicConfig(level=config.log_level, stream=sys.stderr,
