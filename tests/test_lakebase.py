@@ -278,6 +278,24 @@ def test_log_steps_and_read_them_with_a_cursor(pg_dsn, conn):
     assert "task_logs_pkey" in plan
 
 
+def test_a_run_is_delivered_by_the_turn_that_told_it_and_only_once(conn):
+    for run_id in ("1", "3", "5"):
+        lakebase.record_run(conn, "t-told", run_id, f"k{run_id}", "q")
+    assert lakebase.undelivered_runs(conn, "t-told", limit=2) == ["1", "3"]  # oldest first, bounded
+    assert lakebase.undelivered_runs(conn, "t-told", limit=5, skip=["3"]) == ["1", "5"]
+    assert lakebase.append_turn(conn, "t-told", [user("thanks")], delivered=["1", "3"]) == 1
+    assert lakebase.append_turn(conn, "t-told", [user("ok")], delivered=["3"]) == 2  # told again: still turn 1's
+    assert lakebase.undelivered_runs(conn, "t-told", limit=5) == ["5"]
+    assert dict(conn.execute("select run_id, delivered_turn from thread_runs").fetchall()) == {
+        "1": 1, "3": 1, "5": None}
+    conn.execute("create function refuse() returns trigger language plpgsql as $$ begin raise exception 'disk "
+                 "full'; end $$")
+    conn.execute("create trigger refuse before insert on thread_messages execute function refuse()")
+    with pytest.raises(psycopg.Error, match="disk full"):  # a turn that is not stored delivers nothing
+        lakebase.append_turn(conn, "t-told", [user("and?")], delivered=["5"])
+    assert lakebase.undelivered_runs(conn, "t-told", limit=5) == ["5"]
+
+
 def test_concurrent_writers_of_one_run_get_unique_steps(pg_dsn, conn):
     def write(writer):
         with lakebase.connect(LakebaseConfig(dsn=pg_dsn)) as own:
