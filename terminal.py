@@ -233,8 +233,9 @@ class Terminal:
         with self.lock:
             if self.held is not None and not self.at_prompt:
                 return self.held.append(line)
-            typed = readline.get_line_buffer() if readline and self.at_prompt else ""
-            sys.stdout.write(f"\r\x1b[K{line}\n{PROMPT}{typed}" if self.at_prompt else f"{line}\n")
+            redraw = self.at_prompt and self.tty
+            typed = readline.get_line_buffer() if readline and redraw else ""
+            sys.stdout.write(f"\r\x1b[K{line}\n{PROMPT}{typed}" if redraw else f"{line}\n")
             sys.stdout.flush()
 
     def _watch_runs(self):
