@@ -555,8 +555,8 @@ def _outcome(report: dict) -> str:
     """A run's outcome in a few words, for a reply of ours."""
     run = f"Run {report['run_id']}"
     if "answer" in report:
-        got = "without data. What it says" if "no_data" in report else "Its answer"
-        return f"{run} has finished, {got}:\n{_cut(report['answer'], 2_000)}"
+        got = ", without data. What it says" if "no_data" in report else ". Its answer"
+        return f"{run} has finished{got}:\n{_cut(report['answer'], 2_000)}"
     if "error" in report:
         return f"{run} failed: {report['error']}"
     if "cancelled" in report:

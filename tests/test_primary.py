@@ -1074,15 +1074,21 @@ def test_terminal_help(tmp_path):
         assert "--help" in text and max(len(line) for line in text.splitlines()) <= 80, text
 
 
-def test_terminal_shows_a_long_reply_as_its_head_and_tail():
+def test_terminal_shows_a_long_reply_as_its_head_and_tail(capsys):
     import terminal as chat
 
     reply = "\n".join(f"line {i}" for i in range(269))
-    shown = chat.clipped(reply).splitlines()
+    clip = chat.Clip()
+    for start in range(0, len(reply), 7):  # as it streams in
+        clip.feed(reply[start:start + 7])
+    assert clip.end() == reply
+    shown = capsys.readouterr().out.splitlines()
     assert len(shown) == chat.HEAD_LINES + 1 + chat.TAIL_LINES and shown[0] == "line 0" and shown[-1] == "line 268"
     assert shown[chat.HEAD_LINES] == f"[... {269 - chat.HEAD_LINES - chat.TAIL_LINES} more lines: /last shows the " \
                                      f"whole reply ...]"
-    assert chat.clipped("short\nreply") == "short\nreply"
+    short = chat.Clip()
+    short.feed("short\nreply")
+    assert short.end() == "short\nreply" and capsys.readouterr().out == "short\nreply"
 
 
 def test_terminal_says_each_kind_of_warning_once_in_words():
@@ -1099,7 +1105,7 @@ def test_terminal_says_each_kind_of_warning_once_in_words():
         log.warning("replaced \x1b[31m characters")
     finally:
         log.removeHandler(notes)
-    assert said == ["note: the local workspace stops, and with it run 5", "note: replaced \ufffd[31m characters"]
+    assert said == ["note: the local workspace stops, and with it run 5", "note: replaced \\x1b[31m characters"]
 
 
 def test_terminal_notices_say_how_a_run_ended_in_one_line():
