@@ -346,11 +346,12 @@ def trace_outputs() -> dict:
 
 def test_stream_traces_keep_custom_outputs(served, scripted_model, emu, job_id):
     mlflow.set_experiment("traces")
-    scripted_model.call_tool("start_databricks_job", {"request": "revenue in 2025"})
+    scripted_model.call_tool("start_databricks_job", {"request": "[slow] revenue in 2025"})  # running next turn
     events = list(served.predict_stream(ask("revenue in 2025?", "t-traced")))
     run_id = events[-1].custom_outputs["run_ids"][0]
     outputs = trace_outputs()
-    assert outputs["custom_outputs"] == {"thread_id": "t-traced", "turn": 1, "run_ids": [run_id]}
+    assert outputs["custom_outputs"] == {"thread_id": "t-traced", "turn": 1, "run_ids": [run_id],
+                                         "delivered_run_ids": []}
     assert [item["type"] for item in outputs["output"]] == ["function_call", "function_call_output", "message"]
     scripted_model.call_tool("poll_databricks_job", {"run_id": run_id}).fault(400)  # fails after the poll went out
     events = list(served.predict_stream(ask("and now?", "t-traced")))
