@@ -790,7 +790,8 @@ def test_forged_unknown_or_other_users_item_ids_start_a_new_thread(agent, script
     scripted_model.reply("It is 123456.")
     mine = agent.predict({"input": [*alices["input"], *answer["output"], {"role": "user", "content": "tell me"}],
                           "context": {"user_id": "alice"}})
-    assert mine["custom_outputs"] == {"thread_id": "t-alice", "turn": 2, "run_ids": []}
+    assert mine["custom_outputs"] == {"thread_id": "t-alice", "turn": 2, "run_ids": [],
+                                      "delivered_run_ids": []}
 
 
 # ------------------------------------------------------------------ concurrency

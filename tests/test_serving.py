@@ -188,7 +188,7 @@ def test_a_stateless_client_through_mlflow_keeps_its_thread_by_its_tool_call_ids
     second = {"input": [*first["input"], *started["output"], {"role": "user", "content": "is it done?"}]}
     scripted_model.call_tool("poll_databricks_job", {"run_id": run_id}).reply("Not yet.")
     polled = served.predict(second).model_dump(exclude_none=True)
-    assert polled["custom_outputs"] == {"thread_id": thread, "turn": 2, "run_ids": []}
+    assert polled["custom_outputs"] == {"thread_id": thread, "turn": 2, "run_ids": [], "delivered_run_ids": []}
     assert '"state": "' in last_tool_result(scripted_model)  # polled: the run was started in this conversation
     scripted_model.reply("Good.")
     events = list(served.predict_stream({"input": [*second["input"], *polled["output"],
