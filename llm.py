@@ -16,8 +16,10 @@ is raised. At most `max_tool_calls` calls of one reply are run; the rest are ans
 ends in one of three ways: it returns the model's text answer, or re-raises the `EndTurn` a tool raised, or
 raises `LimitReached`. A tool that has more to say to the caller's log than to the model
 returns a `ToolResult(content, detail)` (or raises `ToolError(message, detail=...)`): the model sees the
-content, `on_message` gets the detail.
+content, `on_message` gets the detail. A caller that traces (tracing.py, with MLflow) passes `span`, which the loop
+opens around each model call and each tool call; this module never imports a tracer.
 """
+import contextlib
 import itertools
 import json
 import logging
@@ -421,7 +423,7 @@ class LimitReached(Exception):
 
 
 def run_tools(client, messages: list, tools, *, max_calls=8, max_tool_calls=MAX_TOOL_CALLS, on_message=None,
-              on_text=None, fatal=(), **complete_kw) -> str:
+              on_text=None, span=None, fatal=(), **complete_kw) -> str:
     """Run the tool loop on `messages` (appended in place, never rewritten) and return the model's text answer.
 
     1. call the model with the tools (at most `max_calls` times, then raise LimitReached); on_text(delta) gets
@@ -434,15 +436,23 @@ def run_tools(client, messages: list, tools, *, max_calls=8, max_tool_calls=MAX_
        "detail"}), where detail is the ToolResult's or ToolError's detail (else None)
     6. a tool raised EndTurn? re-raise it now that every call has its result; else back to 1
     LLMError and exceptions of the types in `fatal` propagate as they are.
+
+    `span(kind, inputs)`, if given, returns a context manager (a tracer's span) that the loop holds open around each
+    model call, kind "model" with inputs {"messages", "tools"}, and each tool call, kind "tool" with inputs
+    {"name", "arguments", "call_id"}; inputs are read when it opens, before `messages` grows. What its `with` gives
+    is a dict the loop fills with the outcome: {"message": the reply} for a model call, {"message": the tool
+    result, **info} (the info on_message gets) for a tool call. An exception leaving the call passes through it.
     """
     by_name = {tool.name: tool for tool in tools}
     schemas = [tool.schema() for tool in by_name.values()] or None
     hook = on_message or (lambda message, info: None)
     if on_text is not None:
         complete_kw["on_text"] = on_text
+    span = span or _no_span
     for _ in range(max_calls):
         started = time.monotonic()
-        reply = client.complete(messages, tools=schemas, **complete_kw)
+        with span("model", {"messages": messages, "tools": schemas}) as outcome:
+            reply = outcome["message"] = client.complete(messages, tools=schemas, **complete_kw)
         asked = len(reply.get("tool_calls", []))
         if asked > max_tool_calls:  # the calls beyond the one standing for them are left out of the transcript
             log.warning("the model asked for %d tool calls in one reply; running %d", asked, max_tool_calls)
@@ -453,11 +463,15 @@ def run_tools(client, messages: list, tools, *, max_calls=8, max_tool_calls=MAX_
             return reply["content"] or ""
         end_turn = None
         for i, call in enumerate(reply["tool_calls"]):
-            if i < max_tool_calls:
-                content, info = _run_call(call, by_name, tuple(fatal))
-            else:
-                content, info = _not_run(call, asked, max_tool_calls)
-            result = {"role": "tool", "tool_call_id": call["id"], "content": content}
+            function = call["function"]
+            with span("tool", {"name": function["name"], "arguments": function["arguments"],
+                               "call_id": call["id"]}) as outcome:
+                if i < max_tool_calls:
+                    content, info = _run_call(call, by_name, tuple(fatal))
+                else:
+                    content, info = _not_run(call, asked, max_tool_calls)
+                result = {"role": "tool", "tool_call_id": call["id"], "content": content}
+                outcome.update(info, message=result)
             messages.append(result)
             hook(result, info)
             end_turn = end_turn or info["end_turn"]
@@ -473,6 +487,11 @@ def _not_run(call, asked: int, limit: int) -> tuple[str, dict]:
     return f"Error: {error}", {"call_id": call["id"], "name": call["function"]["name"],
                                "arguments": call["function"]["arguments"], "error": error, "end_turn": None,
                                "detail": None, "duration_s": 0.0}
+
+
+@contextlib.contextmanager
+def _no_span(kind, inputs):
+    yield {}
 
 
 def _run_call(call, tools: dict, fatal: tuple) -> tuple[str, dict]:

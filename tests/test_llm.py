@@ -498,6 +498,52 @@ def test_on_message_sees_every_append(scripted_model, client):
     assert set(seen[3][1]) == {"duration_s"}
 
 
+def recording_spans(opened):
+    """A span factory like a tracer's: it records (kind, inputs as they were when it opened, outcome, exception)."""
+    import contextlib
+    import copy
+
+    @contextlib.contextmanager
+    def span(kind, inputs):
+        record = [kind, copy.deepcopy(inputs), {}, None]
+        opened.append(record)
+        try:
+            yield record[2]
+        except BaseException as e:
+            record[3] = e
+            raise
+    return span
+
+
+def test_the_span_hook_is_held_around_each_model_call_and_each_tool_call(scripted_model, client):
+    scripted_model.call_tools(("add", {"a": 1, "b": 2}, "c1"), ("nope", {}, "c2")).reply("3")
+    opened = []
+    messages = list(USER)
+    run_tools(client, messages, [ADD], span=recording_spans(opened))
+    assert [(kind, outcome["message"], error) for kind, _, outcome, error in opened] == [
+        ("model", messages[1], None), ("tool", messages[2], None), ("tool", messages[3], None),
+        ("model", messages[4], None)]
+    assert opened[0][1] == {"messages": USER, "tools": [ADD.schema()]}  # as sent, not as the list grew after
+    assert opened[3][1]["messages"] == messages[:4]
+    assert opened[1][1] == {"name": "add", "arguments": '{"a": 1, "b": 2}', "call_id": "c1"}
+    assert opened[1][2]["error"] is None and opened[1][2]["arguments"] == {"a": 1, "b": 2}
+    assert isinstance(opened[2][2]["error"], ToolError) and opened[2][2]["name"] == "nope"
+
+
+def test_an_error_leaving_a_call_passes_through_its_span(scripted_model, client):
+    def down():
+        raise DatabaseDown("postgres is gone")
+
+    scripted_model.call_tool("save", {}).fault(400, body={"error_code": "BAD_REQUEST", "message": "no"})
+    opened = []
+    with pytest.raises(DatabaseDown):
+        run_tools(client, list(USER), [tool("save", down)], fatal=(DatabaseDown,), span=recording_spans(opened))
+    with pytest.raises(LLMHTTPError):
+        run_tools(client, list(USER), [ADD], span=recording_spans(opened))
+    assert [(kind, type(error)) for kind, _, _, error in opened] == [
+        ("model", type(None)), ("tool", DatabaseDown), ("model", LLMHTTPError)]
+
+
 # The scripted model itself: it must fail loudly
 
 def test_scripted_model_fails_when_overcalled_or_left_over(client):
