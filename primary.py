@@ -17,6 +17,7 @@ if __name__ == "__main__":  # Ctrl-C while the modules load is one line, not a t
     signal.signal(signal.SIGINT, lambda *_: sys.exit("\nprimary.py: interrupted while starting"))
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
@@ -107,9 +108,11 @@ class AgentConfig:
              not self.database.configured())) if bad]
 
 
-def build_agent(config: AgentConfig, *, host: str | None = None, token: str | None = None) -> "PrimaryAgent":
+def build_agent(config: AgentConfig, *, host: str | None = None, token: str | None = None,
+                span=None) -> "PrimaryAgent":
     """The agent and its clients: a WorkspaceClient whose retries stop after `jobs_retry_seconds`, the chat client,
-    a migrated Lakebase pool. `host` and `token` name the workspace (the local one); default: the SDK's own auth."""
+    a migrated Lakebase pool. `host` and `token` name the workspace (the local one); default: the SDK's own auth.
+    `span`: llm.run_tools's span factory, to trace each turn's model and tool calls (tracing.Spans)."""
     from databricks.sdk import WorkspaceClient  # here, not at the top: importing the SDK takes seconds
     from databricks.sdk.core import Config
 
@@ -129,7 +132,7 @@ def build_agent(config: AgentConfig, *, host: str | None = None, token: str | No
     log.info("agent with job %s, Databricks auth %s, chat at %s", config.job_id, workspace.config.auth_type,
              lakebase.redact(chat.url))
     return PrimaryAgent(chat, workspace, pool, config.job_id, genie_space_id=config.genie_space_id,
-                        jobs_auth_hint=runs.jobs_auth_hint(workspace.config, config.job_id))
+                        jobs_auth_hint=runs.jobs_auth_hint(workspace.config, config.job_id), span=span)
 
 
 @dataclass(frozen=True)
@@ -142,12 +145,13 @@ class Caller:
 
 class PrimaryAgent:
     """The agent. `chat`: llm.ChatClient; `workspace`: databricks.sdk.WorkspaceClient; `db`: a
-    psycopg_pool.ConnectionPool (lakebase.open_pool, migrated); `job_id`: the worker job. Thread-safe."""
+    psycopg_pool.ConnectionPool (lakebase.open_pool, migrated); `job_id`: the worker job; `span`: the tool loop's
+    span factory, if the turns are traced. Thread-safe."""
 
     def __init__(self, chat, workspace, db, job_id, *, window=DEFAULT_WINDOW, max_calls=DEFAULT_MAX_CALLS,
-                 system_prompt=SYSTEM_PROMPT, jobs_auth_hint=runs.PERMISSION_FIX, genie_space_id=""):
+                 system_prompt=SYSTEM_PROMPT, jobs_auth_hint=runs.PERMISSION_FIX, genie_space_id="", span=None):
         self.chat, self.db, self.jobs = chat, db, runs.Jobs(workspace, job_id, jobs_auth_hint)
-        self.window, self.max_calls, self.system_prompt = window, max_calls, system_prompt
+        self.window, self.max_calls, self.system_prompt, self.span = window, max_calls, system_prompt, span
         self.genie_space_id = genie_space_id  # checked as a verified caller before a job starts for them
 
     def predict(self, request: dict, caller: Caller | None = None) -> dict:
@@ -172,7 +176,8 @@ class PrimaryAgent:
                 events.put(e)
             events.put(None)
 
-        threading.Thread(target=work, name="primary-turn", daemon=True).start()
+        # the turn's thread runs in the caller's context, so a tracer's current span (the turn's trace) is its parent
+        threading.Thread(target=contextvars.copy_context().run, args=(work,), name="primary-turn", daemon=True).start()
         sent = False
         while (event := events.get()) is not None:
             if isinstance(event, BaseException):
@@ -378,7 +383,7 @@ class Turn:
             on_message(message, {})
         try:
             llm.run_tools(self.agent.chat, self.messages, self.tools(), max_calls=self.agent.max_calls,
-                          on_message=on_message, on_text=on_text,
+                          on_message=on_message, on_text=on_text, span=self.agent.span,
                           fatal=(psycopg.Error, lakebase.LakebaseError, PermissionError))
         except llm.EndTurn:
             self.messages.append({"role": "assistant", "content": _started_reply(self.started) + self._untold()})

