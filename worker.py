@@ -8,6 +8,9 @@ cancellation (SIGTERM, which is how Databricks cancels a run) logs `cancelled`; 
 Job run shows the outcome too. What a person must fix (bad flags, no database) is one line on stderr. The answer
 is also printed on stdout between two marker lines (`runs.answer_block`): a poller finds it in the run's output
 if the step log never got it.
+With an MLflow experiment named (--mlflow-experiment) and mlflow installed, the run is also one MLflow trace
+(tracing.py): a span per model call and per query_genie, tagged with the run id and the thread id; the `started`
+step records its trace id. Without them the run is the same, untraced.
 """
 import signal
 
@@ -28,6 +31,7 @@ import psycopg
 
 import lakebase
 import runs
+import tracing
 from genie import DEFAULT_DESCRIPTION, Genie, GenieConfig, GenieUnavailable
 from llm import DEFAULT_ENDPOINT, ChatConfig, LimitReached, LLMError, run_tools
 
@@ -57,8 +61,8 @@ def parser() -> argparse.ArgumentParser:
                "LAKEBASE_DATABASE, LAKEBASE_USER (the Postgres role; default: the Databricks identity), "
                "GENIE_SPACE_ID, GENIE_DESCRIPTION (the tool description the model reads), LLM_ENDPOINT_NAME "
                f"(default {DEFAULT_ENDPOINT}), LLM_BASE_URL (an OpenAI-compatible server instead), LLM_MODEL, "
-               "LLM_API_KEY, "
-               "LOG_LEVEL (default INFO); Databricks auth as the SDK reads it (DATABRICKS_HOST, ...). "
+               "LLM_API_KEY, MLFLOW_EXPERIMENT_NAME, MLFLOW_TRACKING_URI (where traces go; default on Databricks: "
+               "its workspace), LOG_LEVEL (default INFO); Databricks auth as the SDK reads it (DATABRICKS_HOST, ...). "
                "An empty flag value means 'not given'. Exit status: 0 answered, 1 failed, 2 bad input, "
                "3 no step-log database, 143 cancelled (SIGTERM).")
     p.add_argument("--request", required=True, help="the user's data request, in plain language")
@@ -76,6 +80,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--genie-space-id", default="", help="Genie space to ask (default: GENIE_SPACE_ID)")
     p.add_argument("--llm-endpoint", default="", help=f"chat model serving endpoint (default: "
                    f"LLM_ENDPOINT_NAME or {DEFAULT_ENDPOINT})")
+    p.add_argument("--mlflow-experiment", default="", help="MLflow experiment to trace the run in, if mlflow is "
+                   "installed (default: MLFLOW_EXPERIMENT_NAME; none: no trace)")
     return p
 
 
@@ -87,6 +93,7 @@ class WorkerConfig:
     asked_by: str = ""  # who asked (kept in the started step)
     genie_space_id: str = ""
     genie_description: str = ""  # GENIE_DESCRIPTION overrides the tool description the model sees
+    mlflow_experiment: str = ""  # --mlflow-experiment, MLFLOW_EXPERIMENT_NAME: the run's trace goes there
     chat: ChatConfig = dataclasses.field(default_factory=ChatConfig)  # --llm-endpoint, LLM_*
     db: lakebase.LakebaseConfig = dataclasses.field(default_factory=lakebase.LakebaseConfig)  # the step log
     max_calls: int = 12  # model calls per run
@@ -105,6 +112,7 @@ class WorkerConfig:
                    asked_by=args.asked_by,
                    genie_space_id=args.genie_space_id or env.get("GENIE_SPACE_ID", ""),
                    genie_description=env.get("GENIE_DESCRIPTION", ""),
+                   mlflow_experiment=args.mlflow_experiment or env.get("MLFLOW_EXPERIMENT_NAME", ""),
                    chat=ChatConfig.from_env(env, endpoint=args.llm_endpoint), db=db,
                    log_level=env.get("LOG_LEVEL") or "INFO")
 
@@ -155,9 +163,9 @@ class StepLog:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
-def run(config: WorkerConfig, chat, genie: Genie, step: StepLog) -> str:
-    """The agent: the request, then the tool loop with query_genie, each call and result logged as a step.
-    Returns the answer (main() logs the run's start and end)."""
+def run(config: WorkerConfig, chat, genie: Genie, step: StepLog, span=None) -> str:
+    """The agent: the request, then the tool loop with query_genie, each call and result logged as a step (and a
+    span, with `span`, the run's trace's span factory). Returns the answer (main() logs the run's start and end)."""
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": config.request}]
 
     def on_message(message, info):
@@ -171,7 +179,7 @@ def run(config: WorkerConfig, chat, genie: Genie, step: StepLog) -> str:
                                  "detail": info["detail"] or {}})
 
     answer = run_tools(chat, messages, [genie.tool()], max_calls=config.max_calls,
-                       max_tool_calls=config.max_tool_calls, on_message=on_message,
+                       max_tool_calls=config.max_tool_calls, on_message=on_message, span=span,
                        fatal=(psycopg.Error, GenieUnavailable))
     return answer
 
@@ -216,31 +224,37 @@ def main(argv=None) -> int:
         print(f"worker: cannot reach the step-log database: {_error_text(e)}", file=sys.stderr)
         return 3
     print(f"worker: run {config.run_id}", file=sys.stderr)
+    trace = tracing.job_run(config.mlflow_experiment, request=config.request[:MAX_REQUEST_CHARS],
+                            run_id=config.run_id, thread_id=config.thread_id)
     started = time.monotonic()
     try:
         signal.signal(signal.SIGTERM, _cancel)  # the first step unblocks SIGTERM: a pending one is raised there
         step("started", {"request": config.request[:MAX_REQUEST_CHARS], "thread_id": config.thread_id or None,
-                         "asked_by": config.asked_by or None})
+                         "asked_by": config.asked_by or None, **({"trace_id": trace.trace_id} if trace else {})})
         config.check()
         workspace = workspace or workspace_client(config)
         genie = GenieConfig(config.genie_space_id, description=config.genie_description or DEFAULT_DESCRIPTION)
-        answer = run(config, config.chat.client(workspace.config), Genie(workspace, genie), step)
+        answer = run(config, config.chat.client(workspace.config), Genie(workspace, genie), step,
+                     trace and trace.spans)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # answered: too late to cancel
     except Cancelled as e:
-        return _end(step, "cancelled", {"reason": str(e)}, f"worker: {e}", 128 + signal.SIGTERM)
+        return _end(step, "cancelled", {"reason": str(e)}, f"worker: {e}", 128 + signal.SIGTERM, trace)
     except KeyboardInterrupt:
-        return _end(step, "cancelled", {"reason": "interrupted (Ctrl-C)"}, "worker: interrupted (Ctrl-C)", 130)
+        return _end(step, "cancelled", {"reason": "interrupted (Ctrl-C)"}, "worker: interrupted (Ctrl-C)", 130,
+                    trace)
     except Exception as e:  # anything else ends the run: record why, then fail the Job run visibly
         error = _describe(e, config.max_calls)
         log.debug("run failed", exc_info=True)
         return _end(step, "failed", {"error": error, "kind": type(e).__name__}, f"worker: failed: {error}",
-                    2 if isinstance(e, UsageError) else 1)
+                    2 if isinstance(e, UsageError) else 1, trace)
     print(runs.answer_block(answer), flush=True)  # the run's output keeps it, should the step log miss it
-    return _end(step, "completed", {"answer": answer}, f"worker: completed in {time.monotonic() - started:.1f} s", 0)
+    return _end(step, "completed", {"answer": answer}, f"worker: completed in {time.monotonic() - started:.1f} s", 0,
+                trace)
 
 
-def _end(step: StepLog, status: str, payload: dict, message: str, code: int) -> int:
-    """Log the run's last step and say why it ended; returns the exit code (3 if the log is out of reach)."""
+def _end(step: StepLog, status: str, payload: dict, message: str, code: int, trace=None) -> int:
+    """Log the run's last step and say why it ended, then end its trace; returns the exit code (3 if the log is
+    out of reach)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already: a second SIGTERM changes nothing
     try:
         step(status, payload, final=True)
@@ -248,8 +262,11 @@ def _end(step: StepLog, status: str, payload: dict, message: str, code: int) -> 
         why = payload.get("error") or payload.get("reason")
         print(f"worker: could not log the run's end ({f'{status}: {why}' if why else status}): {_error_text(e)}",
               file=sys.stderr)
-        return 3
-    print(message, file=sys.stderr)
+        code, message = 3, None
+    if trace:
+        trace.end(status, payload)
+    if message:
+        print(message, file=sys.stderr)
     return code
 
 

@@ -238,7 +238,7 @@ def test_job_installs_what_worker_needs_at_run_time_as_in_requirements_txt():
     lines = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     runtime = {line for line in lines if line and not line.startswith("#") and name(line) not in LOCAL_ONLY}
     environment = the_job()["environments"][0]["spec"]["dependencies"]
-    assert set(environment) == runtime
+    assert set(environment) == runtime | {"mlflow-tracing>=3.1,<4"}  # the run's trace, when an experiment is named
     assert "databricks-sdk>=0.156,<0.163" in environment
 
 
@@ -279,7 +279,8 @@ def test_job_passes_exactly_the_flags_worker_accepts():
 
 def test_values_that_look_like_flags_reach_the_worker_unchanged():
     values = {"request": "-h", "thread_id": "-t1", "asked_by": "-me", "lakebase_instance": "", "lakebase_endpoint": "",
-              "lakebase_database": "-db", "genie_space_id": "--space", "llm_endpoint": "a=b"}
+              "lakebase_database": "-db", "genie_space_id": "--space", "llm_endpoint": "a=b",
+              "mlflow_experiment": "/Users/-me/runs"}
 
     def fill(arg):
         arg = arg.replace("{{job.run_id}}", "42")
@@ -288,7 +289,7 @@ def test_values_that_look_like_flags_reach_the_worker_unchanged():
     args = worker_parser().parse_args([fill(a) for a in the_task()["spark_python_task"]["parameters"]])
     assert (args.request, args.thread_id, args.asked_by, args.run_id) == ("-h", "-t1", "-me", "42")
     assert (args.genie_space_id, args.llm_endpoint, args.lakebase_instance) == ("--space", "a=b", "")
-    assert args.lakebase_database == "-db"
+    assert (args.lakebase_database, args.mlflow_experiment) == ("-db", "/Users/-me/runs")
 
 
 # ------------------------------------------------------------------ lakebase_grants.sql, run by psql

@@ -2,6 +2,7 @@
 directly) logging to a real Postgres, its model the scripted chat server, its Genie the emulator's, reached
 with the real SDK. The loop's Genie outcomes are also checked in-process through worker.run()."""
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -104,11 +105,11 @@ def test_help_documents_every_flag_and_environment_variable():
     assert result.returncode == 0 and result.stderr == ""
     text = " ".join(result.stdout.split())
     for flag in ("--request", "--thread-id", "--run-id", "--lakebase-instance", "--lakebase-endpoint",
-                 "--lakebase-database", "--genie-space-id", "--llm-endpoint"):
+                 "--lakebase-database", "--genie-space-id", "--llm-endpoint", "--mlflow-experiment"):
         assert f"{flag} " in text
     for var in ("LAKEBASE_DSN", "PG", "LAKEBASE_INSTANCE", "LAKEBASE_ENDPOINT", "LAKEBASE_DATABASE", "LAKEBASE_USER",
                 "GENIE_SPACE_ID", "GENIE_DESCRIPTION", "LLM_ENDPOINT_NAME", "LLM_BASE_URL", "LLM_MODEL", "LLM_API_KEY",
-                "DATABRICKS_HOST", "LOG_LEVEL"):
+                "DATABRICKS_HOST", "LOG_LEVEL", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI"):
         assert var in text, f"--help does not mention {var}"
     result = run_worker("--thread-id=t1", env=worker_env(), timeout=20)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -179,6 +180,72 @@ def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_mode
     assert [t["function"]["name"] for t in first["tools"]] == ["query_genie"]
     assert first["tools"][0]["function"]["description"] == "Sales of 2024 and 2025."
     assert second["messages"][-1] == {"role": "tool", "tool_call_id": "call_1", "content": result["output"]}
+
+
+def test_a_run_with_an_mlflow_experiment_is_one_trace_with_its_genie_span(pg_dsn, scripted_model, answerer, tmp_path,
+                                                                          monkeypatch):
+    import mlflow  # requirements-dev.txt has it
+
+    scripted_model.call_tool("query_genie", {"question": "total sales by region"}, id="call_1")
+    scripted_model.reply("East leads with 10.50.")
+    tracking = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow-skinny's local store, for this test to read
+    env = job_env(LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="scripted",
+                  MLFLOW_TRACKING_URI=tracking, MLFLOW_ALLOW_FILE_STORE="true")
+    job = localws.emulator.load_job(ROOT, {"genie_space_id": "space"})
+    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, env=env) as emu:
+        emu.add_genie_space("space", answerer)
+        w = client(emu)
+        run_id = w.jobs.run_now(emu.add_job(job), job_parameters={
+            "request": "Sales by region", "thread_id": "t1", "mlflow_experiment": "/Users/me/async-agent-runs"}).run_id
+        run = wait_for(lambda: (r := w.jobs.get_run(run_id)).state.result_state and r, "the run to end")
+        assert run.state.result_state.value == "SUCCESS", emu.run_log(run_id, "stderr")
+        token = emu.token
+    log = steps(pg_dsn, str(run_id))
+    store = mlflow.MlflowClient(tracking_uri=tracking)
+    experiment = store.get_experiment_by_name("/Users/me/async-agent-runs")
+    [found] = store.search_traces(locations=[experiment.experiment_id])
+    trace = store.get_trace(found.info.trace_id)
+    assert log[0][2] == {"request": "Sales by region", "thread_id": "t1", "asked_by": None,
+                         "trace_id": trace.info.trace_id}
+    assert (trace.info.tags["databricks_run_id"], trace.info.tags["thread_id"]) == (str(run_id), "t1")
+    assert trace.info.trace_metadata["mlflow.trace.session"] == "t1" and trace.info.state == "OK"
+    spans = sorted(trace.data.spans, key=lambda span: span.start_time_ns)
+    assert [(span.span_type, span.name) for span in spans] == [
+        ("AGENT", "job_run"), ("CHAT_MODEL", "chat_model"), ("TOOL", "query_genie"), ("CHAT_MODEL", "chat_model")]
+    root, _, genie, _ = spans
+    assert (root.inputs, root.outputs) == ({"request": "Sales by region"}, "East leads with 10.50.")
+    assert genie.inputs == {"name": "query_genie", "arguments": '{"question": "total sales by region"}',
+                            "call_id": "call_1"}
+    assert genie.outputs == log[2][2]["output"]  # what the model saw: the rows cut to a head and a tail
+    detail = genie.get_attribute("detail")
+    assert (detail["query"], detail["row_count"], detail["status"]) == (SQL, 2, "COMPLETED")
+    assert "rows" not in detail and detail == {k: v for k, v in log[2][2]["detail"].items() if k != "rows"}
+    assert token not in json.dumps(trace.to_dict())  # the workspace token the run's SDK and model calls used
+
+
+WITHOUT_MLFLOW = """
+import runpy, sys
+sys.modules["mlflow"] = None  # as if it were not installed: importing it raises ImportError
+sys.argv = ["worker.py", *sys.argv[1:]]
+runpy.run_path("worker.py", run_name="__main__")
+"""
+
+
+def test_without_mlflow_a_run_that_names_an_experiment_runs_as_before_untraced(emu, pg_dsn, scripted_model,
+                                                                                tmp_path):
+    scripted_model.call_tool("query_genie", {"question": "total sales"}).reply("10.50 in all.")
+    env = worker_env(emu, pg_dsn, scripted_model, MLFLOW_TRACKING_URI=(tmp_path / "mlruns").as_uri())
+    result = subprocess.run([sys.executable, "-c", WITHOUT_MLFLOW, "--request=Total sales?", "--run-id=r-plain",
+                             "--mlflow-experiment=/Users/me/async-agent-runs"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and runs.answer_in_logs(result.stdout) == "10.50 in all.", result.stderr
+    assert ("not tracing: the job names MLflow experiment /Users/me/async-agent-runs but mlflow is not installed"
+            in result.stderr)
+    log = steps(pg_dsn, "r-plain")
+    assert [status for _, status, _ in log] == ["started", "tool_call", "tool_result", "completed"]
+    assert log[0][2] == {"request": "Total sales?", "thread_id": None, "asked_by": None}  # no trace id
+    assert not (tmp_path / "mlruns").exists()
 
 
 def test_a_run_that_hits_the_loop_bound_fails_and_each_tool_error_goes_back_to_the_model(emu, pg_dsn,
