@@ -3,7 +3,8 @@ Databricks workspace or, without one, on the local stand-in workspace (the local
 
 `main()` reads the environment once into `Config`, `setup()` builds the agent's clients (the SDK is imported there,
 not at the top), and `Terminal` runs the chat, with `/watch` following a run's steps live. `primary.py` calls
-`main()` from its `__main__` block.
+`main()` from its `__main__` block. `--traces DIR` writes MLflow traces of the turns (and of the local job runs) to
+a local tracking directory (tracing.py; mlflow is imported only then).
 """
 import argparse
 import configparser
@@ -27,6 +28,7 @@ from psycopg_pool import PoolTimeout
 
 import lakebase
 import llm
+import tracing
 from agent_io import BadRequest, check_thread_id
 from llm import DEFAULT_ENDPOINT
 from primary import AgentConfig, ConfigError, PrimaryAgent, TurnFailed, build_agent
@@ -114,7 +116,7 @@ def setup(args, config: Config):
         raise SetupError(f"a workspace is configured ({source}) but not set up for this agent: {'; '.join(problems)}. "
                          f"Deploy the agent there and set these (README: Deploy to Databricks), or run "
                          f"'python primary.py --local' to use the local workspace")
-    agent = build_agent(config)
+    agent = build_agent(config, span=tracing.Spans() if args.traces else None)
     print(f"workspace {agent.jobs.workspace.config.host} ({source}), job {config.job_id}", flush=True)
     return agent, agent.db.close
 
@@ -126,7 +128,8 @@ def setup_local(args, config: Config):
     data_dir = Path(args.data_dir or localws.DEFAULT_DATA_DIR).expanduser()
     try:
         ws = localws.start(HERE, data_dir=data_dir, dsn=config.database.dsn or None, chat=config.chat,
-                           quirks=localws.quirks.HARSH if args.harsh else localws.quirks.from_env())
+                           quirks=localws.quirks.HARSH if args.harsh else localws.quirks.from_env(),
+                           mlflow_experiment=tracing.LOCAL_RUNS_EXPERIMENT if args.traces else "")
     except localws.StartError as e:
         raise SetupError(str(e)) from e
     where = f"embedded Postgres (data in {data_dir / 'pgdata'})" if ws.postgres else "Postgres at LAKEBASE_DSN"
@@ -136,7 +139,7 @@ def setup_local(args, config: Config):
           f"the sample dataset, {where}, {model}", flush=True)
     local = dataclasses.replace(config, job_id=str(ws.job_id), database=lakebase.LakebaseConfig(dsn=ws.dsn))
     try:
-        agent = build_agent(local, host=ws.host, token=ws.token)
+        agent = build_agent(local, host=ws.host, token=ws.token, span=tracing.Spans() if args.traces else None)
     except BaseException:
         ws.close()
         raise
@@ -145,6 +148,16 @@ def setup_local(args, config: Config):
         agent.db.close()
         ws.close()
     return agent, close
+
+
+def start_tracing(directory: str, log_level: str):
+    """Traces to a local tracking directory, for this process and the local job runs; prints where they go."""
+    try:
+        uri = tracing.use_directory(directory, log_level)
+    except ImportError:
+        raise SetupError("--traces needs mlflow: pip install mlflow-skinny (or -r requirements-dev.txt)") from None
+    print(f"traces: MLflow tracking directory {uri} (experiments {tracing.LOCAL_TURNS_EXPERIMENT} and "
+          f"{tracing.LOCAL_RUNS_EXPERIMENT})", flush=True)
 
 
 class Notes(logging.Handler):
@@ -165,8 +178,9 @@ class Terminal:
     """The chat loop: a prompt with line editing, the agent's replies, the slash commands, and a notice at the
     prompt when a run of the thread ends (a watcher thread, on a terminal only)."""
 
-    def __init__(self, agent: PrimaryAgent, thread_id: str, watch_interval=1.0, notice_interval=3.0):
+    def __init__(self, agent: PrimaryAgent, thread_id: str, watch_interval=1.0, notice_interval=3.0, stream=None):
         self.agent, self.thread_id, self.watch_interval = agent, thread_id, watch_interval
+        self.stream = stream or agent.predict_stream  # a turn's events; with --traces, inside a trace
         self.notice_interval, self.tty = notice_interval, sys.stdin.isatty() and sys.stdout.isatty()
         self.lock, self.at_prompt, self.held = threading.Lock(), False, []  # held: notices that came mid-reply
         self.noticed, self.last_reply, self.done = set(), "", threading.Event()
@@ -261,7 +275,7 @@ class Terminal:
         line of its own."""
         request = {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": self.thread_id}}
         clip = None  # the message being printed
-        for event in self.agent.predict_stream(request):
+        for event in self.stream(request):
             item = event.get("item") or {}
             if event["type"] == "response.output_text.delta":
                 clip = clip or Clip()
@@ -474,6 +488,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="the local workspace's data directory (default ~/.local/share/async-agent)")
     p.add_argument("--thread", help="continue this thread (default: a new one)")
     p.add_argument("--harsh", action="store_true", help="a local workspace as harsh as the real one (LOCALWS_HARSH=1)")
+    p.add_argument("--traces", metavar="DIR", help="write MLflow traces of the turns (and of the local job runs) to "
+                   "the tracking directory DIR; needs mlflow. See them with: MLFLOW_ALLOW_FILE_STORE=true mlflow ui "
+                   "--backend-store-uri DIR")
     return p
 
 
@@ -493,6 +510,8 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.WARNING, handlers=[notes])
     try:
         thread_id = check_thread_id(args.thread or uuid.uuid4().hex)
+        if args.traces:
+            start_tracing(args.traces, config.log_level or "WARNING")
         agent, close = setup(args, config)
     except (SetupError, ConfigError, BadRequest, lakebase.LakebaseError, psycopg.Error) as e:
         print(f"primary.py: {lakebase.redact(str(e))}", file=sys.stderr)
@@ -500,7 +519,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\nprimary.py: interrupted while starting", file=sys.stderr)
         return 130
-    terminal = Terminal(agent, thread_id, config.watch_interval, config.notice_interval)
+    stream = tracing.traced_stream(agent.predict_stream) if args.traces else None
+    terminal = Terminal(agent, thread_id, config.watch_interval, config.notice_interval, stream)
     notes.sink = terminal.notify
     try:
         terminal.loop()

@@ -22,7 +22,8 @@ import lakebase
 
 log = logging.getLogger(__name__)
 
-LOCAL_TURNS_EXPERIMENT = "async-agent"  # the experiment of the terminal's turns in a local tracking directory
+LOCAL_TURNS_EXPERIMENT = "async-agent"  # in a local tracking directory: the terminal's turns...
+LOCAL_RUNS_EXPERIMENT = "async-agent-runs"  # ...and the local job runs (on Databricks: the job's mlflow_experiment)
 # A job run exports its trace when it ends, within these bounds (the user's own MLFLOW_* settings win).
 EXPORT_BOUNDS = {"MLFLOW_ENABLE_ASYNC_TRACE_LOGGING": "false", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
@@ -125,15 +126,17 @@ def traced_stream(predict_stream):
     return traced
 
 
-def use_directory(directory) -> str:
+def use_directory(directory, log_level="WARNING") -> str:
     """Send traces to a local tracking directory, this process's and its children's (the local job runs): turns to
-    experiment LOCAL_TURNS_EXPERIMENT. Returns the tracking URI. Raises ImportError without mlflow."""
+    experiment LOCAL_TURNS_EXPERIMENT. mlflow logs at `log_level`. Returns the tracking URI. Raises ImportError
+    without mlflow."""
+    import mlflow
+
+    logging.getLogger("mlflow").setLevel(log_level)  # its own logger, set up on import, says INFO by default
     path = Path(directory).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     os.environ["MLFLOW_TRACKING_URI"] = path.as_uri()
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # mlflow-skinny has no database store; the file store serves
-    import mlflow
-
     mlflow.set_experiment(LOCAL_TURNS_EXPERIMENT)
     return path.as_uri()
 

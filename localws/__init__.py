@@ -101,7 +101,7 @@ class LocalWorkspace:
 
 def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFAULT_USER, users=(), cancel_grace=10.0,
           genie_delay=1.0, genie_rate_limit=None, chat: llm.ChatConfig | None = None, quirks=(),
-          say=None) -> LocalWorkspace:
+          say=None, mlflow_experiment="") -> LocalWorkspace:
     """Bring up the local workspace: Postgres (embedded under `data_dir`, or `dsn`), the sample data, and the
     emulator with the bundle's job as job 1, Genie space `local-sample` and the offline stand-in model.
     `chat`: the agents' chat model settings; its endpoint name is served by the stand-in, and with a `base_url`
@@ -109,7 +109,9 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
     `quirks`: the real services' behaviours to play (localws/quirks.py; `quirks.from_env()` reads LOCALWS_HARSH).
     `user` (token: `ws.token`, fresh and random) is the workspace's first user; `users` names more (their tokens:
     `ws.emulator.users[name].token`). `say(line)` is told, in a line, what start-up changed on the machine
-    (default: printed on stderr). A failure is a `StartError` (or psycopg.Error) of one line."""
+    (default: printed on stderr). A failure is a `StartError` (or psycopg.Error) of one line.
+    `mlflow_experiment`: where each job run is traced (MLFLOW_TRACKING_URI reaches the workers through their
+    environment); default none, the runs untraced."""
     import lakebase
     from localws import answerer, sample, stand_in
 
@@ -132,7 +134,8 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
                 say(f"note: the local Genie's SQL runs as {conn.info.user}, which can read this whole database: "
                     f"grant it CREATEROLE to confine Genie to schema sample")
         job = load_job(project_dir, variables)
-        overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": ""}
+        overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": "",
+                     "mlflow_experiment": mlflow_experiment}
         for param in job.get("parameters") or []:  # whatever the bundle variables say, local mode uses these
             param["default"] = overrides.get(param["name"], param.get("default", ""))
         chat = chat or llm.ChatConfig()

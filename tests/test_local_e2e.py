@@ -445,6 +445,66 @@ def test_local_forces_the_local_workspace_and_start_up_says_so_in_one_line(tmp_p
     assert_only_the_banner(startup)
 
 
+def test_traces_of_turns_and_runs_go_to_a_local_tracking_directory(tmp_path, pg_dsn, monkeypatch):
+    import mlflow  # requirements-dev.txt has it
+
+    traces_dir = tmp_path / "traces"
+    t, startup, thread = start_session(newcomer_env(tmp_path, LAKEBASE_DSN=pg_dsn), "--local", "--traces",
+                                       str(traces_dir))
+    with t:
+        assert f"traces: MLflow tracking directory {traces_dir.as_uri()}" in startup, startup
+        assert "Hello!" in t.say("hello")
+        run = started_run(t, t.say("What was the total revenue in 2025?"))
+        assert watch(t, run)[1] == "TERMINATED SUCCESS"
+        t.send("/quit")
+        assert t.wait() == 0
+    assert "Traceback" not in t.transcript and "mlflow" not in t.transcript, t.transcript  # no log lines
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    store = mlflow.MlflowClient(tracking_uri=traces_dir.as_uri())
+
+    def traces_in(experiment):
+        found = store.search_traces(locations=[store.get_experiment_by_name(experiment).experiment_id],
+                                    order_by=["timestamp_ms ASC"])
+        return [store.get_trace(trace.info.trace_id) for trace in found]
+
+    def spans(trace):
+        return [(span.span_type, span.name) for span in sorted(trace.data.spans, key=lambda s: s.start_time_ns)]
+
+    greeting, question = traces_in("async-agent")
+    assert spans(greeting) == [("AGENT", "predict_stream"), ("CHAT_MODEL", "chat_model")]
+    assert spans(question) == [("AGENT", "predict_stream"), ("CHAT_MODEL", "chat_model"),
+                               ("TOOL", "start_databricks_job")]
+    assert question.info.tags["databricks_run_id"] == run and question.info.tags["thread_id"] == thread
+    [job_run] = traces_in("async-agent-runs")
+    assert spans(job_run) == [("AGENT", "job_run"), ("CHAT_MODEL", "chat_model"), ("TOOL", "query_genie"),
+                              ("CHAT_MODEL", "chat_model")]
+    assert (job_run.info.tags["databricks_run_id"], job_run.info.tags["thread_id"]) == (run, thread)
+    with lakebase.connect(lakebase.LakebaseConfig(dsn=pg_dsn)) as conn:
+        started = lakebase.read_steps(conn, run)[0]
+    assert started["status"] == "started" and started["payload"]["trace_id"] == job_run.info.trace_id
+
+
+WITHOUT_MLFLOW = """
+import runpy, sys
+sys.modules["mlflow"] = None  # as if it were not installed: importing it raises ImportError
+sys.argv = ["primary.py", *sys.argv[1:]]
+runpy.run_path("primary.py", run_name="__main__")
+"""
+
+
+def test_without_mlflow_the_terminal_runs_as_before_and_traces_say_what_to_install(tmp_path, pg_dsn):
+    env = newcomer_env(tmp_path, LAKEBASE_DSN=pg_dsn)
+    out = subprocess.run([sys.executable, "-c", WITHOUT_MLFLOW, "--local", "--traces", str(tmp_path / "traces")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == "primary.py: --traces needs mlflow: pip install mlflow-skinny (or -r requirements-dev.txt)\n"
+    assert not (tmp_path / ".local").exists()  # refused before the local workspace started
+    out = subprocess.run([sys.executable, "-c", WITHOUT_MLFLOW, "--local"], input="hello\n/quit\n", cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=WAIT)
+    assert out.returncode == 0 and "\n> Hello! I am the offline stand-in model" in out.stdout, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "traces").exists()
+
+
 @pytest.mark.parametrize("configured", ["DATABRICKS_HOST", "profile"])
 def test_a_workspace_without_a_job_id_is_refused_in_one_line(tmp_path, configured):
     extra = {"LAKEBASE_DSN": "postgresql://nobody@127.0.0.1:9/none"}
@@ -587,6 +647,8 @@ def test_requirements_txt_is_all_that_local_mode_imports():
         if path.name == "serving.py":  # deploys to Model Serving: needs mlflow, which local mode does not
             continue
         for name in set(imported_names(path)) - set(sys.stdlib_module_names) - project:
+            if (path.name, name) == ("tracing.py", "mlflow"):  # only once traces are asked for, with a clear error
+                continue
             if not {canonicalize_name(d) for d in distributions.get(name, [])} & installed:
                 missing.setdefault(name, []).append(str(path.relative_to(ROOT)))
     assert not missing, f"imported, but not installed by requirements.txt: {missing}"
