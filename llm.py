@@ -83,11 +83,15 @@ class ChatClient:
                                     ).geturl() if parts.password else self.url
 
     def complete(self, messages, *, tools=None, tool_choice=None, max_tokens=None, temperature=None,
-                 on_text=None) -> dict:
+                 on_text=None, report=None) -> dict:
         """One chat completion: {"role": "assistant", "content": str | None, "tool_calls": [...] (only if any)}.
-        `on_text(delta)` gets the text as it arrives (all of it at once from a server that does not stream)."""
-        return self.completion(messages, tools=tools, tool_choice=tool_choice, max_tokens=max_tokens,
-                               temperature=temperature, on_text=on_text).message
+        `on_text(delta)` gets the text as it arrives (all of it at once from a server that does not stream).
+        `report`, a dict, gets the reply's `finish_reason` and token `usage` (None if the server counted none)."""
+        reply = self.completion(messages, tools=tools, tool_choice=tool_choice, max_tokens=max_tokens,
+                                temperature=temperature, on_text=on_text)
+        if report is not None:
+            report.update(finish_reason=reply.finish_reason, usage=reply.usage)
+        return reply.message
 
     def completion(self, messages, *, tools=None, tool_choice=None, max_tokens=None, temperature=None,
                    on_text=None) -> Completion:
@@ -440,8 +444,9 @@ def run_tools(client, messages: list, tools, *, max_calls=8, max_tool_calls=MAX_
     `span(kind, inputs)`, if given, returns a context manager (a tracer's span) that the loop holds open around each
     model call, kind "model" with inputs {"messages", "tools"}, and each tool call, kind "tool" with inputs
     {"name", "arguments", "call_id"}; inputs are read when it opens, before `messages` grows. What its `with` gives
-    is a dict the loop fills with the outcome: {"message": the reply} for a model call, {"message": the tool
-    result, **info} (the info on_message gets) for a tool call. An exception leaving the call passes through it.
+    is a dict the loop fills with the outcome: {"message": the reply, "finish_reason", "usage"} for a model call
+    (the client's `report`), {"message": the tool result, **info} (the info on_message gets) for a tool call. An
+    exception leaving the call passes through it.
     """
     by_name = {tool.name: tool for tool in tools}
     schemas = [tool.schema() for tool in by_name.values()] or None
@@ -452,7 +457,7 @@ def run_tools(client, messages: list, tools, *, max_calls=8, max_tool_calls=MAX_
     for _ in range(max_calls):
         started = time.monotonic()
         with span("model", {"messages": messages, "tools": schemas}) as outcome:
-            reply = outcome["message"] = client.complete(messages, tools=schemas, **complete_kw)
+            reply = outcome["message"] = client.complete(messages, tools=schemas, report=outcome, **complete_kw)
         asked = len(reply.get("tool_calls", []))
         if asked > max_tool_calls:  # the calls beyond the one standing for them are left out of the transcript
             log.warning("the model asked for %d tool calls in one reply; running %d", asked, max_tool_calls)

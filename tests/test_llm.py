@@ -525,6 +525,8 @@ def test_the_span_hook_is_held_around_each_model_call_and_each_tool_call(scripte
         ("model", messages[4], None)]
     assert opened[0][1] == {"messages": USER, "tools": [ADD.schema()]}  # as sent, not as the list grew after
     assert opened[3][1]["messages"] == messages[:4]
+    assert (opened[0][2]["finish_reason"], opened[0][2]["usage"]) == (
+        "tool_calls", {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})  # the client's report
     assert opened[1][1] == {"name": "add", "arguments": '{"a": 1, "b": 2}', "call_id": "c1"}
     assert opened[1][2]["error"] is None and opened[1][2]["arguments"] == {"a": 1, "b": 2}
     assert isinstance(opened[2][2]["error"], ToolError) and opened[2][2]["name"] == "nope"

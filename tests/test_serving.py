@@ -345,6 +345,8 @@ def test_a_served_turn_is_one_trace_with_a_span_per_model_call_and_tool_call(ser
     sent = scripted_model.requests[0].body
     assert first_call.inputs == {"messages": sent["messages"], "tools": sent["tools"]}  # as sent, before it grew
     assert first_call.outputs["choices"][0]["message"]["tool_calls"][0]["id"] == "call_poll"
+    assert first_call.get_attribute("mlflow.chat.tokenUsage") == {"input_tokens": 1, "output_tokens": 1,
+                                                                   "total_tokens": 2}  # the scripted model's count
     assert [tool["function"]["name"] for tool in first_call.get_attribute("mlflow.chat.tools")] == [
         "start_databricks_job", "poll_databricks_job", "terminate_databricks_job"]
     assert poll.inputs == {"name": "poll_databricks_job", "arguments": '{"run_id": "999"}', "call_id": "call_poll"}
