@@ -107,10 +107,15 @@ def tag_turn(request: dict, custom_outputs: dict, user: str | None = None):
 
 
 def tagged(request: dict, events, user: str | None = None):
-    """A turn's stream events as they come; the one that brings custom_outputs (the last) tags the current trace."""
+    """A turn's stream events as they come; the one that brings custom_outputs (the last) tags the current trace,
+    and an `error` event (a turn that failed part-way: the stream still ends normally) marks it failed."""
     for event in events:
         if event.get("custom_outputs"):
             tag_turn(request, event["custom_outputs"], user)
+        elif event.get("type") == "error":
+            import mlflow
+
+            mlflow.update_current_trace(state="ERROR")
         yield event
 
 

@@ -432,6 +432,7 @@ def test_stream_traces_keep_custom_outputs(served, scripted_model, emu, job_id):
     assert [e.type for e in events] == ["response.output_item.done"] * 2 + ["error"]
     outputs = trace_outputs()
     assert outputs["error"]["code"] == "TEMPORARILY_UNAVAILABLE" and "HTTP 400" in outputs["error"]["message"]
+    assert mlflow.get_trace(mlflow.get_last_active_trace_id()).info.state == "ERROR"  # though the stream ended
 
 
 @pytest.mark.parametrize("change, problem", [
