@@ -16,6 +16,7 @@ are append-only rows, one per chat-completions message, so a turn writes O(1) ro
 Ownership: `claim_thread()` decides a thread's owner once, at the start of a turn (a new thread is created then,
 owned by the user or anonymous for good); `append_turn(owner=...)` and `record_run(owner=...)` hold to that owner
 and refuse (PermissionError) a thread whose stored owner differs. `thread_owner()` reads it (or `NO_THREAD`).
+A run's step log is closed once it has a final step: `log_step()` then raises `RunEnded` and writes nothing.
 Text Postgres cannot store (NUL, lone surrogates) is replaced by U+FFFD with a warning, never dropped.
 Writes that may be retried carry a key chosen before the first try (`append_turn(key=)`, `log_step(key=)`,
 `reserve_run`), so a retry after a lost reply finds the first write instead of making a second.
@@ -44,6 +45,7 @@ MAX_LIFETIME_SECONDS = 45 * 60  # recycle pooled connections well before their t
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 PG_VARS = ("PGHOST", "PGHOSTADDR", "PGSERVICE", "PGDATABASE", "PGUSER", "PGPORT")
 STATUSES = ("started", "tool_call", "tool_result", "completed", "failed", "cancelled")
+FINAL_STATUSES = ("completed", "failed", "cancelled")  # a run's last step: its log takes no more
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 ENDPOINT_PATTERN = re.compile(r"projects/[^/]+/branches/[^/]+/endpoints/[^/]+")
 NO_THREAD = type("NoThread", (), {"__repr__": lambda self: "NO_THREAD"})()  # thread_owner(): no such thread
@@ -59,6 +61,14 @@ class LakebaseError(Exception):
 
 class Unreachable(LakebaseError):
     """The server did not answer within the connect budget (down, restarting, network): it may come back."""
+
+
+class RunEnded(Exception):
+    """log_step: the run already has its final step (`status`, step number `step`), so its log takes no more."""
+
+    def __init__(self, run_id: str, status: str, step: int):
+        super().__init__(f"run {run_id} has already ended ({status} at step {step}): its step log is closed")
+        self.run_id, self.status, self.step = run_id, status, step
 
 
 @dataclass
@@ -639,7 +649,8 @@ def undelivered_runs(conn, thread_id: str, *, limit: int, skip=()) -> list[str]:
 def log_step(conn, run_id: str, status: str, payload: dict, *, key: str | None = None) -> int:
     """Append a step to the run's log, committed at once so pollers see it; returns its number (1, 2, ...).
     `key`: chosen by the caller before the first try; a step already logged under it is not logged again (its
-    number is returned), so retrying after a lost reply is safe."""
+    number is returned), so retrying after a lost reply is safe. A run's log is closed once it has a final step
+    (completed, failed, cancelled): RunEnded, nothing written."""
     check_id(run_id, "run id")
     if status not in STATUSES:
         raise ValueError(f"invalid step status {status!r}: one of {', '.join(STATUSES)}")
@@ -654,6 +665,10 @@ def log_step(conn, run_id: str, status: str, payload: dict, *, key: str | None =
         if logged:
             log.info("run %s: step %d was already logged under this key", run_id, logged[0])
             return logged[0]
+        ended = conn.execute("select step, status from task_logs where run_id = %s and status = any(%s) limit 1",
+                             (run_id, list(FINAL_STATUSES))).fetchone()
+        if ended:  # checked under the run's lock: of two writers ending one run, the second is refused
+            raise RunEnded(run_id, ended[1], ended[0])
         step = conn.execute("insert into task_logs (run_id, step, status, payload, step_key) select %s, "
                             "coalesce(max(step), 0) + 1, %s, %s::jsonb, %s from task_logs where run_id = %s "
                             "returning step", (run_id, status, text, key, run_id)).fetchone()[0]

@@ -5,9 +5,9 @@ below; it also runs by hand: `python worker.py --request "total revenue in 2025"
 tool loop with `query_genie` and logs every step to `task_logs` in Lakebase, each committed as it goes so
 a poller sees progress live: started, tool_call, tool_result, completed. A failure logs `failed` and a
 cancellation (SIGTERM, which is how Databricks cancels a run) logs `cancelled`; both exit non-zero, so the
-Job run shows the outcome too. What a person must fix (bad flags, no database) is one line on stderr. The answer
-is also printed on stdout between two marker lines (`runs.answer_block`): a poller finds it in the run's output
-if the step log never got it.
+Job run shows the outcome too. What a person must fix (bad flags, no database, a `--run-id` whose run has ended:
+its step log is closed) is one line on stderr. The answer is also printed on stdout between two marker lines
+(`runs.answer_block`): a poller finds it in the run's output if the step log never got it.
 With an MLflow experiment named (--mlflow-experiment) and mlflow installed, the run is also one MLflow trace
 (tracing.py): a span per model call and per query_genie, tagged with the run id and the thread id; the `started`
 step records its trace id. Without them the run is the same, untraced.
@@ -63,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
                f"(default {DEFAULT_ENDPOINT}), LLM_BASE_URL (an OpenAI-compatible server instead), LLM_MODEL, "
                "LLM_API_KEY, MLFLOW_EXPERIMENT_NAME, MLFLOW_TRACKING_URI (where traces go; default on Databricks: "
                "its workspace), LOG_LEVEL (default INFO); Databricks auth as the SDK reads it (DATABRICKS_HOST, ...). "
-               "An empty flag value means 'not given'. Exit status: 0 answered, 1 failed, 2 bad input, "
+               "An empty flag value means 'not given'. Exit status: 0 answered, 1 failed, 2 bad input (or a run "
+               "that has already ended: its step log is closed), "
                "3 no step-log database, 143 cancelled (SIGTERM).")
     p.add_argument("--request", required=True, help="the user's data request, in plain language")
     p.add_argument("--thread-id", default="", help="the primary agent's thread that asked (kept in the log)")
@@ -223,7 +224,6 @@ def main(argv=None) -> int:
     except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:  # ValueError: the SDK's auth config
         print(f"worker: cannot reach the step-log database: {_error_text(e)}", file=sys.stderr)
         return 3
-    print(f"worker: run {config.run_id}", file=sys.stderr)
     trace = tracing.job_run(config.mlflow_experiment, request=config.request[:MAX_REQUEST_CHARS],
                             run_id=config.run_id, thread_id=config.thread_id)
     started = time.monotonic()
@@ -231,6 +231,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, _cancel)  # the first step unblocks SIGTERM: a pending one is raised there
         step("started", {"request": config.request[:MAX_REQUEST_CHARS], "thread_id": config.thread_id or None,
                          "asked_by": config.asked_by or None, **({"trace_id": trace.trace_id} if trace else {})})
+        print(f"worker: run {config.run_id}", file=sys.stderr)
         config.check()
         workspace = workspace or workspace_client(config)
         genie = GenieConfig(config.genie_space_id, description=config.genie_description or DEFAULT_DESCRIPTION)
@@ -242,6 +243,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return _end(step, "cancelled", {"reason": "interrupted (Ctrl-C)"}, "worker: interrupted (Ctrl-C)", 130,
                     trace)
+    except lakebase.RunEnded as e:  # the run was logged to its end already, maybe by another worker
+        if trace:
+            trace.end("failed", {"error": str(e)})
+        print(_closed(e), file=sys.stderr)
+        return 2
     except Exception as e:  # anything else ends the run: record why, then fail the Job run visibly
         error = _describe(e, config.max_calls)
         log.debug("run failed", exc_info=True)
@@ -258,6 +264,8 @@ def _end(step: StepLog, status: str, payload: dict, message: str, code: int, tra
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ending already: a second SIGTERM changes nothing
     try:
         step(status, payload, final=True)
+    except lakebase.RunEnded as e:  # another worker with this run id ended it first
+        code, message = 2, _closed(e)
     except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:
         why = payload.get("error") or payload.get("reason")
         print(f"worker: could not log the run's end ({f'{status}: {why}' if why else status}): {_error_text(e)}",
@@ -268,6 +276,10 @@ def _end(step: StepLog, status: str, payload: dict, message: str, code: int, tra
     if message:
         print(message, file=sys.stderr)
     return code
+
+
+def _closed(e: lakebase.RunEnded) -> str:
+    return f"worker: {e}; a run is logged once: start a new run (without --run-id, a local run gets a new id)"
 
 
 def _describe(e: Exception, max_calls: int) -> str:

@@ -568,6 +568,7 @@ STEP_PAYLOADS = [
                                   for y in (2024, 2025)], "row_count": 10}}),
     ("completed", {"answer": ANSWER}),
 ]
+RUN_STEPS = [STEP_PAYLOADS[0], *STEP_PAYLOADS[1:3] * 4, STEP_PAYLOADS[3]]  # a run of 10 steps, its answer last
 
 
 def bench_async(report: Report, server: Server, args):
@@ -633,13 +634,13 @@ def bench_async(report: Report, server: Server, args):
         lakebase.migrate(conn)
         writes, reads = [], []
         for i in range(args.steps):
-            status, payload = STEP_PAYLOADS[i % len(STEP_PAYLOADS)]
+            status, payload = RUN_STEPS[i % len(RUN_STEPS)]  # a run's log is closed by its final step
             started = time.perf_counter()
-            lakebase.log_step(conn, f"bench-{i // 10}", status, payload)
+            lakebase.log_step(conn, f"bench-{i // len(RUN_STEPS)}", status, payload)
             writes.append(time.perf_counter() - started)
-            if i % 10 == 9:
+            if i % len(RUN_STEPS) == len(RUN_STEPS) - 1:
                 started = time.perf_counter()
-                lakebase.read_steps(conn, f"bench-{i // 10}", after=5)
+                lakebase.read_steps(conn, f"bench-{i // len(RUN_STEPS)}", after=5)
                 reads.append(time.perf_counter() - started)
         size = conn.execute("select avg(octet_length(payload::text)) from task_logs").fetchone()[0]
     report.add(section, f"log_step (one committed insert; payloads {size:.0f} B on average)", stats(writes, "s"))

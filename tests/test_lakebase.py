@@ -309,6 +309,36 @@ def test_concurrent_writers_of_one_run_get_unique_steps(pg_dsn, conn):
         (w, i) for w in range(4) for i in range(30)]
 
 
+@pytest.mark.parametrize("final", lakebase.FINAL_STATUSES)
+def test_a_runs_step_log_is_closed_by_its_final_step(conn, final):
+    lakebase.log_step(conn, "901", "started", {"request": "q"})
+    assert lakebase.log_step(conn, "901", final, {"answer": "42"}, key="end") == 2
+    assert lakebase.log_step(conn, "901", final, {"answer": "42"}, key="end") == 2  # a retry finds its step
+    for status in lakebase.STATUSES:
+        with pytest.raises(lakebase.RunEnded, match=f"^run 901 has already ended \\({final} at step 2\\): its step "
+                                                    f"log is closed$"):
+            lakebase.log_step(conn, "901", status, {"answer": "another"})
+    assert [(s["step"], s["status"]) for s in lakebase.read_steps(conn, "901")] == [(1, "started"), (2, final)]
+    assert lakebase.run_progress(conn, "901")["final"]["payload"] == {"answer": "42"}
+    assert lakebase.log_step(conn, "902", "started", {}) == 1  # other runs go on
+
+
+def test_of_two_writers_ending_one_run_only_one_does(pg_dsn, conn):
+    lakebase.log_step(conn, "shared", "started", {})
+    ended, refused = [], []
+
+    def end(writer):
+        with lakebase.connect(LakebaseConfig(dsn=pg_dsn)) as own:
+            try:
+                ended.append(lakebase.log_step(own, "shared", "completed", {"answer": writer}))
+            except lakebase.RunEnded:
+                refused.append(writer)
+
+    run_threads(end, [(w,) for w in range(4)])
+    assert ended == [2] and len(refused) == 3
+    assert [s["status"] for s in lakebase.read_steps(conn, "shared")] == ["started", "completed"]
+
+
 # ------------------------------------------------------------------ sanitising
 
 BAD = {"text\x00key": ["nul \x00 here", {"lone": "surrogate \ud800 and \udfff"}], "fine": "ok \U0001f600", "n": 1}

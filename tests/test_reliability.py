@@ -1396,7 +1396,8 @@ def test_a_lost_commit_reply_logs_the_runs_last_step_once(emu, pg_dsn, scripted_
         lakebase.migrate(conn)
     proxy = LostCommits(pg_dsn)
     try:
-        proxy.arm(b"insert into task_logs", b"completed")
+        proxy.arm(b"insert into task_logs", b"Total sales were 42.")  # the step carrying the answer (every step's
+        # transaction names the final statuses: log_step checks that the run has not ended)
         scripted_model.reply("Total sales were 42.")
         fault()
         proc = start_worker(worker_env(emu, proxy.dsn, scripted_model), "total sales", "r-commit")

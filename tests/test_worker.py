@@ -343,6 +343,23 @@ def test_a_run_id_the_step_log_refuses_fails_with_one_line(pg_dsn):
                                         "a letter or digit")
 
 
+@pytest.mark.parametrize("run_id, final", [("4242", "completed"), ("local-0b5e2c1a-7d3f-4e8a-9c6b-5a4d3e2f1a0b",
+                                                                   "failed")])
+def test_a_run_that_has_ended_takes_no_more_steps(emu, pg_dsn, scripted_model, run_id, final):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        lakebase.migrate(conn)
+        lakebase.log_step(conn, run_id, "started", {"request": "total sales", "thread_id": "t1"})
+        lakebase.log_step(conn, run_id, final, {"answer": "East leads."} if final == "completed" else {"error": "x"})
+    before = steps(pg_dsn, run_id)
+    result = run_worker("--request=total sales", f"--run-id={run_id}", env=worker_env(emu, pg_dsn, scripted_model))
+    assert result.returncode == 2 and result.stdout == ""
+    assert [line for line in result.stderr.splitlines() if line.startswith("worker: ")] == [last_line(result.stderr)]
+    assert last_line(result.stderr) == (f"worker: run {run_id} has already ended ({final} at step 2): its step log is "
+                                        f"closed; a run is logged once: start a new run (without --run-id, a local "
+                                        f"run gets a new id)")
+    assert steps(pg_dsn, run_id) == before and not scripted_model.requests
+
+
 def test_losing_the_database_mid_run_ends_with_one_line(emu, pg_server, pg_dsn, scripted_model):
     scripted_model.slow(2, "East leads.")
     proc = start_worker("--request=total sales", "--run-id=r-gone", env=worker_env(emu, pg_dsn, scripted_model))
