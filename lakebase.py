@@ -28,9 +28,11 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
@@ -97,6 +99,84 @@ class LakebaseConfig:
         return bool(self.dsn or self.instance or self.endpoint or self.pg_env)
 
 
+# ------------------------------------------------------------------ secrets
+
+SECRET_VARIABLES = ("LLM_API_KEY", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_PASSWORD",
+                    "ARM_CLIENT_SECRET", "GOOGLE_CREDENTIALS", "DATABRICKS_METADATA_SERVICE_URL", "PGPASSWORD")
+MIN_SECRET_CHARS = 8  # a shorter value is not blanked out wherever it appears: it would mangle ordinary words
+_secrets, _minted, _secrets_lock = set(), deque(maxlen=50), threading.Lock()  # minted: the latest database tokens
+_REDACTIONS = [  # (pattern, replacement), applied in order after the registered values
+    (re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)"), r"\1***"),  # libpq key=value
+    (re.compile(r"(://[^:/@\s]*:)[^@\s]+@"), r"\1***@"),  # URL credentials
+    (re.compile(r"""(?i)(["']?\b(?:\w*token|\w*secret|password|api_key)["']?\s*[:=]\s*)(["'])(?:\\.|(?!\2).)*\2"""),
+     r"\1\2***\2"),  # token-like JSON fields (the SDK's debug dumps: "token": "...")
+    (re.compile(r"""(?i)(\bauthorization["']?\s*[:=]\s*["']?(?:\w+\s+)?)[^\s"',]+"""), r"\1***"),  # a header
+    (re.compile(r"(?i)\b(bearer\s+)[\w.~+/=-]{8,}"), r"\1***"),  # a bearer credential anywhere
+    (re.compile(r"\beyJ[\w-]+(?:\.[\w-]+){1,2}"), "***"),  # JWTs (Databricks OAuth tokens), also cut short
+    (re.compile(r"\bdapi[0-9a-f]{32}(?:-\d+)?\b"), "***"),  # Databricks personal access tokens
+]
+
+
+def add_secrets(*values):
+    """From now on redact() blanks out each of `values` (of MIN_SECRET_CHARS or more) wherever it appears."""
+    with _secrets_lock:
+        _secrets.update(v for v in values if isinstance(v, str) and len(v) >= MIN_SECRET_CHARS)
+
+
+def redact(text: str) -> str:
+    """`text` without secrets, for messages and logs: the values given to add_secrets() (configured keys and
+    passwords) and the database tokens minted lately, then passwords and credentials in DSNs and URLs, token-like
+    fields (`"token": "..."`), bearer credentials, JWTs and Databricks personal access tokens."""
+    with _secrets_lock:
+        values = sorted({*_secrets, *_minted}, key=len, reverse=True)  # longest first: one may contain another
+    for value in values:
+        text = text.replace(value, "***")
+    for pattern, replacement in _REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def sdk_secrets(config) -> list[str]:
+    """The secret values of a databricks-sdk `Config` (token, client secret, password...), wherever it read them
+    from: the environment or a profile."""
+    return [getattr(config, attr.name) for attr in config.attributes() if attr.sensitive]
+
+
+def guard_secrets(env=os.environ):
+    """For an entry point: redact() blanks out the secrets `env` configures (SECRET_VARIABLES, the passwords in
+    LAKEBASE_DSN and LLM_BASE_URL), and every log record passes through redact() as it is made, whatever its
+    level, logger or handler, so the SDK's debug dumps of requests and responses keep no secret either."""
+    add_secrets(*(env.get(name) for name in SECRET_VARIABLES))
+    try:  # a malformed one is refused, saying why, where it is used
+        add_secrets(urlsplit(env.get("LLM_BASE_URL", "")).password)
+    except ValueError:
+        pass
+    try:
+        add_secrets(psycopg.conninfo.conninfo_to_dict(env.get("LAKEBASE_DSN", "")).get("password"))
+    except psycopg.ProgrammingError:
+        pass
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "redacts", False):
+        return
+
+    def redacted_record(*args, **kwargs):
+        record = factory(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # arguments that do not fit the format: the handler reports it as it always does
+            return record
+        redacted = redact(message)
+        if redacted != message:  # else the record keeps its format and arguments, which handlers may read
+            record.msg, record.args = redacted, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.exc_text = record.exc_text and redact(record.exc_text)
+        record.stack_info = record.stack_info and redact(record.stack_info)
+        return record
+    redacted_record.redacts = True
+    logging.setLogRecordFactory(redacted_record)
+
+
 # ------------------------------------------------------------------ credentials
 
 @dataclass(frozen=True)
@@ -108,13 +188,6 @@ class Login:
     dbname: str = DEFAULT_DATABASE
     port: int = 5432
     sslmode: str = "require"  # Lakebase takes the token as a plaintext password: TLS only
-
-
-def redact(text: str) -> str:
-    """`text` without passwords, tokens or DSN credentials, for messages and logs."""
-    text = re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text)
-    text = re.sub(r"(://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
-    return re.sub(r"\beyJ[\w-]+\.[\w-]+\.[\w-]+", "***", text)  # JWTs (Databricks OAuth tokens)
 
 
 class CachedLogin:
@@ -129,6 +202,8 @@ class CachedLogin:
         with self._lock:
             if self._login is None or time.monotonic() - self._minted_at >= self.max_age:
                 self._login, self._minted_at = self.mint(), time.monotonic()
+                with _secrets_lock:
+                    _minted.append(self._login.password)
                 log.info("minted a database credential for %s at %s", self._login.user, self._login.host)
             return self._login
 
@@ -184,7 +259,7 @@ def login_for(config: LakebaseConfig, workspace=None) -> CachedLogin | None:
                             "or LAKEBASE_ENDPOINT")
     if not modes or config.dsn:
         try:
-            psycopg.conninfo.conninfo_to_dict(config.dsn)
+            add_secrets(psycopg.conninfo.conninfo_to_dict(config.dsn).get("password"))
         except psycopg.ProgrammingError:  # its message may quote a piece of the password
             raise LakebaseError("LAKEBASE_DSN is not a valid libpq connection string or URI") from None
         return None

@@ -165,8 +165,8 @@ class ChatClient:
                 response = self.session.post(self.url, json=body, headers=headers, timeout=timeout, stream=True)
                 if response.status_code >= 400:
                     with response:
-                        status, problem = response.status_code, _error_message(
-                            b"".join(self._chunks(response, deadline)), response.reason)
+                        status, problem = response.status_code, _unechoed(_error_message(
+                            b"".join(self._chunks(response, deadline)), response.reason), headers)
             except (requests.ConnectionError, requests.Timeout) as e:
                 error, problem = e, f"{type(e).__name__}: {e}"
             except requests.RequestException as e:
@@ -244,6 +244,15 @@ def _error_message(body: bytes, reason: str) -> str:
     if isinstance(data, dict) and (message := _error_text(data)):
         return message
     return body.decode("utf-8", errors="replace").strip()[:500] or reason or "(empty body)"
+
+
+def _unechoed(text: str, headers: dict) -> str:
+    """`text` without the credentials of `headers`: an endpoint that refuses a key may quote it back in full."""
+    for value in map(str, headers.values()):
+        for secret in (value, value.partition(" ")[2]):  # "Bearer <token>", and the token alone
+            if len(secret) >= 8:
+                text = text.replace(secret, "***")
+    return text
 
 
 def _error_text(body: dict) -> str:

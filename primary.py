@@ -121,6 +121,7 @@ def build_agent(config: AgentConfig, *, host: str | None = None, token: str | No
         workspace = WorkspaceClient(config=Config(retry_timeout_seconds=config.jobs_retry_seconds, **sdk))
     except ValueError as e:  # the SDK's "cannot configure default credentials", "more than one ... method"
         raise ConfigError(f"Databricks auth: {e}") from e
+    lakebase.add_secrets(*lakebase.sdk_secrets(workspace.config))  # a profile's token, too
     chat = config.chat.client(workspace.config)
     pool = lakebase.open_pool(config.database, workspace, max_size=config.pool_size)
     try:
@@ -323,8 +324,8 @@ def _failure(e: Exception, bounds) -> str:
                 f"been stored: {e}. Check that Postgres (Lakebase) is up and reachable, and send the message again "
                 f"only if the conversation does not show it")
     if isinstance(e, llm.LLMError):
-        return (f"the chat model failed and nothing was stored: {e}. Check that the model endpoint is up and "
-                f"reachable, then send the message again")
+        return (f"the chat model failed and nothing was stored: {lakebase.redact(str(e))}. Check that the model "
+                f"endpoint is up and reachable, then send the message again")
     if isinstance(e, psycopg_pool.PoolTimeout):  # lakebase.Pool says why: connections failing, or all busy
         return f"the database failed and nothing was stored: {e}"
     if lakebase.timed_out(e):

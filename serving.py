@@ -131,6 +131,7 @@ class DryRun:
 
 def build_agent(config: ServingConfig) -> primary.PrimaryAgent:
     """The agent and its clients, from the configuration; raises ConfigError naming what is missing."""
+    lakebase.guard_secrets()
     if config.dry_run:
         return DryRun()
     problems = config.problems()

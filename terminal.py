@@ -496,6 +496,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    lakebase.guard_secrets()
     if argv[:1] == ["deploy"]:
         import serving  # with mlflow, which only the deploy command needs (it says how to install it)
 

@@ -198,7 +198,9 @@ def workspace_client(config: WorkerConfig):
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.core import Config
 
-    return WorkspaceClient(config=Config(retry_timeout_seconds=config.retry_seconds))
+    workspace = WorkspaceClient(config=Config(retry_timeout_seconds=config.retry_seconds))
+    lakebase.add_secrets(*lakebase.sdk_secrets(workspace.config))  # a profile's token, too
+    return workspace
 
 
 def _cancel(signum, frame):
@@ -210,6 +212,7 @@ def main(argv=None) -> int:
     config = WorkerConfig.from_args(parser().parse_args(argv))
     logging.basicConfig(level=config.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    lakebase.guard_secrets()
     try:
         lakebase.check_id(config.run_id, "run id")  # else the step log refuses every step
     except ValueError as e:

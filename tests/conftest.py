@@ -3,8 +3,10 @@ import os
 import sys
 
 import pg_fixture
+import psycopg
 import pytest
 from pg_fixture import session_server
+from psycopg import sql
 
 # The SDK reads any DATABRICKS_* variable and ~/.databrickscfg: keep the developer's own workspace out of tests.
 for _key in [k for k in os.environ if k.startswith("DATABRICKS_")]:
@@ -50,6 +52,39 @@ def own_dsn(own):
     yield dsn
     pg_fixture.start(own)
     own.drop_database(dsn)
+
+
+@pytest.fixture
+def lakebase_emulator(own):
+    """(the local workspace emulator, a WorkspaceClient on it): its Lakebase instance db1 and endpoint
+    pg_fixture.LAKEBASE_ENDPOINT are the own server, and every token it mints (`emulator.minted`) becomes the
+    password of its user's role, valid for an hour, as in Lakebase."""
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.core import Config
+
+    import localws
+    import localws.emulator
+
+    host, user = psycopg.conninfo.conninfo_to_dict(own.base_dsn)["host"], localws.emulator.DEFAULT_USER
+    with psycopg.connect(own.base_dsn, autocommit=True) as admin:
+        if not admin.execute("select 1 from pg_roles where rolname = %s", (user,)).fetchone():
+            admin.execute(sql.SQL("create role {} login").format(sql.Identifier(user)))
+        if not admin.execute("select 1 from pg_database where datname = 'databricks_postgres'").fetchone():
+            admin.execute("create database databricks_postgres")
+    pg_fixture.allow_password_login(own, user)
+    minted = []
+
+    def on_credential(user, token, expires_at):
+        with psycopg.connect(own.base_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("alter role {} password {} valid until {}").format(
+                sql.Identifier(user), sql.Literal(token), sql.Literal(expires_at.isoformat())))
+        minted.append(token)
+
+    with localws.Emulator(database_instances={"db1": host}, postgres_endpoints={pg_fixture.LAKEBASE_ENDPOINT: host},
+                          on_credential=on_credential) as emu:
+        emu.minted = minted
+        yield emu, WorkspaceClient(config=Config(host=emu.url, token=emu.token, auth_type="pat",
+                                                 retry_timeout_seconds=5))
 
 
 @pytest.fixture

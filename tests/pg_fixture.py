@@ -51,6 +51,7 @@ def session_server():
 
 # An own server that tests may stop, start and reconfigure (the session's server must stay up for everyone).
 
+LAKEBASE_ENDPOINT = "projects/p/branches/main/endpoints/rw"  # conftest's `lakebase_emulator` serves it
 PASSWORD_ROLE = "pw_user"  # a role of the own server (conftest's `own`) that logs in with a password only
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pg_fixture
 import psycopg
 import pytest
-from psycopg import sql
 
 import lakebase
 from lakebase import LakebaseConfig, LakebaseError, Login
@@ -341,6 +340,35 @@ def test_of_two_writers_ending_one_run_only_one_does(pg_dsn, conn):
 
 # ------------------------------------------------------------------ sanitising
 
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJtZSJ9.c2lnbmF0dXJl"
+REDACTED = [  # (text, as redact() gives it)
+    ('{"token": "local-abc", "expire_time": "2026"}', '{"token": "***", "expire_time": "2026"}'),  # the SDK's dump
+    ("{'access_token': 'x\\'y', 'expires_in': 3600}", "{'access_token': '***', 'expires_in': 3600}"),
+    ("> * Authorization: Bearer dapi-local", "> * Authorization: Bearer ***"),
+    (f"token {JWT}, cut short: {JWT[:30]}... (2 more bytes)", "token ***, cut short: ***... (2 more bytes)"),
+    ("dapi0123456789abcdef0123456789abcdef-2 refused", "*** refused"),
+    ("basic statistics, max_tokens 5, the bearer of news", "basic statistics, max_tokens 5, the bearer of news")]
+
+
+def test_configured_secrets_and_token_like_text_are_redacted_in_messages_and_every_log_record(caplog):
+    key, password, proxy = ("secret-" + secrets.token_hex(8) for _ in range(3))
+    lakebase.guard_secrets({"LLM_API_KEY": key, "LAKEBASE_DSN": f"host=h user=u password={password}",
+                            "LLM_BASE_URL": f"https://user:{proxy}@proxy.example/v1", "PGPASSWORD": "short"})
+    assert lakebase.redact(f"401: bad key {key}; {password} {proxy} short") == "401: bad key ***; *** *** short"
+    for text, redacted in REDACTED:
+        assert lakebase.redact(text) == redacted
+    caplog.set_level(logging.DEBUG)
+    try:
+        raise ValueError(f"refused {key}")
+    except ValueError:
+        logging.getLogger("databricks.sdk").debug("POST /x\n< %s", '{"token": "t-123"}', exc_info=True)
+    assert caplog.records[-1].getMessage() == 'POST /x\n< {"token": "***"}'
+    logging.getLogger("databricks.sdk").warning("run %s of %s", 5, "job")  # nothing to redact: kept as it was
+    assert (caplog.records[-1].msg, caplog.records[-1].args) == ("run %s of %s", (5, "job"))
+    assert "ValueError: refused ***" in caplog.text and key not in caplog.text
+
+
+
 BAD = {"text\x00key": ["nul \x00 here", {"lone": "surrogate \ud800 and \udfff"}], "fine": "ok \U0001f600", "n": 1}
 CLEAN = {"text\ufffdkey": ["nul \ufffd here", {"lone": "surrogate \ufffd and \ufffd"}], "fine": "ok \U0001f600",
          "n": 1}
@@ -646,47 +674,15 @@ def test_a_refused_dsn_login_never_shows_the_password(own):
 
 # ------------------------------------------------------------------ instance and endpoint modes: real SDK, emulator
 
-ENDPOINT = "projects/p/branches/main/endpoints/rw"
-
-
-@pytest.fixture
-def emulator(own):
-    """The local workspace emulator; its Lakebase hosts are our server's socket directory and every token it
-    mints becomes the password of its user's role, valid for an hour, as in Lakebase."""
-    import localws
-    import localws.emulator
-
-    host = psycopg.conninfo.conninfo_to_dict(own.base_dsn)["host"]
-    with psycopg.connect(own.base_dsn, autocommit=True) as admin:
-        if not admin.execute("select 1 from pg_roles where rolname = %s", (localws.emulator.DEFAULT_USER,)).fetchone():
-            admin.execute(sql.SQL("create role {} login").format(sql.Identifier(localws.emulator.DEFAULT_USER)))
-        if not admin.execute("select 1 from pg_database where datname = 'databricks_postgres'").fetchone():
-            admin.execute("create database databricks_postgres")
-    pg_fixture.allow_password_login(own, localws.emulator.DEFAULT_USER)
-    minted = []
-
-    def on_credential(user, token, expires_at):
-        with psycopg.connect(own.base_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("alter role {} password {} valid until {}").format(
-                sql.Identifier(user), sql.Literal(token), sql.Literal(expires_at.isoformat())))
-        minted.append(token)
-
-    with localws.Emulator(database_instances={"db1": host}, postgres_endpoints={ENDPOINT: host},
-                        on_credential=on_credential) as emu:
-        from databricks.sdk import WorkspaceClient
-        from databricks.sdk.core import Config
-
-        emu.minted = minted
-        yield emu, WorkspaceClient(config=Config(host=emu.url, token=emu.token, auth_type="pat",
-                                                 retry_timeout_seconds=5))
+ENDPOINT = pg_fixture.LAKEBASE_ENDPOINT
 
 
 @pytest.mark.parametrize("config", [LakebaseConfig(instance="db1"), LakebaseConfig(endpoint=ENDPOINT)])
-def test_lakebase_modes_log_in_with_a_minted_token_as_the_current_user(emulator, config):
+def test_lakebase_modes_log_in_with_a_minted_token_as_the_current_user(lakebase_emulator, config):
     import localws
     import localws.emulator
 
-    emu, workspace = emulator
+    emu, workspace = lakebase_emulator
     with lakebase.connect(config, workspace) as conn:
         assert conn.execute("select current_user, current_database()").fetchone() == (
             localws.emulator.DEFAULT_USER, "databricks_postgres")
@@ -700,9 +696,9 @@ def test_lakebase_modes_log_in_with_a_minted_token_as_the_current_user(emulator,
     (LakebaseConfig(instance="missing"), "Lakebase instance 'missing': .*does not exist.*check LAKEBASE_INSTANCE"),
     (LakebaseConfig(endpoint="projects/p/branches/main/endpoints/nope"), "does not exist.*check LAKEBASE_ENDPOINT"),
 ])
-def test_an_unknown_instance_or_endpoint_says_so(emulator, config, says):
+def test_an_unknown_instance_or_endpoint_says_so(lakebase_emulator, config, says):
     with pytest.raises(LakebaseError, match=says) as info:
-        lakebase.connect(config, emulator[1])
+        lakebase.connect(config, lakebase_emulator[1])
     assert "\n" not in str(info.value) and info.value.__context__ is None
 
 

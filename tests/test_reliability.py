@@ -291,17 +291,19 @@ def restart(server):
     fault()
 
 
-def role_database(server, password) -> tuple[str, str]:
-    """A fresh database owned by ROLE, whose password is now `password`: (its name, a DSN with the password)."""
+def role_database(server, password, role=ROLE) -> tuple[str, str]:
+    """A fresh database owned by `role`, whose password is now `password` (None: left as it is): (its name, a DSN
+    with the password)."""
     name = psycopg.conninfo.conninfo_to_dict(server.fresh_database())["dbname"]
     host = psycopg.conninfo.conninfo_to_dict(server.base_dsn)["host"]
     with psycopg.connect(server.base_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("alter database {} owner to {}").format(sql.Identifier(name), sql.Identifier(ROLE)))
-        admin.execute(sql.SQL("alter role {} password {} valid until 'infinity'").format(
-            sql.Identifier(ROLE), sql.Literal(password)))
+        admin.execute(sql.SQL("alter database {} owner to {}").format(sql.Identifier(name), sql.Identifier(role)))
+        if password is not None:
+            admin.execute(sql.SQL("alter role {} password {} valid until 'infinity'").format(
+                sql.Identifier(role), sql.Literal(password)))
     with psycopg.connect(dbname=name, host=host, user="postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("alter schema public owner to {}").format(sql.Identifier(ROLE)))
-    return name, f"postgresql://{ROLE}:{password}@/{name}?host={host}"
+        conn.execute(sql.SQL("alter schema public owner to {}").format(sql.Identifier(role)))
+    return name, f"postgresql://{role}:{password}@/{name}?host={host}"
 
 
 # ================================================================== the chat model fails
@@ -1051,11 +1053,11 @@ def test_someone_elses_run_is_refused_by_the_agent_and_the_terminal(emu, db, pg_
     assert f"run {mine}  " in out.stdout and f"run {theirs}  " not in out.stdout
 
 
-def terminal(emu, pg_dsn, scripted_model, stdin, *args):
+def terminal(emu, pg_dsn, scripted_model, stdin, *args, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_"))}
     env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=emu.token, DATABRICKS_CONFIG_FILE=os.devnull,
                DATABRICKS_JOB_ID="1", LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="m",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", **extra)
     return subprocess.run([sys.executable, str(ROOT / "primary.py"), *args], input=stdin, env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
@@ -1191,6 +1193,60 @@ def test_the_local_workspace_never_logs_its_database_password(own, tmp_path, cap
     # today: INFO "local workspace at ... (job 1, Genie space local-sample, Postgres
     # postgresql://rel_user:<password>@/...)"
     assert_secret_free(password, caplog.text)
+
+
+@pytest.mark.parametrize("endpoint", ["openai", "databricks"])
+def test_an_endpoint_that_echoes_the_key_it_refuses_shows_it_to_no_one(db, scripted_model, caplog, endpoint):
+    caplog.set_level(logging.DEBUG)
+    key = "sk-SECRET-" + secrets.token_hex(16)
+    if endpoint == "openai":
+        chat = llm.openai_chat(scripted_model.base_url, "m", key)
+        scripted_model.fault(401, body={"error": {"message": f"Incorrect API key provided: {key}."}})
+    else:  # a Databricks serving endpoint (or a proxy before it) quoting the bearer token back
+        chat = llm.databricks_chat("ep", Config(host=scripted_model.url, token=key, auth_type="pat"))
+        scripted_model.fault(401, body={"error_code": "UNAUTHENTICATED", "message": f"Invalid token: Bearer {key}"})
+    fault()
+    with pytest.raises(TurnFailed) as failed:
+        PrimaryAgent(chat, None, db, 1).predict(ask("hi", "t-echo"))
+    assert_clear(str(failed.value), "the chat model failed and nothing was stored", "HTTP 401", "***")
+    assert_secret_free(key, exception_texts(failed.value), caplog.text)
+
+
+def test_an_echoed_key_stays_out_of_the_terminal_the_step_log_and_the_worker_log(emu, db, pg_dsn, scripted_model):
+    key = "sk-SECRET-" + secrets.token_hex(16)
+    for _ in range(2):
+        scripted_model.fault(401, body={"error": {"message": f"Incorrect API key provided: {key}."}})
+    fault(2)
+    out = terminal(emu, pg_dsn, scripted_model, "hello\n/quit\n", LLM_API_KEY=key, LOG_LEVEL="DEBUG")
+    assert out.returncode == 0 and "error: the chat model failed and nothing was stored" in out.stdout, out.stderr
+    proc = start_worker(worker_env(emu, pg_dsn, scripted_model, LLM_API_KEY=key, LOG_LEVEL="DEBUG"), "sales", "r-key")
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 1, stderr
+    steps = expect_steps(pg_dsn, "r-key", ["started", "failed"])
+    assert_clear(steps[-1]["payload"]["error"], "the chat model failed", "HTTP 401: Incorrect API key provided: ***")
+    assert_secret_free(key, out.stdout, out.stderr, json.dumps(steps, default=str), stdout, stderr)
+
+
+def test_lakebase_tokens_stay_out_of_the_debug_logs(own, lakebase_emulator, scripted_model):
+    emu, _ = lakebase_emulator
+    database, _ = role_database(own, None, role=localws.emulator.DEFAULT_USER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_", "GENIE_"))}
+    env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=emu.token, DATABRICKS_CONFIG_FILE=os.devnull,
+               DATABRICKS_JOB_ID="1", LAKEBASE_INSTANCE="db1", LAKEBASE_DATABASE=database, GENIE_SPACE_ID=SPACE,
+               LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="m", PYTHONUNBUFFERED="1", LOG_LEVEL="DEBUG",
+               DATABRICKS_DEBUG_TRUNCATE_BYTES="100000", DATABRICKS_DEBUG_HEADERS="true")  # the SDK dumps it all
+    scripted_model.reply("East leads.").reply("Hello.")
+    worker = subprocess.run([sys.executable, str(ROOT / "worker.py"), "--request=sales", "--run-id=5150"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=WAIT)
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    chat = subprocess.run([sys.executable, str(ROOT / "primary.py")], input="hello\n/quit\n", cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=WAIT)
+    assert chat.returncode == 0 and "Hello." in chat.stdout, chat.stderr[-2000:]
+    assert len(emu.minted) >= 2  # each process logged in with a token of its own
+    for secret in [*emu.minted, emu.token]:
+        assert_secret_free(secret, worker.stdout, worker.stderr, chat.stdout, chat.stderr)
+    for log in (worker.stderr, chat.stderr):  # the SDK did dump the credential responses, without their tokens
+        assert '"token": "***"' in log and "POST /api/2.0/database/credentials" in log
 
 
 # ================================================================== every wait bounded
