@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,11 +70,23 @@ ENVIRONMENT = f"""environment:
   LOG_LEVEL       log records on stderr at this level (unset: warnings are said as plain notes)"""
 
 
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but newline and tab: text must not drive the terminal
+UNSAFE = {"Cc", "Cf", "Cs", "Zl", "Zp"}  # categories: controls, format (bidi, zero-width), surrogates, separators
+MAYBE_UNSAFE = re.compile(r"[^\t\n\x20-\x7e]")  # what is not printable ASCII, newline or tab is looked up
 
 
-def printable(text: str) -> str:
-    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+def printable(text) -> str:
+    """`text` as the terminal may show it: control characters (but newline and tab), bidi controls, zero-width and
+    other invisible characters and line separators escaped (\\x1b, \\u202e), so text from storage, a model, Genie or
+    a user can't move the cursor, recolour, retitle the window or reorder what the screen shows."""
+    return MAYBE_UNSAFE.sub(_escaped, str(text))
+
+
+def _escaped(match) -> str:
+    char = match.group()
+    if unicodedata.category(char) not in UNSAFE:
+        return char
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class SetupError(Exception):
@@ -210,7 +223,7 @@ class Terminal:
                         self.say(line)
                 except (BadRequest, TurnFailed, lakebase.LakebaseError, psycopg.Error, llm.ToolError,
                         DatabricksError) as e:
-                    print(f"error: {lakebase.redact(str(e))}", flush=True)
+                    print(f"error: {printable(lakebase.redact(str(e)))}", flush=True)
                 except KeyboardInterrupt:
                     print("\n(interrupted: an answer still on its way is stored in the thread)", flush=True)
         finally:
@@ -340,7 +353,7 @@ class Terminal:
             try:
                 state = run_state(self.agent.jobs.get(run["run_id"]))
             except llm.ToolError as e:
-                state = f"(state unavailable: {e})"
+                state = printable(f"(state unavailable: {e})")
             rows.append((f"run {run['run_id']}", state, f"{run['created_at']:%Y-%m-%d %H:%M}",
                          shorten(printable(run["request"]), 60)))
         widths = [max(len(row[i]) for row in rows) for i in range(3)] if rows else []
@@ -362,7 +375,7 @@ class Terminal:
                 ended = state.split()[0] in FINISHED  # steps read after the end are all the steps
                 lines = [describe_step(step) for step in steps] + [f"run {run_id} ended: {state}"] * ended
                 if lines:
-                    print(("\r\x1b[K" if tty else "\n") * marked + "\n".join(lines), flush=True)
+                    print(("\r\x1b[K" if tty else "\n") * marked + printable("\n".join(lines)), flush=True)
                     cursor, marked = steps[-1]["step"] if steps else cursor, False
                 if ended:
                     with self.lock:  # seen ending: no notice
@@ -515,7 +528,7 @@ def main(argv=None) -> int:
             start_tracing(args.traces, config.log_level or "WARNING")
         agent, close = setup(args, config)
     except (SetupError, ConfigError, BadRequest, lakebase.LakebaseError, psycopg.Error) as e:
-        print(f"primary.py: {lakebase.redact(str(e))}", file=sys.stderr)
+        print(f"primary.py: {printable(lakebase.redact(str(e)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nprimary.py: interrupted while starting", file=sys.stderr)

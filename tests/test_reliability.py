@@ -1074,6 +1074,27 @@ def test_odd_run_ids_in_the_terminal_are_an_error_line_not_a_crash(emu, db, pg_d
     assert not emu.calls("GET", "/api/2.2/jobs/runs/get")
 
 
+UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def test_stored_text_reaches_the_terminal_escaped(emu, db, pg_dsn, scripted_model):
+    w = workspace(emu)
+    # a window title, colours, a right-to-left override and a zero-width space, in a request the run logs as its steps
+    hostile = "sales \x1b]0;owned\x07\x1b[31mred\x1b[0m \u202eevil\u202c zero\u200bwidth"
+    shown = "sales \\x1b]0;owned\\x07\\x1b[31mred\\x1b[0m \\u202eevil\\u202c zero\\u200bwidth"
+    run_id = str(w.jobs.run_now(emu.add_job(step_job()), job_parameters={"request": hostile}).run_id)
+    with db.connection() as conn:
+        lakebase.record_run(conn, "t-esc", run_id, "k-esc", hostile)
+    wait_ended(w, run_id)
+    fault()
+    out = terminal(emu, pg_dsn, scripted_model, f"/runs\n/watch {run_id}\n/quit\n", "--thread", "t-esc")
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    runs_line = next(line for line in out.stdout.splitlines() if f"run {run_id}  TERMINATED SUCCESS  " in line)
+    assert shown[:50] in runs_line  # /runs cuts the request to 60 characters
+    assert f"#1 started: {shown}\n" in out.stdout and f"#4 answer: Answer to: {shown}\n" in out.stdout
+    assert not UNSAFE.search(out.stdout), out.stdout
+
+
 def test_forged_thread_ids_never_reach_the_model_nor_leak_the_thread(db):
     model = Script("Noted.")
     agent = PrimaryAgent(model, None, db, 1)
