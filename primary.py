@@ -52,7 +52,6 @@ DEFAULT_WINDOW = 40  # stored messages sent to the model as context
 DEFAULT_MAX_CALLS = 6  # model calls per turn
 RECENT_STEPS = 5  # steps of a run shown by poll
 MAX_STARTS = 3  # job runs one turn may start: a runaway model can't flood the job queue
-MAX_ANSWER_CHARS = 8_000  # a worker answer longer than this is cut to a head and a tail for the model
 MAX_DELIVERIES = 3  # runs read from the Jobs API at the start of a turn, to tell the user of those that ended
 SYSTEM_PROMPT = """You are the assistant people chat with about their company's data.
 Answer greetings, small talk and questions about this conversation yourself, briefly.
@@ -252,32 +251,11 @@ class PrimaryAgent:
         return reports
 
     def run_report(self, run_id: str, run) -> dict:
-        """What poll_databricks_job returns: the run's state (`run`: the Jobs API's Run, read before the steps: a run
-        that has ended has logged all it will), its progress from the step log, and once it has ended its answer,
-        error or cancellation (from the run's output when the worker logged no final step)."""
-        summary = runs.summarize(run)
+        """What poll_databricks_job returns (runs.report): `run` is the Jobs API's Run, read before the steps (a run
+        that has ended has logged all it will)."""
         with self.db.connection() as conn:
             progress = lakebase.run_progress(conn, run_id, recent=RECENT_STEPS)
-        report = {"run_id": run_id, "state": summary.state, "state_message": summary.message,
-                  "queued": summary.queue_reason, "run_page_url": run.run_page_url, "steps": progress["steps"],
-                  "recent_steps": [runs.describe_step(step) for step in progress["recent"]]}
-        final = progress["final"] or {"status": None, "payload": {}}
-        payload = final["payload"]
-        if final["status"] == "completed":
-            report["answer"] = _cut(str(payload.get("answer")), MAX_ANSWER_CHARS)
-            if not progress["answered"]:  # a refusal or an error, said as an answer
-                report["no_data"] = "none of the run's data queries succeeded: its answer has no data, it says why"
-        elif final["status"] == "failed":
-            report["error"] = payload.get("error")
-        elif final["status"] == "cancelled":
-            report["cancelled"] = payload.get("reason") or "cancelled"
-        elif summary.finished:  # ended with no final step: the worker died first, or its database was out of reach
-            outcome = self.jobs.outcome(run)
-            if "answer" in outcome:
-                outcome["answer"] = _cut(outcome["answer"], MAX_ANSWER_CHARS)
-            if outcome:
-                report.update(outcome, note="the worker logged no final step; this is from the run's output")
-        return {k: v for k, v in report.items() if v is not None}
+        return runs.report(run_id, run, progress, self.jobs)
 
     def own_run(self, thread_id: str, run_id) -> str:
         """The run id as text, if this thread started that run; else a ToolError."""
@@ -405,7 +383,7 @@ class Turn:
     def _untold(self) -> str:
         """The news in our own words, when the turn ends in a reply of ours and the model wrote nothing itself."""
         told = any(m["role"] == "assistant" and m.get("content") for m in self.messages[self.first:])
-        return "" if told or not self.news else "\n\n" + "\n\n".join(_outcome(report) for report in self.news)
+        return "" if told or not self.news else "\n\n" + "\n\n".join(runs.outcome(report) for report in self.news)
 
     def new_messages(self) -> list[dict]:
         """What the turn stores: the user's message and all that followed (and, if it creates the thread, the
@@ -499,7 +477,7 @@ class Turn:
     def poll_databricks_job(self, run_id) -> str:
         run_id = self.agent.own_run(self.request.thread_id, run_id)
         report = self.agent.run_report(run_id, self.agent.jobs.get(run_id))
-        if ended(report) and run_id not in self.delivered:  # a poll the user asked for delivers the outcome too
+        if runs.ended(report) and run_id not in self.delivered:  # a poll the user asked for delivers the outcome too
             self.delivered.append(run_id)
         return json.dumps(report, ensure_ascii=False)
 
@@ -534,18 +512,6 @@ def _start_result(run: dict) -> str:
     return json.dumps({"run_id": run["run_id"], "run_page_url": run["run_page_url"], "status": "started"})
 
 
-def _cut(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    half = limit // 2
-    return f"{text[:half]}\n[... {len(text) - 2 * half:,} characters left out ...]\n{text[-half:]}"
-
-
-def ended(report: dict) -> bool:
-    """Whether a run_report is of a run that has ended, or whose worker has logged its outcome."""
-    return bool({"answer", "error", "cancelled"} & report.keys()) or report["state"].split()[0] in runs.FINISHED
-
-
 def _news_messages(reports: list) -> list[dict]:
     """Runs that ended unasked, as one assistant message polling them and the poll results, marked "unasked"."""
     if not reports:
@@ -555,20 +521,6 @@ def _news_messages(reports: list) -> list[dict]:
     return [{"role": "assistant", "content": None, "tool_calls": calls},
             *({"role": "tool", "tool_call_id": f"unasked_{r['run_id']}",
                "content": json.dumps({**r, "unasked": True}, ensure_ascii=False)} for r in reports)]
-
-
-def _outcome(report: dict) -> str:
-    """A run's outcome in a few words, for a reply of ours."""
-    run = f"Run {report['run_id']}"
-    if "answer" in report:
-        got = ", without data. What it says" if "no_data" in report else ". Its answer"
-        return f"{run} has finished{got}:\n{_cut(report['answer'], 2_000)}"
-    if "error" in report:
-        return f"{run} failed: {report['error']}"
-    if "cancelled" in report:
-        return f"{run} was cancelled: {report['cancelled']}"
-    details = f" ({report['state_message']})" if report.get("state_message") else ""
-    return f"{run} ended without an answer: {report['state']}{details}"
 
 
 def _started_reply(started: list) -> str:

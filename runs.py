@@ -1,5 +1,5 @@
 """The job runs the primary agent starts, reads and cancels: Jobs API calls whose failures say what to do, a run's
-state, and a run's step as one line.
+state, what a poll reports about a run, and a run's step as one line.
 
 `Jobs(workspace, job_id)` wraps the Jobs API calls the agent makes. A failure a person or the model can act on
 (refused identity, throttling, a run or job that does not exist) is a `llm.ToolError` naming the fix, so the model
@@ -7,6 +7,7 @@ can tell the user; anything else is raised. `jobs_auth_hint()` is that fix for t
 `summarize(run)` is the one reader of a run's state: `status` first, the deprecated `state` as the fallback.
 `Jobs.outcome(run)` reads how a run ended from its own output, for runs whose worker logged no final step; the
 worker frames its answer on stdout with `answer_block()` so that `answer_in_logs()` can find it there.
+`report()` is what the agent's poll returns: the run's state, its progress from the step log, its outcome.
 """
 import json
 import logging
@@ -26,6 +27,7 @@ RESULTS = {"SUCCESS": "SUCCESS", "SUCCESS_WITH_FAILURES": "SUCCESS_WITH_FAILURES
            "MAX_CONCURRENT_RUNS_EXCEEDED": "SKIPPED", "MAX_JOB_QUEUE_SIZE_EXCEEDED": "SKIPPED"}
 MAX_ERROR_CHARS = 500  # a failed run's error from its output, as the model sees it
 MAX_TRACE_CHARS = 1_500  # the end of its error trace (or logs)
+MAX_ANSWER_CHARS = 8_000  # a worker answer longer than this is cut to a head and a tail for the model
 PERMISSION_FIX = ("the identity the agent runs as needs CAN_MANAGE_RUN on the job; on Model Serving that is the "
                   "service principal of DATABRICKS_CLIENT_ID (python primary.py deploy --secret-scope): Model "
                   "Serving's automatic credentials and on-behalf-of-user tokens do not cover Jobs")
@@ -200,6 +202,52 @@ def answer_in_logs(logs: str) -> str | None:
     return logs[start + len(begin):end.start()].removesuffix("\n")
 
 
+def report(run_id: str, run, progress: dict, jobs: Jobs) -> dict:
+    """What the agent's poll returns: the run's state (`run`: the Jobs API's Run), its progress (`progress`:
+    lakebase.run_progress) and, once it has ended, its answer, error or cancellation (from the run's output, read
+    with `jobs`, when the worker logged no final step)."""
+    summary = summarize(run)
+    report = {"run_id": run_id, "state": summary.state, "state_message": summary.message,
+              "queued": summary.queue_reason, "run_page_url": run.run_page_url, "steps": progress["steps"],
+              "recent_steps": [describe_step(step) for step in progress["recent"]]}
+    final = progress["final"] or {"status": None, "payload": {}}
+    payload = final["payload"]
+    if final["status"] == "completed":
+        report["answer"] = cut(str(payload.get("answer")), MAX_ANSWER_CHARS)
+        if not progress["answered"]:  # a refusal or an error, said as an answer
+            report["no_data"] = "none of the run's data queries succeeded: its answer has no data, it says why"
+    elif final["status"] == "failed":
+        report["error"] = payload.get("error")
+    elif final["status"] == "cancelled":
+        report["cancelled"] = payload.get("reason") or "cancelled"
+    elif summary.finished:  # ended with no final step: the worker died first, or its database was out of reach
+        outcome = jobs.outcome(run)
+        if "answer" in outcome:
+            outcome["answer"] = cut(outcome["answer"], MAX_ANSWER_CHARS)
+        if outcome:
+            report.update(outcome, note="the worker logged no final step; this is from the run's output")
+    return {k: v for k, v in report.items() if v is not None}
+
+
+def ended(report: dict) -> bool:
+    """Whether a report() is of a run that has ended, or whose worker has logged its outcome."""
+    return bool({"answer", "error", "cancelled"} & report.keys()) or report["state"].split()[0] in FINISHED
+
+
+def outcome(report: dict) -> str:
+    """A run's outcome (a report() of a run that has ended) in a few words, for a reply of the agent's own."""
+    run = f"Run {report['run_id']}"
+    if "answer" in report:
+        got = ", without data. What it says" if "no_data" in report else ". Its answer"
+        return f"{run} has finished{got}:\n{cut(report['answer'], 2_000)}"
+    if "error" in report:
+        return f"{run} failed: {report['error']}"
+    if "cancelled" in report:
+        return f"{run} was cancelled: {report['cancelled']}"
+    details = f" ({report['state_message']})" if report.get("state_message") else ""
+    return f"{run} ended without an answer: {report['state']}{details}"
+
+
 def describe_step(step: dict) -> str:
     """One task_logs step as one readable line."""
     status, p = step["status"], step["payload"]
@@ -229,3 +277,11 @@ def shorten(text, limit: int) -> str:
     """`text` on one line (whitespace runs made one space), cut to `limit` characters with "..."."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` whole, or its head and tail (`limit` characters in all) with a note of what was left out."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half:,} characters left out ...]\n{text[-half:]}"
