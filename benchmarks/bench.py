@@ -173,9 +173,13 @@ class Server:
         self.pg = pg_fixture.start_embedded() if self.embedded else pg_fixture.PgServer(url)
         self.made = []
 
-    def database(self) -> str:
+    def database(self, *, migrated=True) -> str:
+        """A fresh database, with the agent's schema unless `migrated` is false."""
         dsn = self.pg.fresh_database()
         self.made.append(dsn)
+        if migrated:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                lakebase.migrate(conn)
         return dsn
 
     def close(self):
@@ -324,7 +328,7 @@ def bench_cold(report: Report, server: Server, args):
         report.add(section, f"import {module}: modules in sys.modules", str(len(loaded)))
 
     # The first local reply, Postgres given (LAKEBASE_DSN): the first run loads the sample data and migrates.
-    bench_first_replies(report, section, args, clean_env(LAKEBASE_DSN=server.database()), "bench-local-",
+    bench_first_replies(report, section, args, clean_env(LAKEBASE_DSN=server.database(migrated=False)), "bench-local-",
                         "new database (LAKEBASE_DSN; loads sample data)", "Postgres given (LAKEBASE_DSN)")
     if args.quick:
         return
@@ -401,7 +405,6 @@ def build_thread(server: Server, length: int, copies: int) -> dict:
     then `copies` copies of it, so that every timed turn runs on exactly `length` turns of history."""
     dsn = server.database()
     with psycopg.connect(dsn, autocommit=True) as conn:
-        lakebase.migrate(conn)
         started = time.perf_counter()
         for i in range(length):
             lakebase.append_turn(conn, "base", history_turn(i))
@@ -498,8 +501,6 @@ def bench_concurrency(report: Report, server: Server, args):
     print(f"\n3. {section} (instant model, one process, pool max_size={args.pool_size}, {args.conversation_turns} "
           f"turns per conversation, {args.rounds} rounds)", flush=True)
     dsn = server.database()
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        lakebase.migrate(conn)
     pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=dsn), min_size=4, max_size=args.pool_size, timeout=30)
     agent = primary.PrimaryAgent(InstantModel(), None, pool, 1)
     try:
@@ -586,8 +587,6 @@ def bench_async(report: Report, server: Server, args):
     ws = localws.start(ROOT, data_dir=data_dir, dsn=dsn)
     pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=dsn), max_size=4)
     try:
-        with pool.connection() as conn:
-            lakebase.migrate(conn)
         workspace = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat"))
         chat = llm.databricks_chat(llm.DEFAULT_ENDPOINT, workspace.config)
         agent = primary.PrimaryAgent(chat, workspace, pool, ws.job_id)
@@ -631,7 +630,6 @@ def bench_async(report: Report, server: Server, args):
 
     # The step log's write cost: typical payloads, 10 steps per run, as a worker writes them.
     with lakebase.connect(lakebase.LakebaseConfig(dsn=dsn)) as conn:
-        lakebase.migrate(conn)
         writes, reads = [], []
         for i in range(args.steps):
             status, payload = RUN_STEPS[i % len(RUN_STEPS)]  # a run's log is closed by its final step
@@ -657,8 +655,6 @@ def bench_stream(report: Report, server: Server, args):
     from scripted import ScriptedModel
 
     dsn = server.database()
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        lakebase.migrate(conn)
     pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=dsn), min_size=2, max_size=4)
     model = ScriptedModel().start()
     agent = primary.PrimaryAgent(llm.openai_chat(model.base_url, "scripted"), None, pool, 1)
