@@ -350,12 +350,15 @@ class Pool(ConnectionPool):
                               f"moment") from e
 
 
-def open_pool(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login] | None = None, min_size=1,
-              max_size=10, max_lifetime=MAX_LIFETIME_SECONDS, timeout=30.0) -> ConnectionPool:
+def open_pool(config: LakebaseConfig, workspace=None, *, login: Callable[[], Login] | None = None, migrated=False,
+              min_size=1, max_size=10, max_lifetime=MAX_LIFETIME_SECONDS, timeout=30.0) -> ConnectionPool:
     """A pool of autocommit connections: each new one logs in with a fresh enough token, each is checked
-    when handed out (so dead ones after a server restart are replaced), each is recycled after max_lifetime."""
+    when handed out (so dead ones after a server restart are replaced), each is recycled after max_lifetime.
+    `migrated`: the schema's migrations are applied first."""
     login = login or login_for(config, workspace)
-    connect(config, login=login).close()  # fail now with a LakebaseError, rather than later with a PoolTimeout
+    with connect(config, login=login) as conn:  # fail now with a LakebaseError, rather than later with a PoolTimeout
+        if migrated:
+            migrate(conn)
     pool = Pool(config.dsn, kwargs=lambda: _connect_kwargs(config, login), min_size=min_size, max_size=max_size,
                 max_lifetime=max_lifetime, timeout=timeout, name="lakebase", check=ConnectionPool.check_connection,
                 configure=lambda conn: _set_bounds(conn, config), open=True)

@@ -122,13 +122,7 @@ def build_agent(config: AgentConfig, *, host: str | None = None, token: str | No
         raise ConfigError(f"Databricks auth: {e}") from e
     lakebase.add_secrets(*lakebase.sdk_secrets(workspace.config))  # a profile's token, too
     chat = config.chat.client(workspace.config)
-    pool = lakebase.open_pool(config.database, workspace, max_size=config.pool_size)
-    try:
-        with pool.connection() as conn:
-            lakebase.migrate(conn)
-    except BaseException:
-        pool.close()
-        raise
+    pool = lakebase.open_pool(config.database, workspace, migrated=True, max_size=config.pool_size)
     log.info("agent with job %s, Databricks auth %s, chat at %s", config.job_id, workspace.config.auth_type,
              lakebase.redact(chat.url))
     return PrimaryAgent(chat, workspace, pool, config.job_id, genie_space_id=config.genie_space_id,
