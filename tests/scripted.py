@@ -19,7 +19,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from helpers import LocalServer
 
 from localws.emulator import completion_chunks, sse
 
@@ -132,7 +134,7 @@ class ScriptedModel:
     @property
     def url(self) -> str:
         """The host, as a Databricks workspace URL."""
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.url
 
     @property
     def base_url(self) -> str:
@@ -140,16 +142,12 @@ class ScriptedModel:
         return f"{self.url}/v1"
 
     def start(self):
-        handler = type("Handler", (_Handler,), {"model": self})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()  # quick stop()
+        self._server = LocalServer(type("Handler", (_Handler,), {"model": self}))
         return self
 
     def stop(self):
         self._stopped.set()  # wakes slow replies still waiting
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
     def check(self):
         """Fail if the model was called more often than scripted, or left with responses never asked for."""

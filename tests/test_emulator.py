@@ -4,7 +4,6 @@ The contract tests check every JSON body against the SDK's own dataclasses: `Cls
 == body` fails on a field or enum value the SDK does not know (it would be dropped), so the emulator can't
 drift into answers the real service would not give.
 """
-import functools
 import json
 import os
 import re
@@ -14,13 +13,11 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import pg_fixture
 import psycopg
 import pytest
 import requests
-from databricks.sdk import WorkspaceClient
 from databricks.sdk.config import Config
 from databricks.sdk.errors import (
     InvalidParameterValue,
@@ -30,6 +27,8 @@ from databricks.sdk.errors import (
     ResourceDoesNotExist,
 )
 from databricks.sdk.service import dashboards, database, iam, jobs, postgres
+from helpers import ROOT, SQL, Answerer, wait_ended, workspace
+from pg_fixture import wait_for
 
 import lakebase
 import localws
@@ -38,12 +37,8 @@ import localws.embedded
 import localws.emulator
 import localws.jobs
 
-ROOT = Path(__file__).resolve().parents[1]
 FAKE_WORKER = "tests/fixtures/fake_worker.py"
 PARAMS = ("sleep", "exit", "stderr", "dump", "ignore_sigterm")
-
-
-wait_for = functools.partial(pg_fixture.wait_for, timeout=10.0, every=0.03)
 
 
 def fake_job(**settings):
@@ -58,58 +53,20 @@ def fake_job(**settings):
     return job
 
 
-def client(emu, token=None, retry_timeout=10):
-    return WorkspaceClient(config=Config(host=emu.url, token=token or emu.token, auth_type="pat",
-                                         retry_timeout_seconds=retry_timeout))
-
-
-def wait_run(w, run_id, states=("TERMINATED", "SKIPPED", "INTERNAL_ERROR"), timeout=10.0):
-    def check():
-        run = w.jobs.get_run(run_id)
-        return run if run.state.life_cycle_state.value in states else None
-    return wait_for(check, f"run {run_id} to reach {states}", timeout=timeout)
-
-
 def roundtrip(cls, body):
     assert cls.from_dict(body).as_dict() == body
 
 
-class Answerer:
-    """A Genie answerer for tests: answers from a table, records what it was asked."""
-
-    def __init__(self):
-        self.asked = []
-
-    def answer(self, question, history):
-        self.asked.append((question, history))
-        if "unanswerable" in question:
-            raise localws.answerer.CannotAnswer("I can only answer questions about sales.")
-        if "explain" in question:
-            return SimpleNamespace(text="Sales are orders.", sql=None, columns=[], rows=[])
-        return SimpleNamespace(text=f"Answer to {question}", sql="SELECT region, SUM(amount) FROM sales GROUP BY 1",
-                               columns=[{"name": "region", "type_name": "STRING"},
-                                        {"name": "total", "type_name": "DECIMAL"}],
-                               rows=[["east", "10.50"], ["west", None]])
-
-
 @pytest.fixture
-def emu(tmp_path):
-    emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=0.5, genie_delay=0.06,
-                              env={"EXTRA_VAR": "from-workspace", "HOME_ONLY": None})
-    yield emulator
-    emulator.close()
-
-
-@pytest.fixture
-def w(emu):
-    return client(emu)
+def emu(make_emulator):
+    return make_emulator(cancel_grace=0.5, genie_delay=0.06, env={"EXTRA_VAR": "from-workspace", "HOME_ONLY": None})
 
 
 # ------------------------------------------------------------------ auth and startup
 
 def test_client_construction_is_fast_and_needs_no_token_for_host_metadata(emu):
     started = time.monotonic()
-    w = client(emu)
+    w = workspace(emu)
     assert time.monotonic() - started < 2
     well_known = emu.calls("GET", "/.well-known/databricks-config")
     assert well_known and "authorization" not in well_known[0].headers
@@ -123,7 +80,7 @@ def test_client_construction_is_fast_and_needs_no_token_for_host_metadata(emu):
 
 def test_wrong_or_missing_token_is_refused(emu):
     with pytest.raises(PermissionDenied, match="Invalid access token"):
-        client(emu, token="dapi-wrong").current_user.me()
+        workspace(emu, token="dapi-wrong").current_user.me()
     response = requests.get(emu.url + "/api/2.0/preview/scim/v2/Me", timeout=5)
     assert response.status_code == 401 and response.json()["error_code"] == "UNAUTHENTICATED"
 
@@ -131,25 +88,25 @@ def test_wrong_or_missing_token_is_refused(emu):
 def test_each_emulator_has_a_fresh_random_token(tmp_path):
     with localws.Emulator(log_dir=tmp_path) as one, localws.Emulator(log_dir=tmp_path) as other:
         assert re.fullmatch(r"dapi[0-9a-f]{32}", one.token) and one.token != other.token
-        assert client(one).current_user.me().user_name == localws.emulator.DEFAULT_USER
+        assert workspace(one).current_user.me().user_name == localws.emulator.DEFAULT_USER
         for token in (other.token, "dapi-local"):  # another workspace's token, and the one every user once knew
             with pytest.raises(PermissionDenied, match="Invalid access token"):
-                client(one, token=token).current_user.me()
+                workspace(one, token=token).current_user.me()
 
 
-def test_each_user_has_a_token_and_is_answered_as_that_user(tmp_path):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, users=["ana@example.com"]) as emu:
+def test_each_user_has_a_token_and_is_answered_as_that_user(make_emulator):
+    with make_emulator(users=["ana@example.com"]) as emu:
         bob = emu.add_user("bob@example.com")
         ana = emu.users["ana@example.com"].token
         assert len({emu.token, ana, bob}) == 3
-        me = {name: client(emu, token=token).current_user.me() for name, token in
+        me = {name: workspace(emu, token=token).current_user.me() for name, token in
               [(localws.emulator.DEFAULT_USER, emu.token), ("ana@example.com", ana), ("bob@example.com", bob)]}
         assert {name: m.user_name for name, m in me.items()} == {name: name for name in me}
         assert len({m.id for m in me.values()}) == 3
-        roundtrip(iam.User, client(emu, token=bob).api_client.do("GET", "/api/2.0/preview/scim/v2/Me"))
+        roundtrip(iam.User, workspace(emu, token=bob).api_client.do("GET", "/api/2.0/preview/scim/v2/Me"))
         job_id = emu.add_job(fake_job())
-        run_id = client(emu, token=bob).jobs.run_now(job_id).run_id
-        run = wait_run(client(emu), run_id)
+        run_id = workspace(emu, token=bob).jobs.run_now(job_id).run_id
+        run = wait_ended(workspace(emu), run_id)
         assert run.creator_user_name == "bob@example.com"  # who started it; it runs as the job's owner
         with pytest.raises(ValueError, match="exists"):
             emu.add_user("bob@example.com")
@@ -159,7 +116,7 @@ def test_a_genie_space_can_be_restricted_to_some_users(tmp_path):
     with localws.Emulator(log_dir=tmp_path, users=["ana@example.com"], genie_delay=0.06) as emu:
         emu.add_genie_space("open", Answerer())
         emu.add_genie_space("ana-only", Answerer(), users=["ana@example.com"])
-        ana, me = client(emu, token=emu.users["ana@example.com"].token), client(emu)
+        ana, me = workspace(emu, token=emu.users["ana@example.com"].token), workspace(emu)
         assert ana.genie.get_space("ana-only").space_id == "ana-only"
         asked = ana.genie.start_conversation("ana-only", "revenue?").response
         assert int(ana.genie.get_message("ana-only", asked.conversation_id, asked.message_id).user_id) == int(
@@ -190,7 +147,7 @@ def test_contract_jobs_bodies(emu, w, tmp_path):
     skipped = w.api_client.do("POST", "/api/2.2/jobs/run-now", body={"job_id": skipped_job})
     bodies = [w.api_client.do("GET", "/api/2.2/jobs/runs/get", query={"run_id": r["run_id"]})
               for r in (first, second, skipped)]  # running (or pending), queued, skipped
-    wait_run(w, second["run_id"])
+    wait_ended(w, second["run_id"])
     bodies += [w.api_client.do("GET", "/api/2.2/jobs/runs/get", query={"run_id": r["run_id"]})
                for r in (first, second)]  # failed, succeeded
     assert {b["state"]["life_cycle_state"] for b in bodies} >= {"QUEUED", "SKIPPED", "INTERNAL_ERROR", "TERMINATED"}
@@ -236,13 +193,13 @@ def test_contract_genie_bodies(emu, w):
     roundtrip(dashboards.GenieSpace, w.api_client.do("GET", "/api/2.0/genie/spaces/s1"))
 
 
-def test_contract_genie_bodies_as_harsh_as_the_real_genie(tmp_path):
+def test_contract_genie_bodies_as_harsh_as_the_real_genie(make_emulator):
     """Every shape the quirks add: self-correction, a summary without id, suggestions, a description-only answer,
     a clarifying question, a failed attempt's result, PENDING and RUNNING results, an expired message."""
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.06, quirks=localws.quirks.HARSH) as emu:
+    with make_emulator(genie_delay=0.06, quirks=localws.quirks.HARSH) as emu:
         emu.add_genie_space("s1", Answerer())
         emu.genie_result_delay = 1.0  # a re-executed result is PENDING for 0.5 s, then RUNNING for 0.5 s
-        w = client(emu)
+        w = workspace(emu)
 
         def ask(content, cid=None):
             path = f"/api/2.0/genie/spaces/s1/conversations/{cid}/messages" if cid else \
@@ -288,18 +245,16 @@ def test_contract_genie_bodies_as_harsh_as_the_real_genie(tmp_path):
             "GET", f"/api/2.0/genie/spaces/s1/conversations/{message['conversation_id']}/messages"))
 
 
-def test_contract_lakebase_and_scim_bodies(tmp_path):
+def test_contract_lakebase_and_scim_bodies(make_emulator):
     endpoint = "projects/p/branches/main/endpoints/rw"
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, database_instances={"db1": "db1.local"},
-                        postgres_endpoints={endpoint: "ep.local"}) as emu:
-        w = client(emu)
-        roundtrip(database.DatabaseInstance, w.api_client.do("GET", "/api/2.0/database/instances/db1"))
-        roundtrip(database.DatabaseCredential, w.api_client.do(
-            "POST", "/api/2.0/database/credentials", body={"instance_names": ["db1"], "request_id": "r"}))
-        roundtrip(postgres.Endpoint, w.api_client.do("GET", f"/api/2.0/postgres/{endpoint}"))
-        roundtrip(postgres.DatabaseCredential, w.api_client.do(
-            "POST", "/api/2.0/postgres/credentials", body={"endpoint": endpoint}))
-        roundtrip(iam.User, w.api_client.do("GET", "/api/2.0/preview/scim/v2/Me"))
+    w = workspace(make_emulator(database_instances={"db1": "db1.local"}, postgres_endpoints={endpoint: "ep.local"}))
+    roundtrip(database.DatabaseInstance, w.api_client.do("GET", "/api/2.0/database/instances/db1"))
+    roundtrip(database.DatabaseCredential, w.api_client.do(
+        "POST", "/api/2.0/database/credentials", body={"instance_names": ["db1"], "request_id": "r"}))
+    roundtrip(postgres.Endpoint, w.api_client.do("GET", f"/api/2.0/postgres/{endpoint}"))
+    roundtrip(postgres.DatabaseCredential, w.api_client.do(
+        "POST", "/api/2.0/postgres/credentials", body={"endpoint": endpoint}))
+    roundtrip(iam.User, w.api_client.do("GET", "/api/2.0/preview/scim/v2/Me"))
 
 
 # ------------------------------------------------------------------ jobs behaviour
@@ -321,7 +276,7 @@ def test_run_succeeds_through_the_sdk_waiter(emu, w):
 def test_a_failed_run_reads_as_on_a_real_workspace_and_its_output_says_why(emu, w):
     job_id = emu.add_job(fake_job())
     run_id = w.jobs.run_now(job_id, job_parameters={"exit": "3", "stderr": "Traceback ...\nValueError: boom"}).run_id
-    run = wait_run(w, run_id)
+    run = wait_ended(w, run_id)
     # the run's own state says only that the task failed, as on serverless; the reason is in the task's output
     assert (run.state.life_cycle_state, run.state.result_state) == (jobs.RunLifeCycleState.INTERNAL_ERROR,
                                                                     jobs.RunResultState.FAILED)
@@ -349,7 +304,7 @@ def test_parameters_are_merged_and_substituted_and_env_is_the_workspaces(emu, w,
     dump = tmp_path / "dump.json"
     job_id = emu.add_job(fake_job(parameters=[{"name": "dump", "default": str(dump)},
                                               {"name": "sleep", "default": "0"}, {"name": "exit", "default": ""}]))
-    run = wait_run(w, w.jobs.run_now(job_id, job_parameters={"exit": "0"}).run_id)
+    run = wait_ended(w, w.jobs.run_now(job_id, job_parameters={"exit": "0"}).run_id)
     assert run.state.result_state == jobs.RunResultState.SUCCESS
     seen = json.loads(dump.read_text())
     argv = seen["argv"]
@@ -391,7 +346,7 @@ def test_cancel_sends_sigterm(emu, w):
     wait_for(lambda: "ready" in emu.run_log(run_id), what="worker ready")
     started = time.monotonic()
     w.jobs.cancel_run(run_id)
-    run = wait_run(w, run_id, timeout=5)
+    run = wait_ended(w, run_id, timeout=5)
     assert time.monotonic() - started < emu.cancel_grace + 0.4  # no SIGKILL needed
     assert run.state.result_state == jobs.RunResultState.CANCELED
     assert run.status.termination_details.code == jobs.TerminationCodeCode.USER_CANCELED
@@ -405,7 +360,7 @@ def test_cancel_kills_a_worker_that_ignores_sigterm(emu, w):
     started = time.monotonic()
     w.jobs.cancel_run(run_id)
     assert w.jobs.get_run(run_id).state.life_cycle_state == jobs.RunLifeCycleState.TERMINATING
-    run = wait_run(w, run_id, timeout=5)
+    run = wait_ended(w, run_id, timeout=5)
     assert time.monotonic() - started >= emu.cancel_grace
     assert run.state.result_state == jobs.RunResultState.CANCELED
     assert "ignored SIGTERM and was killed" in run.state.state_message
@@ -418,14 +373,14 @@ def test_worker_killed_from_outside_fails_with_sigkill(emu, w):
     run_id = w.jobs.run_now(job_id, job_parameters={"sleep": "30"}).run_id
     log = wait_for(lambda: "ready" in (text := emu.run_log(run_id)) and text, what="worker ready")
     os.kill(int(log.split("pid=")[1].split()[0]), signal.SIGKILL)
-    run = wait_run(w, run_id)
+    run = wait_ended(w, run_id)
     assert run.state.result_state == jobs.RunResultState.FAILED
     assert w.jobs.get_run_output(run.tasks[0].run_id).error == "the worker process was killed by SIGKILL (signal 9)"
 
 
 def test_timeout_seconds_times_the_run_out(emu, w):
     job_id = emu.add_job(fake_job(timeout_seconds=1))
-    run = wait_run(w, w.jobs.run_now(job_id, job_parameters={"sleep": "30"}).run_id)
+    run = wait_ended(w, w.jobs.run_now(job_id, job_parameters={"sleep": "30"}).run_id)
     assert run.state.result_state == jobs.RunResultState.TIMEDOUT
     assert run.state.user_cancelled_or_timedout is True
 
@@ -442,19 +397,19 @@ def test_concurrency_cap_queues_then_starts(emu, w, tmp_path):
     assert queued.state.queue_reason
     assert {r.run_id for r in w.jobs.list_runs(job_id=job_id, active_only=True)} == {first, second, third}
     w.jobs.cancel_run(third)  # a queued run is cancelled without ever starting
-    assert wait_run(w, third).state.result_state == jobs.RunResultState.CANCELED
+    assert wait_ended(w, third).state.result_state == jobs.RunResultState.CANCELED
     time.sleep(0.3)
     assert not dump.exists()
     w.jobs.cancel_run(first)
-    assert wait_run(w, second).state.result_state == jobs.RunResultState.SUCCESS
+    assert wait_ended(w, second).state.result_state == jobs.RunResultState.SUCCESS
     assert dump.exists() and not (tmp_path / "third.json").exists()
     assert {r.run_id for r in w.jobs.list_runs(job_id=job_id, completed_only=True)} == {first, second, third}
 
 
-def test_quirk_jobs_queued_holds_every_run_queued_first(tmp_path):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, quirks={"jobs_queued"}) as emu:
+def test_quirk_jobs_queued_holds_every_run_queued_first(make_emulator):
+    with make_emulator(quirks={"jobs_queued"}) as emu:
         emu.jobs_queue_delay = 0.5
-        w = client(emu)
+        w = workspace(emu)
         job_id = emu.add_job(fake_job(max_concurrent_runs=5))
         started = time.monotonic()
         run_id = w.jobs.run_now(job_id).run_id
@@ -462,11 +417,11 @@ def test_quirk_jobs_queued_holds_every_run_queued_first(tmp_path):
         assert queued.status.state == jobs.RunLifecycleStateV2State.QUEUED
         assert queued.status.queue_details.code == jobs.QueueDetailsCodeCode.ACTIVE_RUNS_LIMIT_REACHED
         assert queued.state.queue_reason == queued.status.queue_details.message
-        assert wait_run(w, run_id).state.result_state == jobs.RunResultState.SUCCESS
+        assert wait_ended(w, run_id).state.result_state == jobs.RunResultState.SUCCESS
         assert time.monotonic() - started >= 0.5
         held = w.jobs.run_now(job_id).run_id
         w.jobs.cancel_run(held)  # a held run is cancelled without ever starting
-        assert wait_run(w, held).state.result_state == jobs.RunResultState.CANCELED
+        assert wait_ended(w, held).state.result_state == jobs.RunResultState.CANCELED
         time.sleep(0.7)
         assert w.jobs.get_run(held).state.result_state == jobs.RunResultState.CANCELED and not emu.run_log(held)
     with pytest.raises(ValueError, match="unknown local workspace quirk"):
@@ -486,7 +441,7 @@ def test_without_queue_a_run_over_the_cap_is_skipped(emu, w):
 def test_missing_python_file_fails_the_run(emu, w):
     job = fake_job()
     job["tasks"][0]["spark_python_task"]["python_file"] = "no_such_worker.py"
-    run = wait_run(w, w.jobs.run_now(emu.add_job(job)).run_id)
+    run = wait_ended(w, w.jobs.run_now(emu.add_job(job)).run_id)
     assert run.state.result_state == jobs.RunResultState.FAILED
     assert run.status.termination_details.code == jobs.TerminationCodeCode.RESOURCE_NOT_FOUND
     assert "no_such_worker.py" in run.state.state_message
@@ -494,11 +449,11 @@ def test_missing_python_file_fails_the_run(emu, w):
 
 def test_the_run_page_is_served_to_a_browser_with_each_run_under_its_anchor(pg_dsn, tmp_path):
     with localws.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path, env={"LAKEBASE_DSN": pg_dsn}) as emu:
-        w = client(emu)
+        w = workspace(emu)
         job = fake_job()
         job["parameters"].append({"name": "request", "default": ""})
         job_id = emu.add_job(job)
-        run = wait_run(w, w.jobs.run_now(job_id, job_parameters={"request": "<script>alert(1)</script>"}).run_id)
+        run = wait_ended(w, w.jobs.run_now(job_id, job_parameters={"request": "<script>alert(1)</script>"}).run_id)
         with psycopg.connect(pg_dsn, autocommit=True) as conn:  # what the worker would have logged
             lakebase.migrate(conn)
             lakebase.log_step(conn, str(run.run_id), "started", {"request": "<b>revenue</b>"})
@@ -566,7 +521,7 @@ def test_list_runs_pages_and_checks_its_limit(emu, w):
     with pytest.raises(InvalidParameterValue):
         list(w.jobs.list_runs(active_only=True, completed_only=True))
     for run_id in ids:
-        wait_run(w, run_id)
+        wait_ended(w, run_id)
 
 
 def test_get_and_list_jobs(emu, w):
@@ -579,14 +534,14 @@ def test_get_and_list_jobs(emu, w):
 
 def test_runs_persist_across_restarts(pg_dsn, tmp_path):
     with localws.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
-        w = client(emu)
+        w = workspace(emu)
         job_id = emu.add_job(fake_job())
         old = w.jobs.run_now(job_id, idempotency_token="persisted").run_id
-        wait_run(w, old)
+        wait_ended(w, old)
         sleeping = w.jobs.run_now(job_id, job_parameters={"sleep": "30"}).run_id
         wait_for(lambda: "ready" in emu.run_log(sleeping), what="worker ready")
     with localws.Emulator(dsn=pg_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
-        w = client(emu)
+        w = workspace(emu)
         emu.add_job(fake_job(), job_id=job_id)
         assert w.jobs.get_run(old).state.result_state == jobs.RunResultState.SUCCESS
         stopped = w.jobs.get_run(sleeping)  # closing the workspace stopped it, like a cancel
@@ -596,15 +551,15 @@ def test_runs_persist_across_restarts(pg_dsn, tmp_path):
         new = w.jobs.run_now(job_id).run_id
         assert new > max(old, sleeping)
         assert [r.run_id for r in w.jobs.list_runs(job_id=job_id)][:1] == [new]
-        wait_run(w, new)
+        wait_ended(w, new)
 
 
 def test_the_run_store_survives_a_terminated_backend_and_a_server_restart(own, own_dsn, tmp_path):
     with localws.Emulator(dsn=own_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
-        w = client(emu)
+        w = workspace(emu)
         job_id = emu.add_job(fake_job())
         first = w.jobs.run_now(job_id).run_id
-        wait_run(w, first)
+        wait_ended(w, first)
         with psycopg.connect(own_dsn, autocommit=True) as admin:  # what the model's SQL could once do
             admin.execute("select pg_terminate_backend(pid) from pg_stat_activity "
                           "where datname = current_database() and pid <> pg_backend_pid()")
@@ -612,10 +567,10 @@ def test_the_run_store_survives_a_terminated_backend_and_a_server_restart(own, o
         second = w.jobs.run_now(job_id, job_parameters={"sleep": "1"}).run_id
         wait_for(lambda: "ready" in emu.run_log(second), what="worker ready")
         pg_fixture.stop(own)  # the run ends while the database is down: answered from memory, saved later
-        assert wait_run(w, second).state.result_state == jobs.RunResultState.SUCCESS
+        assert wait_ended(w, second).state.result_state == jobs.RunResultState.SUCCESS
         pg_fixture.start(own)
         third = w.jobs.run_now(job_id).run_id
-        assert wait_run(w, third).state.result_state == jobs.RunResultState.SUCCESS
+        assert wait_ended(w, third).state.result_state == jobs.RunResultState.SUCCESS
     with localws.Emulator(dsn=own_dsn, project_dir=ROOT, log_dir=tmp_path) as again:
         assert [again.store.get(r).result for r in (first, second, third)] == ["SUCCESS"] * 3
 
@@ -625,10 +580,10 @@ def test_run_logs_of_two_databases_never_mix(pg_server, tmp_path):
     try:
         for dsn in dsns:  # the same log directory, as `python primary.py` with and without LAKEBASE_DSN
             with localws.Emulator(dsn=dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
-                w = client(emu)
+                w = workspace(emu)
                 job_id = emu.add_job(fake_job())
                 run_id = w.jobs.run_now(job_id, job_parameters={"stderr": f"from {dsn}"}).run_id
-                wait_run(w, run_id)
+                wait_ended(w, run_id)
                 assert emu.run_log(run_id, "stderr") == f"from {dsn}\n"  # not appended to the other's run 1
         assert sorted(p.name for p in tmp_path.glob("*/run-*.stderr")) == ["run-1.stderr"] * 2
     finally:
@@ -641,9 +596,9 @@ def test_run_logs_are_private_and_a_temporary_log_dir_is_removed(tmp_path, monke
     (tmp_path / "system-temp").mkdir()
     for log_dir in (tmp_path / "logs", None):
         with localws.Emulator(project_dir=ROOT, log_dir=log_dir) as emu:
-            w = client(emu)
+            w = workspace(emu)
             run_id = w.jobs.run_now(emu.add_job(fake_job())).run_id
-            wait_run(w, run_id)
+            wait_ended(w, run_id)
             assert emu.run_log(run_id).startswith("ready")
             logs = list(emu.log_dir.glob("run-*"))
             assert len(logs) == 2 and {p.stat().st_mode & 0o777 for p in logs} == {0o600}
@@ -653,7 +608,7 @@ def test_run_logs_are_private_and_a_temporary_log_dir_is_removed(tmp_path, monke
 
 def test_closing_the_workspace_stops_its_runs(tmp_path):
     emu = localws.Emulator(project_dir=ROOT, log_dir=tmp_path, cancel_grace=0.3)
-    w = client(emu)
+    w = workspace(emu)
     job_id = emu.add_job(fake_job())
     running = w.jobs.run_now(job_id, job_parameters={"sleep": "30", "ignore_sigterm": "yes"}).run_id
     queued = w.jobs.run_now(job_id).run_id
@@ -707,8 +662,7 @@ resources:
 # ------------------------------------------------------------------ Genie behaviour
 
 @pytest.fixture
-def genie(emu):
-    answerer = Answerer()
+def genie(emu, answerer):
     emu.add_genie_space("space", answerer, title="Sales", description="sales data")
     return answerer
 
@@ -742,7 +696,7 @@ def test_genie_conversation_with_follow_up_and_query_result(emu, w, genie):
     assert [a.query for a in follow_up.attachments] == [None]  # a text-only answer
     assert genie.asked[1] == ("and explain it", [{"question": "total sales by region",
                                                   "text": "Answer to total sales by region",
-                                                  "sql": "SELECT region, SUM(amount) FROM sales GROUP BY 1"}])
+                                                  "sql": SQL}])
     listed = list(w.genie.list_conversation_messages("space", message.conversation_id).messages)
     assert [m.message_id for m in listed] == [message.message_id, follow.message_id]
     space = w.genie.get_space("space")
@@ -754,7 +708,7 @@ def test_genie_message_passes_through_its_states(emu, w, genie):
     waiter = w.genie.start_conversation("space", "total sales")
     seen = set()
     wait_for(lambda: seen.add(w.genie.get_message("space", waiter.conversation_id, waiter.message_id)
-                              .status.value) or "COMPLETED" in seen, what="COMPLETED")
+                              .status.value) or "COMPLETED" in seen, what="COMPLETED", every=0.03)
     assert {"SUBMITTED", "ASKING_AI", "EXECUTING_QUERY", "COMPLETED"} <= seen
 
 
@@ -814,22 +768,21 @@ def test_genie_unknown_space_conversation_and_attachment(emu, w, genie):
         w.api_client.do("POST", "/api/2.0/genie/spaces/space/start-conversation", body={"content": " "})
 
 
-def test_genie_rate_limit_answers_429_and_the_sdk_retries(tmp_path):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, genie_rate_limit=2,
-                        genie_rate_window=1.0) as emu:
-        emu.add_genie_space("space", Answerer())
-        w = client(emu)
-        for question in ("a", "b"):
-            w.genie.start_conversation("space", question)
-        refused = requests.post(emu.url + "/api/2.0/genie/spaces/space/start-conversation", json={"content": "c"},
-                                headers={"Authorization": f"Bearer {emu.token}"}, timeout=5)
-        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
-        assert refused.json()["error_code"] == "RESOURCE_EXHAUSTED"
-        started = time.monotonic()
-        w.genie.start_conversation("space", "d")  # refused with Retry-After: 1, retried by the SDK
-        assert time.monotonic() - started >= 0.5
-        assert [r.status for r in emu.calls("POST")] == [200, 200, 429, 429, 200]
-        w.genie.get_space("space")  # reads are not limited
+def test_genie_rate_limit_answers_429_and_the_sdk_retries(make_emulator):
+    emu = make_emulator(genie_delay=0.03, genie_rate_limit=2, genie_rate_window=1.0)
+    emu.add_genie_space("space", Answerer())
+    w = workspace(emu)
+    for question in ("a", "b"):
+        w.genie.start_conversation("space", question)
+    refused = requests.post(emu.url + "/api/2.0/genie/spaces/space/start-conversation", json={"content": "c"},
+                            headers={"Authorization": f"Bearer {emu.token}"}, timeout=5)
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["error_code"] == "RESOURCE_EXHAUSTED"
+    started = time.monotonic()
+    w.genie.start_conversation("space", "d")  # refused with Retry-After: 1, retried by the SDK
+    assert time.monotonic() - started >= 0.5
+    assert [r.status for r in emu.calls("POST")] == [200, 200, 429, 429, 200]
+    w.genie.get_space("space")  # reads are not limited
 
 
 def test_quirks_are_one_registry_off_by_default_all_on_with_localws_harsh(emu, caplog):
@@ -843,8 +796,8 @@ def test_quirks_are_one_registry_off_by_default_all_on_with_localws_harsh(emu, c
     assert "LOCALWS_HARSH: unknown quirk(s) nope left out" in caplog.text
 
 
-def test_genie_rate_limit_quirk_is_five_questions_a_minute_per_workspace(tmp_path):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, quirks={"genie_rate_limit"}) as emu:
+def test_genie_rate_limit_quirk_is_five_questions_a_minute_per_workspace(make_emulator):
+    with make_emulator(quirks={"genie_rate_limit"}) as emu:
         emu.add_genie_space("space", Answerer())
         emu.add_genie_space("other", Answerer())
 
@@ -870,7 +823,7 @@ def test_database_instance_credentials_can_become_a_real_password(pg_dsn, tmp_pa
 
     with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, user="ana@example.com",
                         database_instances={"db1": "127.0.0.1"}, on_credential=make_password) as emu:
-        w = client(emu)
+        w = workspace(emu)
         instance = w.database.get_database_instance("db1")
         assert instance.state == database.DatabaseInstanceState.AVAILABLE and instance.read_write_dns == "127.0.0.1"
         credential = w.database.generate_database_credential(instance_names=["db1"])
@@ -887,19 +840,18 @@ def test_database_instance_credentials_can_become_a_real_password(pg_dsn, tmp_pa
             w.database.generate_database_credential(instance_names=["nope"])
 
 
-def test_postgres_endpoint_and_credentials(tmp_path):
+def test_postgres_endpoint_and_credentials(make_emulator):
     name = "projects/p/branches/main/endpoints/primary"
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, postgres_endpoints={name: "ep-1.local"}) as emu:
-        w = client(emu)
-        endpoint = w.postgres.get_endpoint(name)
-        assert endpoint.status.hosts.host == "ep-1.local"
-        assert endpoint.status.current_state == postgres.EndpointStatusState.ACTIVE
-        credential = w.postgres.generate_database_credential(name)
-        assert credential.token.startswith("local-") and credential.expire_time.seconds > time.time() + 3000
-        with pytest.raises(InvalidParameterValue, match="projects/"):
-            w.postgres.generate_database_credential("db1")
-        with pytest.raises(ResourceDoesNotExist):
-            w.postgres.get_endpoint("projects/p/branches/main/endpoints/other")
+    w = workspace(make_emulator(postgres_endpoints={name: "ep-1.local"}))
+    endpoint = w.postgres.get_endpoint(name)
+    assert endpoint.status.hosts.host == "ep-1.local"
+    assert endpoint.status.current_state == postgres.EndpointStatusState.ACTIVE
+    credential = w.postgres.generate_database_credential(name)
+    assert credential.token.startswith("local-") and credential.expire_time.seconds > time.time() + 3000
+    with pytest.raises(InvalidParameterValue, match="projects/"):
+        w.postgres.generate_database_credential("db1")
+    with pytest.raises(ResourceDoesNotExist):
+        w.postgres.get_endpoint("projects/p/branches/main/endpoints/other")
 
 
 # ------------------------------------------------------------------ serving, faults, request log
@@ -911,25 +863,25 @@ def chat_reply(body):
             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
 
 
-def test_serving_routes(tmp_path):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"model-a": chat_reply}) as emu:
-        w = client(emu)
-        body = {"messages": [{"role": "user", "content": "hi"}]}
-        reply = w.api_client.do("POST", "/serving-endpoints/model-a/invocations", body=body)
-        assert reply["choices"][0]["message"]["content"] == "echo hi"
-        headers = {"Authorization": f"Bearer {emu.token}"}
-        openai_style = requests.post(emu.url + "/serving-endpoints/chat/completions", headers=headers, timeout=5,
-                                     json={"model": "model-a", **body})
-        assert openai_style.json()["choices"][0]["message"]["content"] == "echo hi"
-        with pytest.raises(ResourceDoesNotExist, match="model-b"):
-            w.api_client.do("POST", "/serving-endpoints/model-b/invocations", body=body)
-        missing = requests.post(emu.url + "/serving-endpoints/chat/completions", headers=headers, timeout=5,
-                                json={"model": "model-b", **body})
-        assert missing.status_code == 404 and missing.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+def test_serving_routes(make_emulator):
+    emu = make_emulator(serving={"model-a": chat_reply})
+    w = workspace(emu)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    reply = w.api_client.do("POST", "/serving-endpoints/model-a/invocations", body=body)
+    assert reply["choices"][0]["message"]["content"] == "echo hi"
+    headers = {"Authorization": f"Bearer {emu.token}"}
+    openai_style = requests.post(emu.url + "/serving-endpoints/chat/completions", headers=headers, timeout=5,
+                                 json={"model": "model-a", **body})
+    assert openai_style.json()["choices"][0]["message"]["content"] == "echo hi"
+    with pytest.raises(ResourceDoesNotExist, match="model-b"):
+        w.api_client.do("POST", "/serving-endpoints/model-b/invocations", body=body)
+    missing = requests.post(emu.url + "/serving-endpoints/chat/completions", headers=headers, timeout=5,
+                            json={"model": "model-b", **body})
+    assert missing.status_code == 404 and missing.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
 
 
-def test_chat_routes_stream_when_asked_like_a_serving_endpoint(tmp_path):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"model-a": chat_reply}) as emu:
+def test_chat_routes_stream_when_asked_like_a_serving_endpoint(make_emulator):
+    with make_emulator(serving={"model-a": chat_reply}) as emu:
         headers = {"Authorization": f"Bearer {emu.token}"}
         body = {"messages": [{"role": "user", "content": "hi there, model"}], "stream": True}
         with requests.post(emu.url + "/serving-endpoints/model-a/invocations", headers=headers, json=body,
@@ -945,12 +897,11 @@ def test_chat_routes_stream_when_asked_like_a_serving_endpoint(tmp_path):
         assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["total_tokens"] == 2
 
 
-def test_the_chat_client_reads_the_emulated_stream_as_the_whole_answer(tmp_path):
+def test_the_chat_client_reads_the_emulated_stream_as_the_whole_answer(make_emulator):
     import llm
     import localws.stand_in
 
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, serving={"stand-in": localws.stand_in.stand_in_reply}
-                          ) as emu:
+    with make_emulator(serving={"stand-in": localws.stand_in.stand_in_reply}) as emu:
         config = Config(host=emu.url, token=emu.token, auth_type="pat")
         streamed, whole = llm.databricks_chat("stand-in", config), llm.databricks_chat("stand-in", config, stream=False)
         tools = [{"type": "function", "function": {"name": "start_databricks_job", "parameters": {}}}]
@@ -972,12 +923,12 @@ def test_injected_faults_come_before_the_route(emu, w):
     assert time.monotonic() - started >= 0.9
     emu.inject("GET", "/api/2.2/jobs/runs/get", 503, times=None)
     with pytest.raises(TimeoutError):
-        client(emu, retry_timeout=1).jobs.get_run(run_id)
+        workspace(emu, retry_timeout=1).jobs.get_run(run_id)
     emu._faults.clear()
     emu.inject("POST", "/api/2.2/jobs/run-now", 400, "INVALID_PARAMETER_VALUE", "scripted refusal")
     with pytest.raises(InvalidParameterValue, match="scripted refusal"):
         w.jobs.run_now(job_id)
-    wait_run(w, run_id)
+    wait_ended(w, run_id)
 
 
 def test_request_log_records_method_path_and_body(emu, w):
@@ -1016,7 +967,7 @@ def test_embedded_postgres_keeps_its_data_across_restarts():
 def test_local_start_composes_the_workspace(pg_dsn, tmp_path):
     with localws.start(ROOT, data_dir=tmp_path, dsn=pg_dsn, cancel_grace=1, genie_delay=0.05) as ws:
         assert ws.emulator.quirks == frozenset() and ws.emulator.genie_rate_limit is None  # kind by default
-        w = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat", retry_timeout_seconds=10))
+        w = workspace(ws.emulator)
         roundtrip(jobs.Job, w.api_client.do("GET", "/api/2.2/jobs/get", query={"job_id": ws.job_id}))
         job = w.jobs.get(ws.job_id).settings
         assert ws.job_id == 1 and job.tasks[0].spark_python_task.python_file == "worker.py"

@@ -4,86 +4,13 @@ real Genie (a test names the ones it needs with `@pytest.mark.parametrize("quirk
 import json
 import logging
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-from databricks.sdk import WorkspaceClient
-from databricks.sdk.config import Config
+from helpers import GENIE, SQL, Answerer, make_genie, workspace
 
-import localws
-import localws.emulator
 from genie import DEFAULT_DESCRIPTION, LOG_CHARS, MAX_QUESTION_CHARS, Genie, GenieConfig, GenieUnavailable, table
 from llm import ToolError
-from localws.answerer import CannotAnswer
 from localws.genie_server import ATTEMPT_TEXT, SUGGESTED
-
-ROOT = Path(__file__).resolve().parents[1]
-GENIE = "/api/2.0/genie/spaces/space"
-SQL = "SELECT region, SUM(amount) AS total FROM sales GROUP BY 1"
-
-
-class Answerer:
-    """A Genie answerer for tests: answers every question from `rows` (but "explain..." in words, and none about
-    the weather), records (question, earlier questions)."""
-
-    def __init__(self, rows=None):
-        self.asked = []
-        self.rows = rows if rows is not None else [["east", "10.50"], ["west", None]]
-
-    def answer(self, question, history):
-        self.asked.append((question, [h["question"] for h in history]))
-        if "explain" in question:
-            return SimpleNamespace(text="Sales are completed orders.", sql=None, columns=[], rows=[])
-        if "weather" in question:
-            raise CannotAnswer("I can only answer questions about sales.")
-        return SimpleNamespace(text=f"Answer to {question}", sql=SQL, rows=self.rows,
-                               columns=[{"name": "region", "type_name": "STRING"},
-                                        {"name": "total", "type_name": "DECIMAL"}])
-
-
-def client(emu, retry_timeout=10):
-    return WorkspaceClient(config=Config(host=emu.url, token=emu.token, auth_type="pat",
-                                         retry_timeout_seconds=retry_timeout))
-
-
-def bounded_sleep(limit=20.0):
-    """time.sleep for Genie's polling that fails the test, rather than hang it, if polling outlasts `limit`."""
-    deadline = time.monotonic() + limit
-
-    def sleep(seconds):
-        assert time.monotonic() < deadline, f"Genie still polling after {limit} s: its timeout did not work"
-        time.sleep(seconds)
-    return sleep
-
-
-def make(w, space="space", **settings):
-    """A Genie with test-sized polling (the defaults are 1 s growing to 5 s, 10 minutes overall)."""
-    settings = {"poll_first": 0.01, "poll_max": 0.05, "timeout": 10.0, **settings}
-    return Genie(w, GenieConfig(space, **settings), sleep=bounded_sleep())
-
-
-@pytest.fixture
-def answerer():
-    return Answerer()
-
-
-@pytest.fixture
-def quirks():
-    """The real Genie's behaviours the emulator plays (localws/quirks.py): none unless a test names them."""
-    return ()
-
-
-@pytest.fixture
-def emu(tmp_path, answerer, quirks):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, quirks=quirks) as emulator:
-        emulator.add_genie_space("space", answerer)
-        yield emulator
-
-
-@pytest.fixture
-def w(emu):
-    return client(emu)
 
 
 def ask(genie, question):
@@ -111,7 +38,7 @@ def query_attachment(w, detail):
 # ------------------------------------------------------------------ asking
 
 def test_answer_text_sql_and_rows_with_the_attachment_query_result_call(emu, w):
-    genie = make(w)
+    genie = make_genie(w)
     output, last = ask(genie, "  total sales by region ")
     assert output == ("Genie: Answer to total sales by region\n\n"
                       f"SQL:\n{SQL}\n\n"
@@ -130,7 +57,7 @@ def test_answer_text_sql_and_rows_with_the_attachment_query_result_call(emu, w):
 
 
 def test_a_text_only_answer_has_no_sql_and_no_rows(emu, w):
-    genie = make(w)
+    genie = make_genie(w)
     output, detail = ask(genie, "explain what sales are")
     assert output == "Genie: Sales are completed orders."
     assert (detail["query"], detail["columns"], detail["rows"]) == ("", [], [])
@@ -138,14 +65,14 @@ def test_a_text_only_answer_has_no_sql_and_no_rows(emu, w):
 
 
 def test_a_follow_up_is_asked_in_the_same_conversation(emu, w, answerer):
-    genie = make(w)
+    genie = make_genie(w)
     _, first = ask(genie, "total sales by region")
     _, second = ask(genie, "and by month?")
     assert second["conversation_id"] == first["conversation_id"] and second["message_id"] != first["message_id"]
     posts = [c[1] for c in genie_calls(emu) if c[0] == "POST"]
     assert posts == [f"{GENIE}/start-conversation", f"{GENIE}/conversations/{first['conversation_id']}/messages"]
-    assert answerer.asked == [("total sales by region", []), ("and by month?", ["total sales by region"])]
-    make(w).query_genie("another run")  # another run, another Genie: a new conversation
+    assert answerer.questions() == [("total sales by region", []), ("and by month?", ["total sales by region"])]
+    make_genie(w).query_genie("another run")  # another run, another Genie: a new conversation
     assert [c[1] for c in genie_calls(emu) if c[0] == "POST"][-1] == f"{GENIE}/start-conversation"
 
 
@@ -166,14 +93,14 @@ def test_polls_with_backoff_from_the_first_delay_up_to_the_longest(emu, w):
 
 def test_failed_message_is_an_error_for_the_model_with_genie_s_reason(emu, w):
     emu.genie_fault("space", "failed", "the warehouse is stopped")
-    detail = failing(make(w), "total sales", r"^Genie could not answer: the warehouse is stopped\. Rephrase")
+    detail = failing(make_genie(w), "total sales", r"^Genie could not answer: the warehouse is stopped\. Rephrase")
     assert detail["status"] == "FAILED" and detail["message_id"]  # kept for the step log
     assert "the warehouse is stopped" in detail["error"]
 
 
 def test_cancelled_message_is_an_error_for_the_model(emu, w):
     emu.genie_fault("space", "cancelled")
-    genie = make(w)
+    genie = make_genie(w)
     started = time.monotonic()
     detail = failing(genie, "total sales", "cancelled before it finished")
     assert time.monotonic() - started < 3  # not polled on until the timeout, as the SDK's waiter would
@@ -182,7 +109,7 @@ def test_cancelled_message_is_an_error_for_the_model(emu, w):
 
 def test_a_hanging_message_times_out(emu, w):
     emu.genie_fault("space", "hang")
-    genie = make(w, timeout=0.6)
+    genie = make_genie(w, timeout=0.6)
     started = time.monotonic()
     detail = failing(genie, "total sales", r"did not answer within 0\.6 s \(last status EXECUTING_QUERY\)")
     assert 0.6 <= time.monotonic() - started < 3
@@ -192,7 +119,7 @@ def test_a_hanging_message_times_out(emu, w):
 @pytest.mark.parametrize("fault", ["expired", "closed"])  # the message says so, or only its result does
 def test_an_expired_result_is_re_executed(emu, w, fault):
     emu.genie_fault("space", fault)
-    genie = make(w)
+    genie = make_genie(w)
     output, detail = ask(genie, "total sales by region")
     assert output.endswith("Rows (2 in all):\nregion | total\neast | 10.50\nwest | ")
     assert detail["rows"] == [["east", "10.50"], ["west", None]]
@@ -209,7 +136,7 @@ ROWS_SHOWN = "Rows (2 in all):\nregion | total\neast | 10.50\nwest | "
 @pytest.mark.parametrize("quirks", [{"genie_self_correction", "genie_summary_without_id",
                                      "genie_suggested_questions"}])
 def test_a_self_corrected_answer_is_its_last_query_and_the_attempt_stays_in_the_step_log(emu, w):
-    output, detail = ask(make(w), "total sales by region")
+    output, detail = ask(make_genie(w), "total sales by region")
     assert output == (f"Genie: Answer to total sales by region\n\nSQL:\n{SQL}\n\n{ROWS_SHOWN}\n\n"
                       f"Genie suggests asking next: {' | '.join(SUGGESTED)}")
     message = w.genie.get_message("space", detail["conversation_id"], detail["message_id"])
@@ -225,7 +152,7 @@ def test_a_self_corrected_answer_is_its_last_query_and_the_attempt_stays_in_the_
 
 @pytest.mark.parametrize("quirks", [{"genie_description_only"}])
 def test_an_answer_without_text_is_explained_by_its_query_s_description(emu, w):
-    genie = make(w)
+    genie = make_genie(w)
     ask(genie, "total sales by region")
     output, detail = ask(genie, "and by month?")  # every second answer has no text attachment
     message = w.genie.get_message("space", detail["conversation_id"], detail["message_id"])
@@ -236,7 +163,7 @@ def test_an_answer_without_text_is_explained_by_its_query_s_description(emu, w):
 
 @pytest.mark.parametrize("quirks", [{"genie_clarifying_question"}])
 def test_a_clarifying_question_is_shown_as_a_question_genie_asks_back(emu, w):
-    output, detail = ask(make(w), "will it rain tomorrow? weather")
+    output, detail = ask(make_genie(w), "will it rain tomorrow? weather")
     assert output == ("Genie asks back: I can only answer questions about sales. Which of these would you like to "
                       "know?\n(Ask again with what it needs, or say in your answer what is missing.)")
     assert (detail["status"], detail["text"], detail["query"], detail["error"]) == ("COMPLETED", "", "", "")
@@ -246,7 +173,7 @@ def test_a_clarifying_question_is_shown_as_a_question_genie_asks_back(emu, w):
 def test_a_re_executed_result_is_polled_while_pending_until_it_succeeds(emu, w):
     emu.genie_fault("space", "expired")
     emu.genie_result_delay = 0.3  # the re-executed query is PENDING, then RUNNING, for 0.3 s
-    output, detail = ask(make(w), "total sales by region")
+    output, detail = ask(make_genie(w), "total sales by region")
     assert output.endswith(ROWS_SHOWN) and detail["result_state"] == "SUCCEEDED"
     calls = [c[1].rsplit("/", 1)[1] for c in genie_calls(emu) if "/attachments/" in c[1]]
     assert calls[0] == "execute-query" and len(calls) > 2 and set(calls[1:]) == {"query-result"}
@@ -257,13 +184,14 @@ def test_a_result_still_pending_at_the_deadline_is_an_error_in_time(emu, w):
     emu.genie_fault("space", "expired")
     emu.genie_result_delay = 60.0  # the re-executed query stays PENDING
     started = time.monotonic()
-    detail = failing(make(w, timeout=1.0), "total sales", r"query result was not ready within 1 s \(state PENDING\)")
+    detail = failing(make_genie(w, timeout=1.0), "total sales",
+                     r"query result was not ready within 1 s \(state PENDING\)")
     assert time.monotonic() - started < 5 and detail["result_state"] == "PENDING"
 
 
 def test_an_api_error_while_polling_is_an_error_for_the_model_with_the_reason(emu, w):
     emu.inject("GET", f"{GENIE}/conversations/", 500, "INTERNAL_ERROR", "the backend fell over", times=None)
-    detail = failing(make(w), "total sales", "^Genie failed while we waited for its answer: INTERNAL_ERROR: the "
+    detail = failing(make_genie(w), "total sales", "^Genie failed while we waited for its answer: INTERNAL_ERROR: the "
                                              "backend fell over. Ask the question again")
     assert detail["status"] == "SUBMITTED" and "the backend fell over" in detail["error"]
 
@@ -272,19 +200,19 @@ def test_an_unknown_status_is_logged_once_and_polled_within_the_deadline(emu, w,
     emu.genie_delay = 0.6  # FUTURE_STATUS from 0.2 s to 0.8 s: several polls see it
     emu.genie_fault("space", "new_status")
     with caplog.at_level(logging.WARNING, logger="genie"):
-        output, detail = ask(make(w), "total sales by region")
+        output, detail = ask(make_genie(w), "total sales by region")
     assert output.endswith(ROWS_SHOWN) and detail["status"] == "COMPLETED"
     assert len([c for c in genie_calls(emu) if c[1].endswith(detail["message_id"])]) > 5
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"Genie message {detail['message_id']} has a status this client does not know; "
                               f"polling on for at most ")
     emu.genie_fault("space", "new_status")
-    failing(make(w, timeout=0.5), "and again?", r"did not answer within 0\.5 s \(last status UNKNOWN\)")
+    failing(make_genie(w, timeout=0.5), "and again?", r"did not answer within 0\.5 s \(last status UNKNOWN\)")
 
 
 def test_a_huge_result_is_bounded_in_the_step_log_and_cut_for_the_model(emu, w, answerer):
     answerer.rows = [[f"r{i:04d}", "x" * 2000] for i in range(5000)]  # 10 MB
-    output, detail = ask(make(w, max_chars=6000), "sales per order")
+    output, detail = ask(make_genie(w, max_chars=6000), "sales per order")
     assert len(output.split("Rows (5000 in all):\n", 1)[1]) <= 6000
     kept = len(detail["rows"])
     assert 50 < kept < 5000 and detail["rows"] == answerer.rows[:kept] and detail["rows_left_out"] == 5000 - kept
@@ -295,22 +223,21 @@ def test_a_huge_result_is_bounded_in_the_step_log_and_cut_for_the_model(emu, w, 
 
 # ------------------------------------------------------------------ rate limit and unusable spaces
 
-def test_rate_limit_is_retried_then_the_question_succeeds(tmp_path):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, genie_rate_limit=1,
-                        genie_rate_window=1.0) as emu:
-        emu.add_genie_space("space", Answerer())
-        genie = make(client(emu, retry_timeout=15))
-        genie.query_genie("first")
-        started = time.monotonic()
-        assert ask(genie, "and the second?")[0].startswith("Genie: Answer to and the second?")
-        assert time.monotonic() - started >= 0.5  # waited for Retry-After
-        assert [c[2] for c in genie_calls(emu) if c[0] == "POST"] == [200, 429, 200]
+def test_rate_limit_is_retried_then_the_question_succeeds(make_emulator):
+    emu = make_emulator(genie_delay=0.03, genie_rate_limit=1, genie_rate_window=1.0)
+    emu.add_genie_space("space", Answerer())
+    genie = make_genie(workspace(emu, retry_timeout=15))
+    genie.query_genie("first")
+    started = time.monotonic()
+    assert ask(genie, "and the second?")[0].startswith("Genie: Answer to and the second?")
+    assert time.monotonic() - started >= 0.5  # waited for Retry-After
+    assert [c[2] for c in genie_calls(emu) if c[0] == "POST"] == [200, 429, 200]
 
 
 def test_rate_limit_past_the_retry_budget_is_a_clear_error_for_the_model(emu):
     emu.inject("POST", f"{GENIE}/start-conversation", 429, "RESOURCE_EXHAUSTED", "too many questions",
                times=None, retry_after=1)
-    genie = make(client(emu, retry_timeout=2))
+    genie = make_genie(workspace(emu, retry_timeout=2))
     started = time.monotonic()
     with pytest.raises(ToolError, match=r"rate limited \(about 5 questions a minute.*Wait a minute"):
         genie.query_genie("total sales")
@@ -321,10 +248,10 @@ def test_rate_limit_past_the_retry_budget_is_a_clear_error_for_the_model(emu):
 def test_other_refusals_are_errors_for_the_model(emu, w):
     emu.inject("POST", f"{GENIE}/start-conversation", 400, "INVALID_PARAMETER_VALUE", "question too vague")
     with pytest.raises(ToolError, match="Genie refused the question: question too vague"):
-        make(w).query_genie("total sales")
+        make_genie(w).query_genie("total sales")
     emu.inject("POST", f"{GENIE}/start-conversation", 503, times=None)
     with pytest.raises(ToolError, match="did not respond") as caught:
-        make(client(emu, retry_timeout=1)).query_genie("total sales")
+        make_genie(workspace(emu, retry_timeout=1)).query_genie("total sales")
     assert "rate limited" not in str(caught.value)
 
 
@@ -333,12 +260,12 @@ def test_other_refusals_are_errors_for_the_model(emu, w):
 def test_a_missing_or_forbidden_space_is_genie_unavailable(emu, w, status, code):
     emu.inject("POST", f"{GENIE}/start-conversation", status, code, "no such space, or no access to it")
     with pytest.raises(GenieUnavailable, match="Genie space 'space' can't be used: no such space"):
-        make(w).query_genie("total sales")
+        make_genie(w).query_genie("total sales")
 
 
 def test_an_unknown_space_is_genie_unavailable(emu, w):
     with pytest.raises(GenieUnavailable, match="Genie space 'nope' can't be used"):
-        make(w, space="nope").query_genie("total sales")
+        make_genie(w, space="nope").query_genie("total sales")
 
 
 # ------------------------------------------------------------------ the tool and its input
@@ -358,7 +285,7 @@ def test_tool_schema_and_description():
                                                (42, "the question must be a string")])
 def test_a_bad_question_is_an_error_for_the_model_and_never_sent(emu, w, question, problem):
     with pytest.raises(ToolError, match=problem):
-        make(w).query_genie(question)
+        make_genie(w).query_genie(question)
     assert genie_calls(emu) == []
 
 
@@ -366,7 +293,7 @@ def test_a_bad_question_is_an_error_for_the_model_and_never_sent(emu, w, questio
 
 def test_a_large_result_is_cut_to_a_head_and_a_tail_with_a_note(emu, w, answerer):
     answerer.rows = [[f"r{i:04d}", str(i)] for i in range(1000)]
-    genie = make(w, max_chars=600)
+    genie = make_genie(w, max_chars=600)
     output, detail = ask(genie, "sales per order")
     shown = output.split("Rows (1000 in all):\n", 1)[1]
     assert len(shown) <= 600

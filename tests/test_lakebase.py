@@ -8,16 +8,14 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pg_fixture
 import psycopg
 import pytest
+from helpers import ROOT, assistant, user
 
 import lakebase
 from lakebase import LakebaseConfig, LakebaseError, Login
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -25,14 +23,6 @@ def conn(pg_dsn):
     with lakebase.connect(LakebaseConfig(dsn=pg_dsn)) as conn:
         lakebase.migrate(conn)
         yield conn
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
 
 
 def run_threads(target, args_list, timeout=60):

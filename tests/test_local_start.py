@@ -10,23 +10,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from databricks.sdk import WorkspaceClient
-from databricks.sdk.config import Config
-from pg_fixture import wait_for
+from helpers import ROOT, wait_ended, workspace
 
 import localws
 
-ROOT = Path(__file__).resolve().parents[1]
 AS_ROOT = os.geteuid() == 0
-
-
-@pytest.fixture
-def scratch():
-    """A directory of the system temp dir, removed afterwards. Not under pytest's own: another pytest session
-    resets that one to 0700, which locks a root-started server's own user out mid-test."""
-    path = Path(tempfile.mkdtemp(prefix="local-start-"))
-    yield path
-    shutil.rmtree(path)
 
 
 def mode(path):
@@ -59,9 +47,9 @@ def test_the_data_directory_and_run_logs_are_private(scratch):
     with localws.start(ROOT, data_dir=data_dir, say=said.append) as ws:
         job_id = ws.emulator.add_job({"name": "fake", "tasks": [{"task_key": "t", "spark_python_task": {
             "python_file": "tests/fixtures/fake_worker.py"}}]})
-        w = WorkspaceClient(config=Config(host=ws.host, token=ws.token, auth_type="pat"))
+        w = workspace(ws.emulator)
         run_id = w.jobs.run_now(job_id).run_id
-        wait_for(lambda: w.jobs.get_run(run_id).state.result_state, "the run to end")
+        wait_ended(w, run_id)
         logs = sorted(ws.emulator.log_dir.glob(f"run-{run_id}.*"))
         assert [p.name for p in logs] == [f"run-{run_id}.stderr", f"run-{run_id}.stdout"]
         assert {mode(p) for p in logs} == {0o600}

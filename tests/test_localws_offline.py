@@ -2,19 +2,19 @@
 
 Expected numbers come from a plain-Python computation over the CSVs, never from the SQL under test.
 """
-import csv
 import json
 import subprocess
 import sys
 import threading
 import time
 from collections import defaultdict
-from decimal import ROUND_HALF_UP, Decimal
-from pathlib import Path
+from decimal import Decimal
 
 import jsonschema
 import psycopg
 import pytest
+from helpers import tool_call, tool_result, user
+from sample_truth import CUSTOMERS, DATA, ORDERS, PRODUCTS, grouped, in_year, key, measure, money, pct
 
 import lakebase
 import localws.answerer
@@ -23,66 +23,9 @@ from localws.answerer import CannotAnswer, GenieAnswerer
 from localws.sample import load_sample
 from localws.stand_in import stand_in_reply
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "localws" / "sample_data"
-
-
-def _read(name):
-    with open(DATA / f"{name}.csv", newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-CUSTOMERS = {r["customer_id"]: r for r in _read("customers")}
-PRODUCTS = {r["product_id"]: r for r in _read("products")}
-ORDERS = _read("orders")
-FULFILLED = [o for o in ORDERS if o["status"] in ("completed", "shipped")]
-CENT, TENTH = Decimal("0.01"), Decimal("0.1")
-
-
-def key(order, dim):
-    d = order["order_date"]
-    return {"month": d[:7], "quarter": f"{d[:4]}-Q{(int(d[5:7]) + 2) // 3}", "year": d[:4],
-            "region": CUSTOMERS[order["customer_id"]]["region"], "segment": CUSTOMERS[order["customer_id"]]["segment"],
-            "customer": CUSTOMERS[order["customer_id"]]["name"], "category": PRODUCTS[order["product_id"]]["category"],
-            "product": PRODUCTS[order["product_id"]]["name"]}[dim]
-
-
-def measure(metric, orders):
-    amounts = [Decimal(o["amount"]) for o in orders]
-    return {"revenue": lambda: sum(amounts, Decimal("0.00")), "orders": lambda: len(orders),
-            "quantity": lambda: sum(int(o["quantity"]) for o in orders),
-            "customers": lambda: len({o["customer_id"] for o in orders}),
-            "aov": lambda: (sum(amounts) / len(amounts)).quantize(CENT, ROUND_HALF_UP)}[metric]()
-
-
-def in_year(year):
-    return [o for o in FULFILLED if year is None or o["order_date"].startswith(str(year))]
-
-
-def grouped(metric, dim, year=None):
-    groups = defaultdict(list)
-    for o in in_year(year):
-        groups[key(o, dim)].append(o)
-    return {k: measure(metric, v) for k, v in groups.items()}
-
-
-def pct(value, previous):
-    return (Decimal(100) * (value - previous) / previous).quantize(TENTH, ROUND_HALF_UP)
-
 
 def num(cell):
     return None if cell is None else Decimal(cell)
-
-
-def money(value):
-    return f"${value:,.2f}"
-
-
-@pytest.fixture
-def sample_dsn(pg_dsn):
-    with psycopg.connect(pg_dsn, autocommit=True) as conn:
-        load_sample(conn)
-    return pg_dsn
 
 
 @pytest.fixture
@@ -560,22 +503,9 @@ def reply(messages, tools=PRIMARY):
     return choice["message"]["content"], [(c["function"]["name"], a) for c, a in zip(calls, arguments)]
 
 
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant_call(name, arguments, call_id):
-    return {"role": "assistant", "content": None, "tool_calls": [
-        {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}]}
-
-
-def tool_result(call_id, content):
-    return {"role": "tool", "tool_call_id": call_id, "content": content}
-
-
 SYSTEM = {"role": "system", "content": "You are the primary agent."}
 STARTED = [SYSTEM, user("What was the revenue growth in 2025?"),
-           assistant_call("start_databricks_job", {"request": "What was the revenue growth in 2025?"}, "c1"),
+           tool_call("start_databricks_job", {"request": "What was the revenue growth in 2025?"}, "c1"),
            tool_result("c1", json.dumps({"run_id": 123, "state": "PENDING"})),
            {"role": "assistant", "content": "I started a job for that: run 123."}]
 
@@ -607,7 +537,7 @@ def test_primary_takes_no_run_id_from_its_own_example():
 def news(run_id, **report):
     """The agent's poll of a run that ended unasked (primary.Turn hands such news to the model)."""
     call_id = f"unasked_{run_id}"
-    return [assistant_call("poll_databricks_job", {"run_id": run_id}, call_id),
+    return [tool_call("poll_databricks_job", {"run_id": run_id}, call_id),
             tool_result(call_id, json.dumps({"run_id": run_id, "state": "TERMINATED SUCCESS", "steps": 4,
                                              **report, "unasked": True}))]
 
@@ -644,7 +574,7 @@ def test_primary_polls_the_run_the_user_names(text, run_id):
 def test_primary_polls_the_latest_run_mentioned_earlier(text):
     assert reply([*STARTED, user(text)]) == (None, [("poll_databricks_job", {"run_id": "123"})])
     later = [*STARTED, user("and orders by month?"),
-             assistant_call("start_databricks_job", {"request": "and orders by month?"}, "c2"),
+             tool_call("start_databricks_job", {"request": "and orders by month?"}, "c2"),
              tool_result("c2", '{"run_id": "124"}'), user("top customers?")]
     assert reply([*later, user(text)])[1] == [("poll_databricks_job", {"run_id": "124"})]
     said = [SYSTEM, user("hi"), {"role": "assistant", "content": "Run 31 is RUNNING, with 2 steps logged."}]
@@ -675,7 +605,7 @@ def test_primary_relays_a_poll_result():
             "steps": [{"step": i, "status": s} for i, s in enumerate(
                 ["started", "tool_call", "tool_result", "completed"], 1)],
             "answer": "Revenue grew 26.4% in 2025."}
-    messages = [*STARTED, user("is it done?"), assistant_call("poll_databricks_job", {"run_id": "123"}, "c2"),
+    messages = [*STARTED, user("is it done?"), tool_call("poll_databricks_job", {"run_id": "123"}, "c2"),
                 tool_result("c2", json.dumps(poll))]
     content, calls = reply(messages)
     assert not calls
@@ -692,11 +622,11 @@ def test_primary_relays_a_poll_result():
 
 
 def test_primary_relays_start_terminate_and_errors():
-    start = [SYSTEM, user("top products"), assistant_call("start_databricks_job", {"request": "top products"}, "s"),
+    start = [SYSTEM, user("top products"), tool_call("start_databricks_job", {"request": "top products"}, "s"),
              tool_result("s", '{"run_id": "12"}')]
     content, _ = reply(start)
     assert "run 12" in content and "is it done?" in content
-    stop = [*start, user("cancel"), assistant_call("terminate_databricks_job", {"run_id": "12"}, "t"),
+    stop = [*start, user("cancel"), tool_call("terminate_databricks_job", {"run_id": "12"}, "t"),
             tool_result("t", '{"run_id": "12", "state": "TERMINATING"}')]
     content, _ = reply(stop)
     assert "cancel run 12" in content and "TERMINATING" in content
@@ -712,14 +642,14 @@ def test_worker_asks_genie_then_restates_its_answer_with_the_table():
     request = [{"role": "system", "content": "You are a data analyst."}, user("total revenue in 2025")]
     content, calls = reply(request, WORKER)
     assert content is None and calls == [("query_genie", {"question": "total revenue in 2025"})]
-    content, calls = reply([*request, assistant_call("query_genie", calls[0][1], "g1"),
+    content, calls = reply([*request, tool_call("query_genie", calls[0][1], "g1"),
                             tool_result("g1", GENIE_OUTPUT)], WORKER)
     assert not calls
     assert content == "Total revenue in 2025: $735,672.70.\n\nRows (1 in all):\nrevenue\n735672.70"
 
 
 def test_worker_restates_an_answer_without_genie_s_suggestions():
-    request = [user("total revenue in 2025"), assistant_call("query_genie", {"question": "total revenue"}, "g1"),
+    request = [user("total revenue in 2025"), tool_call("query_genie", {"question": "total revenue"}, "g1"),
                tool_result("g1", GENIE_OUTPUT + "\n\nGenie suggests asking next: And by month? | What about 2024?")]
     content, _ = reply(request, WORKER)
     assert content == "Total revenue in 2025: $735,672.70.\n\nRows (1 in all):\nrevenue\n735672.70"
@@ -739,7 +669,7 @@ def test_worker_splits_two_questions_and_answers_both():
 
 
 def test_worker_reports_an_error_result():
-    messages = [user("weather?"), assistant_call("query_genie", {"question": "weather?"}, "g"),
+    messages = [user("weather?"), tool_call("query_genie", {"question": "weather?"}, "g"),
                 tool_result("g", "Error: Genie could not answer: I can answer questions about the sample data.")]
     content, calls = reply(messages, WORKER)
     assert not calls and content.startswith("I could not get the data: Genie could not answer: I can answer")
@@ -816,7 +746,7 @@ def test_primary_walk_through_with_the_tool_loop():
 def test_a_follow_up_across_turns_is_answered_in_one_genie_conversation(sample_dsn):
     """'what about 2024?' after a job about 2025: the worker asks Genie both, the second as a follow-up."""
     started = [SYSTEM, user("total revenue in 2025"),
-               assistant_call("start_databricks_job", {"request": "total revenue in 2025"}, "c1"),
+               tool_call("start_databricks_job", {"request": "total revenue in 2025"}, "c1"),
                tool_result("c1", json.dumps({"run_id": 7})), {"role": "assistant", "content": "Started run 7."}]
     _, calls = reply([*started, user("what about 2024?")])
     assert calls == [("start_databricks_job", {"request": "total revenue in 2025 and also what about 2024?"})]

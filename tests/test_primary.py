@@ -1,6 +1,5 @@
 """The primary agent against real Postgres, the scripted model over HTTP and the local emulator's Jobs API (the real
 SDK over HTTP), whose runs are real subprocesses of tests/fixtures/step_worker.py logging steps to task_logs."""
-import functools
 import io
 import json
 import logging
@@ -13,115 +12,43 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import pg_fixture
 import pytest
-from databricks.sdk import WorkspaceClient
-from databricks.sdk.config import Config
+from helpers import (
+    ROOT,
+    WAIT,
+    ask,
+    clean_env,
+    count_threads,
+    last_tool_result,
+    open_db,
+    refuse_inserts,
+    step_job,
+    stored,
+    terminal,
+    terminal_env,
+    texts,
+    tool_results,
+    wait_ended,
+    workspace,
+)
+from pg_fixture import wait_for
 
 import lakebase
 import llm
-import localws
-import localws.emulator
 import primary
 from primary import BadRequest, PrimaryAgent, TurnFailed
 
-ROOT = Path(__file__).resolve().parents[1]
-WAIT = 20  # seconds: the bound on every wait for a run
-wait_for = functools.partial(pg_fixture.wait_for, timeout=WAIT)
-
-
-def step_job(**settings):
-    """The job the agent starts: job parameters request, thread_id and asked_by, as in job.yml; the stand-in
-    worker."""
-    job = {"name": "worker", "max_concurrent_runs": 10,
-           "parameters": [{"name": name, "default": ""} for name in ("request", "thread_id", "asked_by")],
-           "tasks": [{"task_key": "worker", "spark_python_task": {"python_file": "tests/fixtures/step_worker.py",
-                      "parameters": ["--request", "{{job.parameters.request}}", "--thread-id",
-                                     "{{job.parameters.thread_id}}", "--run-id", "{{job.run_id}}"]}}]}
-    return {**job, **settings}
-
-
-def workspace(emu, retry_timeout=5):
-    return WorkspaceClient(config=Config(host=emu.url, token=emu.token, auth_type="pat",
-                                         retry_timeout_seconds=retry_timeout))
-
 
 @pytest.fixture
-def db(pg_dsn):
-    pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=pg_dsn), max_size=12)
-    with pool.connection() as conn:
-        lakebase.migrate(conn)
-    yield pool
-    pool.close()
-
-
-@pytest.fixture
-def emu(pg_dsn, tmp_path):
-    emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
-                              env={"LAKEBASE_DSN": pg_dsn})
-    yield emulator
-    emulator.close()
-
-
-@pytest.fixture
-def job_id(emu):
-    return emu.add_job(step_job())
-
-
-@pytest.fixture
-def w(emu):
-    return workspace(emu)
-
-
-@pytest.fixture
-def chat(scripted_model):
-    return llm.openai_chat(scripted_model.base_url, "m", retry_seconds=1)
+def emu(make_emulator, pg_dsn):
+    """The local workspace, its job runs logging to the test's database."""
+    return make_emulator(cancel_grace=3, env={"LAKEBASE_DSN": pg_dsn})
 
 
 @pytest.fixture
 def agent(chat, w, db, job_id):
     return PrimaryAgent(chat, w, db, job_id)
-
-
-def ask(text, thread=None, **request):
-    custom = {"thread_id": thread} if thread else {}
-    return {"input": [{"role": "user", "content": text}], "custom_inputs": custom, **request}
-
-
-def texts(response):
-    return [part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"]]
-
-
-def stored(db, thread_id):
-    with db.connection() as conn:
-        return lakebase.load_messages(conn, thread_id)
-
-
-def count_threads(db):
-    with db.connection() as conn:
-        return conn.execute("select count(*) from threads").fetchone()[0]
-
-
-def tool_results(request):
-    """The tool messages the model was sent, by tool call id."""
-    return {m["tool_call_id"]: m["content"] for m in request.body["messages"] if m["role"] == "tool"}
-
-
-def last_tool_result(scripted_model):
-    return next(m["content"] for m in reversed(scripted_model.requests[-1].body["messages"]) if m["role"] == "tool")
-
-
-def refuse_inserts(conn, table, message):
-    """Make every insert into `table` fail with `message`, as a lost connection or full disk would."""
-    conn.execute(f"create function refuse() returns trigger language plpgsql as "
-                 f"$$ begin raise exception '{message}'; end $$")
-    conn.execute(f"create trigger refuse before insert on {table} execute function refuse()")
-
-
-def wait_ended(w, run_id):
-    return wait_for(lambda: (run := w.jobs.get_run(int(run_id))).state.result_state and run, f"run {run_id} to end")
 
 
 def start(agent, scripted_model, request, thread=None, **extra):
@@ -178,7 +105,7 @@ def test_the_next_turn_polls_the_answer_in_another_process(agent, scripted_model
     _, run_id = start(agent, scripted_model, "[steps] revenue by region", thread="t-next")
     wait_ended(w, run_id)
     # a second agent with its own pool and clients, as another serving replica or a restart would have
-    pool = lakebase.open_pool(lakebase.LakebaseConfig(dsn=pg_dsn))
+    pool = open_db(pg_dsn)
     try:
         other = PrimaryAgent(llm.openai_chat(scripted_model.base_url, "m"), w, pool, job_id)
         scripted_model.call_tool("poll_databricks_job", {"run_id": run_id}).reply("Revenue: 42.")
@@ -954,19 +881,6 @@ def test_import_leaves_the_sdk_and_mlflow_out():
 
 # ------------------------------------------------------------------ the terminal
 
-def terminal_env(emu, job_id, pg_dsn, scripted_model, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_"))}
-    env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=emu.token, DATABRICKS_CONFIG_FILE=os.devnull,
-               DATABRICKS_JOB_ID=str(job_id), LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url,
-               LLM_MODEL="m", PYTHONUNBUFFERED="1", **extra)
-    return env
-
-
-def terminal(env, stdin, *args, timeout=60):
-    return subprocess.run([sys.executable, str(ROOT / "primary.py"), *args], input=stdin, env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def test_terminal_prints_the_reply_as_it_streams(agent, scripted_model, monkeypatch):
     import terminal
 
@@ -1124,9 +1038,8 @@ def test_terminal_notices_say_how_a_run_ended_in_one_line():
 
 
 def test_terminal_local_mode(pg_dsn, tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_"))}
-    env.update(LAKEBASE_DSN=pg_dsn, DATABRICKS_CONFIG_FILE=os.devnull)
-    out = terminal(env, "hello\n/quit\n", "--local", "--data-dir", str(tmp_path), timeout=120)
+    out = terminal(clean_env(LAKEBASE_DSN=pg_dsn), "hello\n/quit\n", "--local", "--data-dir", str(tmp_path),
+                   timeout=120)
     assert out.returncode == 0, out.stderr
     assert "local workspace: emulated Databricks API at http://127.0.0.1:" in out.stdout
     assert "offline deterministic stand-in model" in out.stdout and "Hello!" in out.stdout

@@ -5,12 +5,11 @@ small fake of the serving-endpoints API that the real SDK talks to."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import ANY
@@ -20,16 +19,27 @@ import mlflow  # requirements-dev.txt has it: these tests must run, never skip
 import pytest
 import requests
 import yaml
+from helpers import (
+    ROOT,
+    LocalServer,
+    ask,
+    clean_env,
+    count_threads,
+    free_port,
+    last_tool_result,
+    send_json,
+    step_job,
+    stored,
+    texts,
+)
 from mlflow.exceptions import MlflowException
 from mlflow.types.responses import ResponsesAgentResponse, ResponsesAgentStreamEvent
 
 import lakebase
-import localws
 import localws.emulator
 import runs
 import serving
 
-ROOT = Path(__file__).resolve().parents[1]
 WAIT = 60  # seconds: the bound on every wait for a process or a run
 CHAT = "chat-model"  # the emulated chat model endpoint, relaying to the scripted model
 ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.com"  # workspace users, tokens of their own
@@ -50,20 +60,11 @@ def tracking(tmp_path, monkeypatch):
     mlflow.flush_trace_async_logging()
 
 
-def step_job():
-    """The worker job as job.yml passes its parameters; tests/fixtures/step_worker.py stands in for worker.py."""
-    return {"name": "worker", "max_concurrent_runs": 10,
-            "parameters": [{"name": name, "default": ""} for name in ("request", "thread_id", "asked_by",
-                                                                      "genie_space_id")],
-            "tasks": [{"task_key": "worker", "spark_python_task": {
-                "python_file": "tests/fixtures/step_worker.py",
-                "parameters": ["--request={{job.parameters.request}}", "--thread-id={{job.parameters.thread_id}}",
-                               "--run-id={{job.run_id}}"]}}]}
-
-
 @pytest.fixture
-def emu(pg_dsn, tmp_path, scripted_model):
-    def relay(body):  # the serving endpoint's answer is the scripted model's (streamed by the emulator if asked)
+def emu(make_emulator, pg_dsn, scripted_model):
+    """The local workspace, its job runs logging to the test's database; its chat endpoint relays to the scripted
+    model (streamed by the emulator if asked)."""
+    def relay(body):
         answer = requests.post(f"{scripted_model.base_url}/chat/completions", json=body, timeout=30)
         if answer.status_code >= 400:
             error = answer.json()
@@ -71,16 +72,16 @@ def emu(pg_dsn, tmp_path, scripted_model):
                                             error.get("message") or str(error))
         return answer.json()
 
-    emulator = localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", cancel_grace=3,
-                              env={"LAKEBASE_DSN": pg_dsn}, serving={CHAT: relay}, users=[ALICE, BOB, CAROL])
+    emulator = make_emulator(cancel_grace=3, env={"LAKEBASE_DSN": pg_dsn}, serving={CHAT: relay},
+                             users=[ALICE, BOB, CAROL])
     emulator.add_genie_space(SPACE, None, users=[ALICE, BOB])  # not carol's: it does not exist for her
-    yield emulator
-    emulator.close()
+    return emulator
 
 
 @pytest.fixture
 def job_id(emu):
-    return emu.add_job(step_job())
+    """The step job, with genie_space_id too: the served agent passes the space it checked a caller may use."""
+    return emu.add_job(step_job("genie_space_id"))
 
 
 def endpoint_env(emu, job_id, dsn) -> dict:
@@ -105,28 +106,6 @@ def served(env):
     agent.close()
 
 
-def ask(text, thread=None):
-    return {"input": [{"role": "user", "content": text}], "custom_inputs": {"thread_id": thread} if thread else {}}
-
-
-def text_of(response: dict) -> list[str]:
-    return [part["text"] for item in response["output"] if item["type"] == "message" for part in item["content"]]
-
-
-def stored(dsn, thread_id):
-    with lakebase.connect(lakebase.LakebaseConfig(dsn=dsn)) as conn:
-        return lakebase.load_messages(conn, thread_id)
-
-
-def count_threads(dsn):
-    with lakebase.connect(lakebase.LakebaseConfig(dsn=dsn)) as conn:
-        return conn.execute("select count(*) from threads").fetchone()[0]
-
-
-def last_tool_result(scripted_model):
-    return next(m["content"] for m in reversed(scripted_model.requests[-1].body["messages"]) if m["role"] == "tool")
-
-
 # ------------------------------------------------------------------ the wrapper
 
 def test_clients_are_built_from_the_environment_once_on_the_first_request(served, emu, scripted_model, pg_dsn):
@@ -140,7 +119,7 @@ def test_clients_are_built_from_the_environment_once_on_the_first_request(served
     assert [r.path for r in emu.calls("POST")] == [f"/serving-endpoints/{CHAT}/invocations"] * 2
     assert agent.jobs.job_id == int(os.environ["DATABRICKS_JOB_ID"])
     assert agent.jobs.workspace.config.retry_timeout_seconds == 60
-    assert text_of(first.model_dump()) == ["Hello!"] and events[-1].item["content"][0]["text"] == "Hello again!"
+    assert texts(first.model_dump()) == ["Hello!"] and events[-1].item["content"][0]["text"] == "Hello again!"
     assert [m["content"] for m in stored(pg_dsn, "t-once")] == ["hi", "Hello!", "hi again", "Hello again!"]
 
 
@@ -452,7 +431,7 @@ def test_missing_configuration_names_the_variable_and_is_read_again(served, env,
     for key in change:  # fixed in the environment: the next request builds the clients
         monkeypatch.setenv(key, env[key])
     scripted_model.reply("Now I work.")
-    assert text_of(served.predict(ask("hi")).model_dump()) == ["Now I work."]
+    assert texts(served.predict(ask("hi")).model_dump()) == ["Now I work."]
 
 
 def test_a_database_that_cannot_be_reached_is_a_503(env):
@@ -525,8 +504,9 @@ print(json.dumps({"response": response, "events": events,
 
 
 def subprocess_env(values: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "PYTHONPATH"))}
-    return {**env, **values, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    """A fresh process's environment for the logged model: `values`, and not the project on its PYTHONPATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return clean_env(**values, PYTHONPATH=None, PATH=path)
 
 
 def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_id, pg_dsn, scripted_model, tmp_path):
@@ -552,7 +532,7 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
     result = json.loads(out.stdout.splitlines()[-1])
     response = ResponsesAgentResponse(**result["response"])
     run_id = response.custom_outputs["run_ids"][0]
-    assert response.custom_outputs["thread_id"] == "t-logged" and "I've started a job" in text_of(result["response"])[0]
+    assert response.custom_outputs["thread_id"] == "t-logged" and "I've started a job" in texts(result["response"])[0]
     events = [ResponsesAgentStreamEvent(**event) for event in result["events"]]
     *deltas, final = events  # the emulated endpoint streams the answer in pieces; each came out as it arrived
     assert [e.type for e in deltas] == ["response.output_text.delta"] * 3 and final.item["type"] == "message"
@@ -568,12 +548,6 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
     assert [r.body["job_parameters"] for r in emu.calls("POST", "/api/2.2/jobs/run-now")] == [
         {"request": "[slow] orders in 2025", "thread_id": "t-logged"}]
     assert run_id.isdigit()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_scoring_server_answers_and_a_bad_request_is_a_400(logged, emu, job_id, pg_dsn, scripted_model, tmp_path):
@@ -603,7 +577,7 @@ def test_the_scoring_server_answers_and_a_bad_request_is_a_400(logged, emu, job_
         server.wait(WAIT)
         log.close()
     assert good.status_code == 200, good.text
-    assert text_of(good.json()) == ["Served over HTTP."] and good.json()["custom_outputs"]["thread_id"] == "t-http"
+    assert texts(good.json()) == ["Served over HTTP."] and good.json()["custom_outputs"]["thread_id"] == "t-http"
     assert bad.status_code == 400 and bad.json()["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "input[0]: the user's message is empty" in bad.json()["message"]
     # what the README says the scoring server answers itself, before our code sees the request
@@ -681,10 +655,8 @@ class FakeWorkspace:
 
     def __init__(self):
         self.endpoints, self.requests = {}, []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_FakeHandler,), {"fake": self}))
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+        self.server = LocalServer(type("H", (_FakeHandler,), {"fake": self}))
+        self.url = self.server.url
 
     def answer(self, method, path, body):
         self.requests.append((method, path, body))
@@ -703,8 +675,7 @@ class FakeWorkspace:
         return 200, {"name": name, "config": self.endpoints[name], "state": {"ready": "READY"}}
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 class _FakeHandler(BaseHTTPRequestHandler):
@@ -717,12 +688,7 @@ class _FakeHandler(BaseHTTPRequestHandler):
             status, body = 401, {"error_code": "UNAUTHENTICATED", "message": "no token"}
         else:
             status, body = self.fake.answer(self.command, self.path.split("?")[0], json.loads(raw) if raw else None)
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, status, body)
 
     do_POST = do_PUT = do_GET
 

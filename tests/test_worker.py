@@ -1,91 +1,49 @@
 """worker.py, the job's entry point: a real subprocess (run by the emulator's job runner from job.yml, or
 directly) logging to a real Postgres, its model the scripted chat server, its Genie the emulator's, reached
 with the real SDK. The loop's Genie outcomes are also checked in-process through worker.run()."""
-import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pg_fixture
 import psycopg
 import pytest
+from helpers import (
+    GENIE,
+    ROOT,
+    SQL,
+    Answerer,
+    make_genie,
+    run_worker,
+    start_worker,
+    steps_of,
+    wait_ended,
+    worker_env,
+    workspace,
+)
+from pg_fixture import wait_for
 from psycopg.conninfo import make_conninfo
-from test_genie import GENIE, SQL, Answerer, bounded_sleep, client
 
 import lakebase
-import localws
 import localws.emulator
 import runs
 import worker
-from genie import LOG_ROWS, Genie, GenieConfig
+from genie import LOG_ROWS
 from llm import LimitReached, openai_chat
 from worker import StepLog, WorkerConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-OWN_VARS = ("DATABRICKS_", "LAKEBASE_", "GENIE_", "LLM_", "PG")  # the worker reads these; each test sets its own
-
-
-wait_for = functools.partial(pg_fixture.wait_for, timeout=30.0)
-
-
-@pytest.fixture
-def answerer():
-    return Answerer()
-
-
-@pytest.fixture
-def quirks():
-    """The real services' behaviours the emulator plays (localws/quirks.py): none unless a test names them."""
-    return ()
-
-
-@pytest.fixture
-def emu(tmp_path, answerer, quirks):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path / "runs", genie_delay=0.03, quirks=quirks) as emulator:
-        emulator.add_genie_space("space", answerer)
-        yield emulator
-
-
-def worker_env(emu=None, dsn=None, model=None, **changes):
-    """The environment a worker subprocess gets: the emulator's workspace, the database, the scripted model."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(OWN_VARS)}
-    env.update(DATABRICKS_CONFIG_FILE=os.devnull, PYTHONUNBUFFERED="1")
-    if emu:
-        env.update(DATABRICKS_HOST=emu.url, DATABRICKS_TOKEN=emu.token, GENIE_SPACE_ID="space")
-    if dsn:
-        env["LAKEBASE_DSN"] = dsn
-    if model:
-        env.update(LLM_BASE_URL=model.base_url, LLM_MODEL="scripted")
-    for key, value in changes.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    return env
 
 
 def job_env(**env):
     """The emulator's extra environment for job runs: none of the developer's own settings, then `env`."""
-    return {**{k: None for k in os.environ if k.startswith(OWN_VARS[1:])}, "DATABRICKS_CONFIG_FILE": os.devnull, **env}
-
-
-def run_worker(*args, env, timeout=60):
-    return subprocess.run([sys.executable, "worker.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def start_worker(*args, env):
-    return subprocess.Popen([sys.executable, "worker.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    own = ("LAKEBASE_", "GENIE_", "LLM_", "PG")
+    return {**{k: None for k in os.environ if k.startswith(own)}, "DATABRICKS_CONFIG_FILE": os.devnull, **env}
 
 
 def steps(dsn, run_id):
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return [(s["step"], s["status"], s["payload"]) for s in lakebase.read_steps(conn, run_id)]
+    """The run's step log as (step, status, payload)."""
+    return [(s["step"], s["status"], s["payload"]) for s in steps_of(dsn, run_id)]
 
 
 def last_line(stderr):
@@ -133,34 +91,34 @@ def test_empty_flags_fall_back_to_the_environment_and_flags_win():
     assert (config.db.dsn, config.db.instance, config.db.database) == ("", "inst", "other_db")
 
 
-def test_lakebase_database_flag_is_the_database_the_worker_logs_in_to(tmp_path):
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, database_instances={"db1": "db1.local"}) as emu:
-        args = worker.parser().parse_args(["--request=q", "--lakebase-instance=db1", "--lakebase-database=agents"])
-        config = WorkerConfig.from_args(args, {})
-        login = lakebase.login_for(config.db, client(emu))()  # what worker.py connects with
+def test_lakebase_database_flag_is_the_database_the_worker_logs_in_to(make_emulator):
+    emu = make_emulator(database_instances={"db1": "db1.local"})
+    args = worker.parser().parse_args(["--request=q", "--lakebase-instance=db1", "--lakebase-database=agents"])
+    config = WorkerConfig.from_args(args, {})
+    login = lakebase.login_for(config.db, workspace(emu))()  # what worker.py connects with
     assert (login.host, login.dbname, login.user) == ("db1.local", "agents", localws.emulator.DEFAULT_USER)
 
 
 # ------------------------------------------------------------------ full runs, as real subprocesses
 
-def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_model, answerer, tmp_path):
+def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_model, answerer, make_emulator):
     scripted_model.call_tool("query_genie", {"question": "total sales by region"}, id="call_1")
     scripted_model.reply("East leads with 10.50.")
     env = job_env(LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="scripted",
                   GENIE_DESCRIPTION="Sales of 2024 and 2025.")
     job = localws.emulator.load_job(ROOT, {"genie_space_id": "space"})  # job.yml's parameters and task, as deployed
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, env=env) as emu:
-        emu.add_genie_space("space", answerer)
-        w = client(emu)
-        run_id = w.jobs.run_now(emu.add_job(job), job_parameters={"request": "-5% or worse? Sales by region",
-                                                                  "thread_id": "-t1", "asked_by": "ada@x.org"}).run_id
-        run = wait_for(lambda: (r := w.jobs.get_run(run_id)).state.result_state and r, "the run to end")
-        assert run.state.result_state.value == "SUCCESS", emu.run_log(run_id, "stderr")
-        # the answer is in the run's output too, framed so that a poller finds it if the step log misses it
-        assert runs.answer_in_logs(w.jobs.get_run_output(run.tasks[0].run_id).logs) == "East leads with 10.50."
-        log = steps(pg_dsn, str(run_id))  # keyed by the id the primary polls
-        detail = log[2][2]["detail"]
-        asked = w.genie.get_message("space", detail["conversation_id"], detail["message_id"])
+    emu = make_emulator(genie_delay=0.03, env=env)
+    emu.add_genie_space("space", answerer)
+    w = workspace(emu)
+    run_id = w.jobs.run_now(emu.add_job(job), job_parameters={"request": "-5% or worse? Sales by region",
+                                                              "thread_id": "-t1", "asked_by": "ada@x.org"}).run_id
+    run = wait_ended(w, run_id)
+    assert run.state.result_state.value == "SUCCESS", emu.run_log(run_id, "stderr")
+    # the answer is in the run's output too, framed so that a poller finds it if the step log misses it
+    assert runs.answer_in_logs(w.jobs.get_run_output(run.tasks[0].run_id).logs) == "East leads with 10.50."
+    log = steps(pg_dsn, str(run_id))  # keyed by the id the primary polls
+    detail = log[2][2]["detail"]
+    asked = w.genie.get_message("space", detail["conversation_id"], detail["message_id"])
     assert [(number, status) for number, status, _ in log] == [
         (1, "started"), (2, "tool_call"), (3, "tool_result"), (4, "completed")]
     assert log[0][2] == {"request": "-5% or worse? Sales by region", "thread_id": "-t1", "asked_by": "ada@x.org"}
@@ -183,7 +141,7 @@ def test_a_full_run_through_the_job_runner_logs_every_step(pg_dsn, scripted_mode
 
 
 def test_a_run_with_an_mlflow_experiment_is_one_trace_with_its_genie_span(pg_dsn, scripted_model, answerer, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, make_emulator):
     import mlflow  # requirements-dev.txt has it
 
     scripted_model.call_tool("query_genie", {"question": "total sales by region"}, id="call_1")
@@ -193,12 +151,12 @@ def test_a_run_with_an_mlflow_experiment_is_one_trace_with_its_genie_span(pg_dsn
     env = job_env(LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="scripted",
                   MLFLOW_TRACKING_URI=tracking, MLFLOW_ALLOW_FILE_STORE="true")
     job = localws.emulator.load_job(ROOT, {"genie_space_id": "space"})
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, genie_delay=0.03, env=env) as emu:
+    with make_emulator(genie_delay=0.03, env=env) as emu:
         emu.add_genie_space("space", answerer)
-        w = client(emu)
+        w = workspace(emu)
         run_id = w.jobs.run_now(emu.add_job(job), job_parameters={
             "request": "Sales by region", "thread_id": "t1", "mlflow_experiment": "/Users/me/async-agent-runs"}).run_id
-        run = wait_for(lambda: (r := w.jobs.get_run(run_id)).state.result_state and r, "the run to end")
+        run = wait_ended(w, run_id)
         assert run.state.result_state.value == "SUCCESS", emu.run_log(run_id, "stderr")
         token = emu.token
     log = steps(pg_dsn, str(run_id))
@@ -376,21 +334,21 @@ def test_losing_the_database_mid_run_ends_with_one_line(emu, pg_server, pg_dsn, 
 
 # ------------------------------------------------------------------ cancellation (SIGTERM)
 
-def test_cancelling_a_job_run_while_the_model_is_slow_logs_cancelled(pg_dsn, scripted_model, tmp_path):
+def test_cancelling_a_job_run_while_the_model_is_slow_logs_cancelled(pg_dsn, scripted_model, make_emulator):
     scripted_model.slow(30)
     env = job_env(LAKEBASE_DSN=pg_dsn, LLM_BASE_URL=scripted_model.base_url, LLM_MODEL="scripted")
-    with localws.Emulator(project_dir=ROOT, log_dir=tmp_path, env=env, cancel_grace=10) as emu:
-        emu.add_genie_space("space", Answerer())
-        w = client(emu)
-        job_id = emu.add_job(localws.emulator.load_job(ROOT, {"genie_space_id": "space"}))
-        run_id = w.jobs.run_now(job_id, job_parameters={"request": "total sales"}).run_id
-        wait_for(lambda: scripted_model.requests, "the worker to ask the model")
-        started = time.monotonic()
-        w.jobs.cancel_run(run_id)
-        run = wait_for(lambda: (r := w.jobs.get_run(run_id)).state.result_state and r, "the run to end")
-        assert time.monotonic() - started < 5  # not killed after the 10 s grace
-        assert (run.state.result_state.value, run.state.state_message) == ("CANCELED", "Run cancelled.")
-        assert "Traceback" not in emu.run_log(run_id, "stderr")
+    emu = make_emulator(env=env, cancel_grace=10)
+    emu.add_genie_space("space", Answerer())
+    w = workspace(emu)
+    job_id = emu.add_job(localws.emulator.load_job(ROOT, {"genie_space_id": "space"}))
+    run_id = w.jobs.run_now(job_id, job_parameters={"request": "total sales"}).run_id
+    wait_for(lambda: scripted_model.requests, "the worker to ask the model")
+    started = time.monotonic()
+    w.jobs.cancel_run(run_id)
+    run = wait_ended(w, run_id)
+    assert time.monotonic() - started < 5  # not killed after the 10 s grace
+    assert (run.state.result_state.value, run.state.state_message) == ("CANCELED", "Run cancelled.")
+    assert "Traceback" not in emu.run_log(run_id, "stderr")
     assert [(n, s, p) for n, s, p in steps(pg_dsn, str(run_id))] == [
         (1, "started", {"request": "total sales", "thread_id": None, "asked_by": None}),
         (2, "cancelled", {"reason": "received SIGTERM: the run was cancelled"})]
@@ -509,15 +467,7 @@ def test_sigterm_during_start_up_is_logged_once_the_step_log_is_ready(pg_dsn):
 # ------------------------------------------------------------------ the loop and Genie, in-process
 
 @pytest.fixture
-def db(pg_dsn):
-    conn = lakebase.connect(lakebase.LakebaseConfig(dsn=pg_dsn))
-    lakebase.migrate(conn)
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def workspace(emu, monkeypatch):
+def worker_client(emu, monkeypatch):
     """The worker's own WorkspaceClient, with a 2 s retry budget (the SDK reads DATABRICKS_HOST itself)."""
     monkeypatch.setenv("DATABRICKS_HOST", emu.url)
     monkeypatch.setenv("DATABRICKS_TOKEN", emu.token)
@@ -526,10 +476,10 @@ def workspace(emu, monkeypatch):
     return w
 
 
-def run_in_process(db, pg_dsn, model, workspace, run_id="r1", **genie_settings):
-    """worker.run() with test-sized Genie polling; returns (answer or the exception, the step log)."""
-    genie = Genie(workspace, GenieConfig("space", **{"poll_first": 0.01, "poll_max": 0.05, **genie_settings}),
-                  sleep=bounded_sleep())
+def run_in_process(pg_dsn, model, worker_client, run_id="r1", **genie_settings):
+    """worker.run() on a migrated database (the `db` fixture) with test-sized Genie polling; returns (answer or
+    the exception, the step log)."""
+    genie = make_genie(worker_client, **genie_settings)
     step = StepLog(lambda: lakebase.connect(lakebase.LakebaseConfig(dsn=pg_dsn)), run_id)
     config = WorkerConfig("total sales by region", run_id, genie_space_id="space", max_calls=4)
     try:
@@ -539,17 +489,18 @@ def run_in_process(db, pg_dsn, model, workspace, run_id="r1", **genie_settings):
     return answer, steps(pg_dsn, run_id)
 
 
-def test_two_questions_in_one_run_are_one_genie_conversation(emu, db, pg_dsn, scripted_model, workspace, answerer):
+def test_two_questions_in_one_run_are_one_genie_conversation(emu, db, pg_dsn, scripted_model, worker_client,
+                                                             answerer):
     scripted_model.call_tool("query_genie", {"question": "total sales by region"})
     scripted_model.call_tool("query_genie", {"question": "and by month?"}).reply("Done.")
-    answer, log = run_in_process(db, pg_dsn, scripted_model, workspace)
+    answer, log = run_in_process(pg_dsn, scripted_model, worker_client)
     assert answer == "Done."
     details = [p["detail"] for _, s, p in log if s == "tool_result"]
     cid = details[0]["conversation_id"]
     assert details[1]["conversation_id"] == cid and details[0]["message_id"] != details[1]["message_id"]
     assert [r.path for r in emu.calls("POST", GENIE)] == [f"{GENIE}/start-conversation",
                                                           f"{GENIE}/conversations/{cid}/messages"]
-    assert answerer.asked[1] == ("and by month?", ["total sales by region"])
+    assert answerer.questions()[1] == ("and by month?", ["total sales by region"])
     assert [status for _, status, _ in log] == ["tool_call", "tool_result"] * 2  # main() logs start and end
 
 
@@ -561,7 +512,7 @@ def test_two_questions_in_one_run_are_one_genie_conversation(emu, db, pg_dsn, sc
     ("429", "NOT_SENT", "Error: Genie is rate limited (about 5 questions a minute per workspace)"),
     ("429 once", "COMPLETED", "Genie: Answer to total sales\n\nSQL:"),
     ("500", "SUBMITTED", "Error: Genie failed while we waited for its answer: INTERNAL_ERROR: the backend fell over")])
-def test_genie_outcomes_reach_the_model_and_the_step_log(emu, db, pg_dsn, scripted_model, workspace, fault, status,
+def test_genie_outcomes_reach_the_model_and_the_step_log(emu, db, pg_dsn, scripted_model, worker_client, fault, status,
                                                          output):
     if fault == "500":  # not retried by the SDK
         emu.inject("GET", f"{GENIE}/conversations/", 500, "INTERNAL_ERROR", "the backend fell over", times=None)
@@ -571,7 +522,7 @@ def test_genie_outcomes_reach_the_model_and_the_step_log(emu, db, pg_dsn, script
     else:
         emu.genie_fault("space", fault, "the warehouse is stopped")
     scripted_model.call_tool("query_genie", {"question": "total sales"}, id="c1").reply("Here is what I found.")
-    answer, log = run_in_process(db, pg_dsn, scripted_model, workspace, timeout=0.5)
+    answer, log = run_in_process(pg_dsn, scripted_model, worker_client, timeout=0.5)
     assert answer == "Here is what I found."
     result = next(p for _, s, p in log if s == "tool_result")
     assert result["output"].startswith(output)
@@ -584,21 +535,21 @@ def test_genie_outcomes_reach_the_model_and_the_step_log(emu, db, pg_dsn, script
                                                                "content": result["output"]}
 
 
-def test_a_call_that_never_reaches_genie_has_no_genie_detail(emu, db, pg_dsn, scripted_model, workspace):
+def test_a_call_that_never_reaches_genie_has_no_genie_detail(emu, db, pg_dsn, scripted_model, worker_client):
     scripted_model.call_tool("query_genie", {"question": "total sales"})
     scripted_model.call_tool("query_genie", {"q": "by month"}).reply("Done.")
-    _, log = run_in_process(db, pg_dsn, scripted_model, workspace)
+    _, log = run_in_process(pg_dsn, scripted_model, worker_client)
     first, second = (p for _, s, p in log if s == "tool_result")
     assert first["detail"]["status"] == "COMPLETED"
     assert second["error"] and second["output"].startswith("Error: query_genie got missing required argument")
     assert second["detail"] == {}  # not the first question's result again
 
 
-def test_a_large_result_is_cut_for_the_model_and_bounded_in_the_step_log(emu, db, pg_dsn, scripted_model, workspace,
-                                                                          answerer):
+def test_a_large_result_is_cut_for_the_model_and_bounded_in_the_step_log(emu, db, pg_dsn, scripted_model,
+                                                                          worker_client, answerer):
     answerer.rows = [[f"r{i:04d}", str(i)] for i in range(2000)]
     scripted_model.call_tool("query_genie", {"question": "sales per order"}).reply("Done.")
-    _, log = run_in_process(db, pg_dsn, scripted_model, workspace, max_chars=1000)
+    _, log = run_in_process(pg_dsn, scripted_model, worker_client, max_chars=1000)
     result = next(p for _, s, p in log if s == "tool_result")
     seen = scripted_model.requests[1].body["messages"][-1]["content"]
     assert seen == result["output"] and len(seen.split("Rows (2000 in all):\n")[1]) <= 1000
@@ -610,11 +561,11 @@ def test_a_large_result_is_cut_for_the_model_and_bounded_in_the_step_log(emu, db
 
 
 @pytest.mark.parametrize("quirks", [localws.quirks.HARSH])
-def test_a_run_on_a_workspace_as_harsh_as_the_real_one(emu, db, pg_dsn, scripted_model, workspace):
+def test_a_run_on_a_workspace_as_harsh_as_the_real_one(emu, db, pg_dsn, scripted_model, worker_client):
     for question in ("total sales by region", "and by month?", "and the weather?"):
         scripted_model.call_tool("query_genie", {"question": question})
     scripted_model.reply("Done.")
-    answer, log = run_in_process(db, pg_dsn, scripted_model, workspace, run_id="harsh")
+    answer, log = run_in_process(pg_dsn, scripted_model, worker_client, run_id="harsh")
     outputs = [p["output"] for _, s, p in log if s == "tool_result"]
     assert answer == "Done." and [p["error"] for _, s, p in log if s == "tool_result"] == [False] * 3
     assert outputs[0].startswith(f"Genie: Answer to total sales by region\n\nSQL:\n{SQL}\n\nRows (2 in all)")
@@ -625,9 +576,9 @@ def test_a_run_on_a_workspace_as_harsh_as_the_real_one(emu, db, pg_dsn, scripted
     assert ["missing_column" in d["attempts"][0]["query"] for d in details[:2]] == [True, True]
 
 
-def test_the_loop_is_bounded(emu, db, pg_dsn, scripted_model, workspace):
+def test_the_loop_is_bounded(emu, db, pg_dsn, scripted_model, worker_client):
     for _ in range(4):
         scripted_model.call_tool("query_genie", {"question": "total sales"})
-    error, log = run_in_process(db, pg_dsn, scripted_model, workspace)
+    error, log = run_in_process(pg_dsn, scripted_model, worker_client)
     assert isinstance(error, LimitReached) and error.max_calls == 4
     assert [status for _, status, _ in log] == ["tool_call", "tool_result"] * 4
