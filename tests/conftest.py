@@ -1,18 +1,21 @@
 """Shared fixtures: a real throwaway Postgres, a scripted chat model served over HTTP, the local workspace emulator
-and the agent's pool."""
+and the agent's pool; and the reliability tally (`tally`), a small plugin that sums up, at the end of the run,
+the faults the reliability cases injected and the turns and steps they checked were kept whole."""
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import pg_fixture
 import psycopg
 import pytest
-from helpers import ROOT, SPACE, Answerer, fast_chat, open_db, step_job, workspace
+from helpers import ROOT, SPACE, Answerer, fast_chat, open_db, step_job, steps_of, turns_of, whole, workspace
 from pg_fixture import session_server
 from psycopg import sql
+
+import lakebase
 
 # The SDK reads any DATABRICKS_* variable and ~/.databrickscfg: keep the developer's own workspace out of tests.
 for _key in [k for k in os.environ if k.startswith("DATABRICKS_")]:
@@ -201,19 +204,68 @@ def w(emu):
 
 # ------------------------------------------------------------------ the reliability tally
 
-def pytest_terminal_summary(terminalreporter):
-    """The reliability suite's tally (tests/test_reliability.py): cases run, faults injected, what was lost."""
-    module = next((m for m in list(sys.modules.values())
-                   if (getattr(m, "__file__", None) or "").endswith("test_reliability.py")), None)
-    outcomes = {}  # nodeid -> passed?, over its setup, call and teardown reports
-    for outcome in ("passed", "failed", "error"):
-        for report in terminalreporter.stats.get(outcome, []):
-            if "test_reliability.py::" in getattr(report, "nodeid", ""):
-                outcomes[report.nodeid] = outcomes.get(report.nodeid, True) and report.outcome == "passed"
-    if module is None or not outcomes:
+class Tally:
+    """What one reliability case did: the faults it injected (`fault()` where it injects one; the scripted model's
+    error answers and malformed bodies count themselves when served) and the threads and runs it checked were
+    kept whole (counted only once the check has passed)."""
+
+    def __init__(self):
+        self.faults = self.threads = self.turns = self.runs = self.steps = 0
+
+    def fault(self, n=1):
+        """Count `n` faults just injected: a hang, a restart, a kill, a refused request, a hostile input..."""
+        self.faults += n
+
+    def expect_thread(self, db, thread_id, users: list[str]) -> list[list[dict]]:
+        """The thread holds exactly these turns (by their user message), none missing, doubled or half-saved (the
+        user's message first, an answer last, every tool call with its result); returns them."""
+        turns = turns_of(db, thread_id)
+        got = [turn[0].get("content") for turn in turns]
+        partial = [turn for turn in turns if not whole(turn)]
+        assert got == users and not partial, f"stored {got} (partial: {partial}), expected {users}"
+        with db.connection() as conn:
+            assert lakebase.thread_turns(conn, thread_id) == len(users)
+        self.threads, self.turns = self.threads + 1, self.turns + len(turns)
+        return turns
+
+    def expect_steps(self, dsn, run_id, statuses: list[str]) -> list[dict]:
+        """The run's step log is exactly these steps, numbered 1, 2, ...; returns them."""
+        steps = steps_of(dsn, run_id)
+        assert [step["status"] for step in steps] == statuses, f"steps {steps}, expected {statuses}"
+        assert [step["step"] for step in steps] == list(range(1, len(steps) + 1))
+        self.runs, self.steps = self.runs + 1, self.steps + len(steps)
+        return steps
+
+
+TALLIES = pytest.StashKey[dict]()  # nodeid -> Tally of each case that uses the `tally` fixture
+
+
+def pytest_runtest_setup(item):
+    if "tally" in item.fixturenames:  # before its fixtures: a case failing in their setup is counted too
+        item.config.stash.setdefault(TALLIES, {})[item.nodeid] = Tally()
+
+
+@pytest.fixture
+def tally(request):
+    """This case's Tally; the scripted model's faults (if the case uses it) are added when the case ends."""
+    model = request.getfixturevalue("scripted_model") if "scripted_model" in request.fixturenames else None
+    counted = request.config.stash[TALLIES][request.node.nodeid]
+    yield counted
+    if model:
+        counted.fault(model.faults_served)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The reliability line: how many cases used `tally`, and the sums over those that passed (setup, call and
+    teardown)."""
+    tallies = config.stash.get(TALLIES, {})
+    if not tallies:
         return
-    tally, failed = module.TALLY, sum(not ok for ok in outcomes.values())
+    failed = {r.nodeid for outcome in ("failed", "error") for r in terminalreporter.stats.get(outcome, [])}
+    passed = [t for nodeid, t in tallies.items() if nodeid not in failed]
+    total = sum((Counter(vars(t)) for t in passed), Counter())
     terminalreporter.write_sep("-", "reliability and security")
     terminalreporter.write_line(
-        f"{len(outcomes)} cases run ({failed} failed), {tally['faults']} faults injected; lost: "
-        f"{tally['lost_turns']} turns (missing or half-saved), {tally['lost_steps']} steps")
+        f"{len(passed)} cases passed, {len(tallies) - len(passed)} failed; {total['faults']} faults injected; "
+        f"checked whole (nothing lost or doubled): {total['turns']} turns of {total['threads']} threads, "
+        f"{total['steps']} steps of {total['runs']} runs")

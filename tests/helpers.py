@@ -155,11 +155,14 @@ def tool_result(call_id, content) -> dict:
 
 # ------------------------------------------------------------------ the database
 
-def open_db(where, **pool):
+def open_db(where, bounds=None, **pool):
     """A migrated pool on `where` (a DSN, or a LakebaseConfig), with short retries and waits so that a failure
-    shows in seconds; `pool` overrides open_pool's arguments."""
-    config = where if isinstance(where, lakebase.LakebaseConfig) else lakebase.LakebaseConfig(dsn=where,
-                                                                                             retry_seconds=2)
+    shows in seconds; `bounds`: more LakebaseConfig fields for a DSN (such as lock_timeout); `pool` overrides
+    open_pool's arguments."""
+    if isinstance(where, lakebase.LakebaseConfig):
+        config = where
+    else:
+        config = lakebase.LakebaseConfig(dsn=where, retry_seconds=2, **(bounds or {}))
     db = lakebase.open_pool(config, **{"max_size": 4, "timeout": 5, **pool})
     try:
         with db.connection() as conn:
@@ -190,6 +193,28 @@ def steps_of(db, run_id) -> list[dict]:
     """The run's step log."""
     with connection(db) as conn:
         return lakebase.read_steps(conn, str(run_id))
+
+
+def turns_of(db, thread_id) -> list[list[dict]]:
+    """The thread's stored messages, grouped by turn."""
+    with connection(db) as conn:
+        rows = conn.execute("select turn, message from thread_messages where thread_id = %s order by seq",
+                            (thread_id,)).fetchall()
+    turns = {}
+    for turn, message in rows:
+        turns.setdefault(turn, []).append(message)
+    return [turns[number] for number in sorted(turns)]
+
+
+def whole(turn: list[dict]) -> bool:
+    """A stored turn is whole: the user's message first, an answer last, every tool call with its result."""
+    if not turn or turn[0].get("role") != "user":
+        return False
+    last = turn[-1]
+    if last.get("role") != "assistant" or last.get("tool_calls") or not isinstance(last.get("content"), str):
+        return False
+    calls = [call["id"] for m in turn for call in m.get("tool_calls") or []]
+    return calls == [m.get("tool_call_id") for m in turn if m.get("role") == "tool"]
 
 
 def _before_insert(conn, name, table, action, when):

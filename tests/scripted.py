@@ -12,6 +12,7 @@ stream); `stream()` scripts the chunks themselves, their timing, and a stream th
 nothing left in the queue is answered 500 with a clear message and remembered; `check()` (run by the
 `scripted_model` fixture after the test) fails on it, and on responses never asked for.
 `GET /.well-known/databricks-config`, which the SDK's `Config()` makes, is answered 404 without using the queue.
+`faults_served` counts the faults (error answers and malformed bodies) that were actually asked for.
 """
 import itertools
 import json
@@ -47,6 +48,7 @@ class Response:
     end: str = "done"  # stream(): "done" ([DONE]), "cut" (the connection drops), "quiet" (the body just ends)
     gate: threading.Event | None = None  # stream(): after the first chunk, wait until it is set (see GATE_WAIT)
     trickle: float = 0.0  # seconds between the body's bytes: a reply that arrives a byte at a time
+    fault: bool = False  # an error answer or a malformed body, counted in faults_served
 
 
 class ScriptedModel:
@@ -54,6 +56,7 @@ class ScriptedModel:
         self.queue: deque[Response] = deque()
         self.requests: list[Request] = []
         self.failures: list[str] = []
+        self.faults_served = 0
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -87,7 +90,7 @@ class ScriptedModel:
         headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
         body = body if body is not None else {"error_code": "SCRIPTED_FAULT", "message": f"scripted fault {status}"}
         for _ in range(times):
-            self._push(f"fault({status})", body, status=status, headers=headers)
+            self._push(f"fault({status})", body, status=status, headers=headers, fault=True)
         return self
 
     def slow(self, seconds, content="late"):
@@ -104,7 +107,7 @@ class ScriptedModel:
 
     def malformed(self, body="<html>Bad gateway</html>"):
         """A 200 whose body is not a chat completion: a str is sent as is, a dict/list as JSON."""
-        return self._push(f"malformed({body!r})", body)
+        return self._push(f"malformed({body!r})", body, fault=True)
 
     def stream(self, *deltas, finish_reason="stop", usage=None, ttft=0.0, interval=0.0, end="done", gate=None):
         """A streamed answer, whatever the request asked: each delta a dict (`{"content": "Hel"}`, `{"tool_calls":
@@ -159,8 +162,8 @@ class ScriptedModel:
 
     # Internals
 
-    def _push(self, describe, body, *, status=200, headers=None, delay=0.0):
-        self.queue.append(Response(describe, status, body, headers or {}, delay))
+    def _push(self, describe, body, *, status=200, headers=None, delay=0.0, fault=False):
+        self.queue.append(Response(describe, status, body, headers or {}, delay, fault=fault))
         return self
 
     def _completion(self, message, finish_reason):
@@ -174,7 +177,9 @@ class ScriptedModel:
             if not request.path.endswith(("/chat/completions", "/invocations")):
                 return self._fail(f"POST to {request.path}, which is not a chat-completions path", 404)
             if self.queue:
-                return self.queue.popleft()
+                response = self.queue.popleft()
+                self.faults_served += response.fault
+                return response
             return self._fail(f"request {len(self.requests)} ({request.path}) came after the script ran out")
 
     def _fail(self, problem, status=500) -> Response:
