@@ -1,13 +1,15 @@
-"""benchmarks/bench.py --quick runs every section end to end, so the script can't rot. No timing is asserted."""
+"""benchmarks/bench.py --quick runs every section end to end, so the script can't rot. No timing is asserted.
+It takes 20-40 s, so a plain `pytest` leaves it out: `pytest -m bench` runs it (CI runs both)."""
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+from helpers import ROOT
 
 
+@pytest.mark.bench
 def test_bench_quick_runs_every_section_and_writes_its_json(pg_server, tmp_path):
     env = {**os.environ, "BENCH_DATABASE_URL": pg_server.base_dsn}  # the session's server: no second one
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
