@@ -20,7 +20,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from pathlib import Path
 
 import pg_fixture
 import psycopg
@@ -148,18 +147,6 @@ def finish(proc, timeout=WAIT) -> tuple[str, str]:
         return proc.communicate(timeout=timeout)
     finally:
         proc.kill()
-
-
-def worker_pid(run_id) -> int:
-    """The pid of the worker.py process of this run (found by its --run-id argument)."""
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(a.endswith(b"worker.py") for a in argv) and f"--run-id={run_id}".encode() in argv:
-            return int(entry.name)
-    return 0
 
 
 # ------------------------------------------------------------------ an own server: restarts and passwords
@@ -538,7 +525,7 @@ def test_a_worker_killed_with_sigkill_is_reported_and_its_steps_are_kept(emu, db
     emu.genie_fault(SPACE, "hang")  # the worker waits on Genie when it is killed
     run_id = agent.predict(ask("What was the total revenue in 2025?", "t-kill"))["custom_outputs"]["run_ids"][0]
     wait_for(lambda: len(steps_of(pg_dsn, run_id)) == 2, "the worker to ask Genie")
-    os.kill(wait_for(lambda: worker_pid(run_id), "the worker's pid"), signal.SIGKILL)
+    os.kill(emu.store.get(int(run_id)).pid, signal.SIGKILL)  # this emulator's worker, not another suite's run 1
     tally.fault()
     run = wait_ended(w, run_id)
     assert run.state.result_state.value == "FAILED"
