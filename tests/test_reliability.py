@@ -587,9 +587,9 @@ def test_a_cancel_racing_completion_ends_in_one_outcome_and_loses_no_step(emu, d
     agent, w = stand_in_agent(emu, db, emu.add_job(worker_job()))
     run_id = agent.predict(ask("What was the total revenue in 2025?", "t-race"))["custom_outputs"]["run_ids"][0]
     with psycopg.connect(pg_dsn, autocommit=True) as watch:
-        wait_for(lambda: watch.execute("select 1 from pg_stat_activity where state = 'active' and query like "
+        wait_for(lambda: watch.execute("select 1 from pg_stat_activity where wait_event = 'PgSleep' and query like "
                                        "'insert into task_logs%%' and datname = current_database()").fetchone(),
-                 "the worker to write its answer")
+                 "the worker to write its answer")  # in the slow trigger: not just any step being written
     reply = reply_text(agent.predict(ask(f"Please cancel run {run_id}", "t-race")))
     tally.fault()
     assert_clear(reply, f"I asked to cancel run {run_id}; it is now TERMINATING")
