@@ -163,14 +163,7 @@ def open_db(where, bounds=None, **pool):
         config = where
     else:
         config = lakebase.LakebaseConfig(dsn=where, retry_seconds=2, **(bounds or {}))
-    db = lakebase.open_pool(config, **{"max_size": 4, "timeout": 5, **pool})
-    try:
-        with db.connection() as conn:
-            lakebase.migrate(conn)
-    except BaseException:
-        db.close()
-        raise
-    return db
+    return lakebase.open_pool(config, **{"migrated": True, "max_size": 4, "timeout": 5, **pool})
 
 
 def connection(db):
