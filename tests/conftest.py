@@ -11,14 +11,16 @@ from pathlib import Path
 import pg_fixture
 import psycopg
 import pytest
-from helpers import ROOT, SPACE, Answerer, fast_chat, open_db, step_job, steps_of, turns_of, whole, workspace
+from helpers import OWN_VARS, ROOT, SPACE, Answerer, fast_chat, open_db, step_job, steps_of, turns_of, whole, workspace
 from pg_fixture import session_server
 from psycopg import sql
 
 import lakebase
 
-# The SDK reads any DATABRICKS_* variable and ~/.databrickscfg: keep the developer's own workspace out of tests.
-for _key in [k for k in os.environ if k.startswith("DATABRICKS_")]:
+# The developer's own workspace, database and model stay out of tests and of the workers they start: the SDK reads
+# any DATABRICKS_* variable and ~/.databrickscfg, the project its own variables (libpq's other PG* variables stay,
+# for TEST_DATABASE_URL).
+for _key in [k for k in os.environ if k.startswith(OWN_VARS) and (not k.startswith("PG") or k in lakebase.PG_VARS)]:
     del os.environ[_key]
 os.environ["DATABRICKS_CONFIG_FILE"] = os.devnull
 

@@ -42,7 +42,9 @@ class LostCommits:
 
     def close(self):
         self.listener.close()
-        for connection in list(self.connections):
+        with self._lock:
+            connections = list(self.connections)
+        for connection in connections:
             connection.close()
 
     def _accept(self):
@@ -57,7 +59,8 @@ class LostCommits:
             server = socket.socket(self.upstream[0], socket.SOCK_STREAM)
             server.connect(self.upstream[1])
             connection = _Connection(self, client, server)
-            self.connections.append(connection)
+            with self._lock:
+                self.connections.append(connection)
             connection.start()
 
     def _take(self) -> bool:
@@ -141,8 +144,9 @@ class _Connection:
         self.close()
 
     def close(self):
-        if self in self.proxy.connections:
-            self.proxy.connections.remove(self)
+        with self.proxy._lock:  # both pump threads close a connection that ends
+            if self in self.proxy.connections:
+                self.proxy.connections.remove(self)
         for sock in (self.client, self.server):
             try:
                 sock.shutdown(socket.SHUT_RDWR)

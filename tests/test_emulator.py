@@ -7,7 +7,6 @@ drift into answers the real service would not give.
 import json
 import os
 import re
-import shutil
 import signal
 import tempfile
 import time
@@ -221,9 +220,10 @@ def test_contract_genie_bodies_as_harsh_as_the_real_genie(make_emulator):
         roundtrip(dashboards.GenieGetMessageQueryResultResponse, failed)
         assert failed["statement_response"]["status"]["state"] == "FAILED"
         states = [w.api_client.do("POST", f"{base}/attachments/{query['attachment_id']}/execute-query", body={})]
-        while states[-1]["statement_response"]["status"]["state"] != "SUCCEEDED":
-            time.sleep(0.05)
-            states.append(w.api_client.do("GET", f"{base}/attachments/{query['attachment_id']}/query-result"))
+        result = f"{base}/attachments/{query['attachment_id']}/query-result"
+        wait_for(lambda: states.append(w.api_client.do("GET", result))
+                 or states[-1]["statement_response"]["status"]["state"] == "SUCCEEDED", "the re-executed result",
+                 timeout=10)
         for state in states:
             roundtrip(dashboards.GenieGetMessageQueryResultResponse, state)
         seen = [s["statement_response"]["status"]["state"] for s in states]
@@ -941,27 +941,21 @@ def test_request_log_records_method_path_and_body(emu, w):
 
 # ------------------------------------------------------------------ the composed local workspace
 
-def test_embedded_postgres_keeps_its_data_across_restarts():
-    # Not under tmp_path: as root the server runs as another user, and any pytest session that starts
-    # meanwhile makes /tmp/pytest-of-root private again.
-    parent = Path(tempfile.mkdtemp(prefix="local-pg-"))
+def test_embedded_postgres_keeps_its_data_across_restarts(scratch):
+    handle, dsn = localws.embedded.start(scratch / "pgdata", say=print)
     try:
-        handle, dsn = localws.embedded.start(parent / "pgdata", say=print)
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute("create table kept(x int)")
-                conn.execute("insert into kept values (42)")
-        finally:
-            localws.embedded.stop(handle)  # stops the server; the data directory stays
-        handle, dsn = localws.embedded.start(parent / "pgdata", say=print)
-        try:
-            with psycopg.connect(dsn) as conn:
-                assert conn.info.dbname == "databricks_postgres"
-                assert conn.execute("select x from kept").fetchone() == (42,)
-        finally:
-            localws.embedded.stop(handle)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("create table kept(x int)")
+            conn.execute("insert into kept values (42)")
     finally:
-        shutil.rmtree(parent, ignore_errors=True)
+        localws.embedded.stop(handle)  # stops the server; the data directory stays
+    handle, dsn = localws.embedded.start(scratch / "pgdata", say=print)
+    try:
+        with psycopg.connect(dsn) as conn:
+            assert conn.info.dbname == "databricks_postgres"
+            assert conn.execute("select x from kept").fetchone() == (42,)
+    finally:
+        localws.embedded.stop(handle)
 
 
 def test_local_start_composes_the_workspace(pg_dsn, tmp_path):

@@ -183,10 +183,9 @@ def test_a_re_executed_result_is_polled_while_pending_until_it_succeeds(emu, w):
 def test_a_result_still_pending_at_the_deadline_is_an_error_in_time(emu, w):
     emu.genie_fault("space", "expired")
     emu.genie_result_delay = 60.0  # the re-executed query stays PENDING
-    started = time.monotonic()
-    detail = failing(make_genie(w, timeout=1.0), "total sales",
+    detail = failing(make_genie(w, timeout=1.0), "total sales",  # polling past it would hit bounded_sleep's limit
                      r"query result was not ready within 1 s \(state PENDING\)")
-    assert time.monotonic() - started < 5 and detail["result_state"] == "PENDING"
+    assert detail["result_state"] == "PENDING"
 
 
 def test_an_api_error_while_polling_is_an_error_for_the_model_with_the_reason(emu, w):

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pg_fixture
 import psycopg
 import pytest
-from helpers import ROOT, assistant, user
+from helpers import ROOT, assistant, refuse_inserts, user
 
 import lakebase
 from lakebase import LakebaseConfig, LakebaseError, Login
@@ -277,9 +277,7 @@ def test_a_run_is_delivered_by_the_turn_that_told_it_and_only_once(conn):
     assert lakebase.undelivered_runs(conn, "t-told", limit=5) == ["5"]
     assert dict(conn.execute("select run_id, delivered_turn from thread_runs").fetchall()) == {
         "1": 1, "3": 1, "5": None}
-    conn.execute("create function refuse() returns trigger language plpgsql as $$ begin raise exception 'disk "
-                 "full'; end $$")
-    conn.execute("create trigger refuse before insert on thread_messages execute function refuse()")
+    refuse_inserts(conn, "thread_messages", "disk full")
     with pytest.raises(psycopg.Error, match="disk full"):  # a turn that is not stored delivers nothing
         lakebase.append_turn(conn, "t-told", [user("and?")], delivered=["5"])
     assert lakebase.undelivered_runs(conn, "t-told", limit=5) == ["5"]

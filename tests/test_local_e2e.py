@@ -697,7 +697,7 @@ def test_a_question_the_offline_genie_would_change_ends_as_a_refusal_not_as_data
     agent, w, pool = local_agent
     asked = agent.predict(ask("Which customers churned?"))
     thread, [run] = asked["custom_outputs"]["thread_id"], asked["custom_outputs"]["run_ids"]
-    wait_for(lambda: w.jobs.get_run(int(run)).state.result_state, f"run {run} to end")
+    wait_ended(w, run)
     told = reply_text(agent.predict(ask("ok", thread)))
     assert told.startswith(f"Run {run} has ended since we last spoke: it is TERMINATED SUCCESS, with 4 steps logged, "
                            f"but it got no data.\n\nWhat it says:\nI could not get the data: Genie could not answer: "

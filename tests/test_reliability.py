@@ -536,11 +536,11 @@ def test_a_worker_killed_with_sigkill_is_reported_and_its_steps_are_kept(emu, db
     tally.expect_thread(db, "t-kill", ["What was the total revenue in 2025?", "Is it done?"])
 
 
-def test_a_local_workspace_killed_mid_run_leaves_nothing_running_stuck_or_broken(tmp_path, tally):
+def test_a_local_workspace_killed_mid_run_leaves_nothing_running_stuck_or_broken(tmp_path, scratch, tally):
     """kill -9 of `python primary.py` while a run goes on: its worker dies with it (logging `cancelled`), another
     open session sees the run end FAILED, the next start stops the server nobody uses, and resetting the data
     directory right after a kill starts cleanly."""
-    data_dir = tmp_path / "data"
+    data_dir = scratch / "data"  # its embedded server's data, out of pytest's tmp_path (see `scratch`)
 
     def dying_workspace():
         proc = subprocess.Popen([sys.executable, str(ROOT / "tests/fixtures/dying_workspace.py"), str(data_dir)],
@@ -1328,11 +1328,7 @@ def test_a_run_whose_record_fails_is_named_and_a_reworded_retry_reuses_it(emu, d
     agent = PrimaryAgent(fast_chat(scripted_model), w, db, job_id)
     with db.connection() as conn:  # recording the first run fails after run_now, as a lost connection would
         conn.execute("create sequence records")
-        conn.execute("create function fail_first() returns trigger language plpgsql as $$ begin "
-                     "if nextval('records') = 1 then raise exception 'connection lost (test)'; end if; "
-                     "return new; end $$")
-        conn.execute("create trigger fail_first before insert on thread_runs for each row execute function "
-                     "fail_first()")
+        refuse_inserts(conn, "thread_runs", "connection lost (test)", when="nextval('records') = 1")
     scripted_model.call_tool("start_databricks_job", {"request": "revenue by region in 2025"})
     tally.fault()
     with pytest.raises(TurnFailed) as failed:

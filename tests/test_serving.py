@@ -496,7 +496,8 @@ mlflow.flush_trace_async_logging()
 experiment = mlflow.get_experiment_by_name("serving-test")  # where the model was logged: its traces go there
 traces = mlflow.search_traces(locations=[experiment.experiment_id], return_type="list", order_by=["timestamp_ms ASC"])
 print(json.dumps({"response": response, "events": events,
-                  "modules": sorted(m for m in ("primary", "llm", "lakebase", "tracing", "local") if m in sys.modules),
+                  "modules": sorted(m for m in ("primary", "agent_io", "runs", "llm", "lakebase", "tracing",
+                                                "localws") if m in sys.modules),
                   "traces": [[(s.span_type, s.name) for s in sorted(mlflow.get_trace(t.info.trace_id).data.spans,
                                                                     key=lambda s: s.start_time_ns)]
                              for t in traces]}))
@@ -539,7 +540,8 @@ def test_the_logged_model_loads_in_a_fresh_process_and_answers(logged, emu, job_
     assert {e.item_id for e in deltas} == {final.item["id"]}
     assert "".join(e.delta for e in deltas) == final.item["content"][0]["text"] == "Hi from the stream."
     assert final.custom_outputs == {"thread_id": "t-logged", "turn": 2, "run_ids": [], "delivered_run_ids": []}
-    assert result["modules"] == ["lakebase", "llm", "primary", "tracing"]  # the model's own copies (not on sys.path)
+    # the model's own copies (not on sys.path), and not the local workspace
+    assert result["modules"] == ["agent_io", "lakebase", "llm", "primary", "runs", "tracing"]
     assert result["traces"] == [  # one trace per request, its spans in the order they started
         [["AGENT", "predict"], ["CHAT_MODEL", "chat_model"], ["TOOL", "start_databricks_job"]],
         [["AGENT", "predict_stream"], ["CHAT_MODEL", "chat_model"]]]

@@ -343,10 +343,8 @@ def test_cancelling_a_job_run_while_the_model_is_slow_logs_cancelled(pg_dsn, scr
     job_id = emu.add_job(localws.emulator.load_job(ROOT, {"genie_space_id": "space"}))
     run_id = w.jobs.run_now(job_id, job_parameters={"request": "total sales"}).run_id
     wait_for(lambda: scripted_model.requests, "the worker to ask the model")
-    started = time.monotonic()
     w.jobs.cancel_run(run_id)
-    run = wait_ended(w, run_id)
-    assert time.monotonic() - started < 5  # not killed after the 10 s grace
+    run = wait_ended(w, run_id)  # a worker killed after the 10 s grace could not log `cancelled` (below)
     assert (run.state.result_state.value, run.state.state_message) == ("CANCELED", "Run cancelled.")
     assert "Traceback" not in emu.run_log(run_id, "stderr")
     assert [(n, s, p) for n, s, p in steps(pg_dsn, str(run_id))] == [
