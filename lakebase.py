@@ -62,7 +62,8 @@ class LakebaseError(Exception):
 
 
 class Unreachable(LakebaseError):
-    """The server did not answer within the connect budget (down, restarting, network): it may come back."""
+    """The server did not answer within the connect budget (down, restarting, network), or the Databricks API that
+    mints its logins did not within the SDK's retries, or the instance has no host yet: it may come back."""
 
 
 class RunEnded(Exception):
@@ -202,23 +203,33 @@ class CachedLogin:
         with self._lock:
             if self._login is None or time.monotonic() - self._minted_at >= self.max_age:
                 self._login, self._minted_at = self.mint(), time.monotonic()
-                with _secrets_lock:
-                    _minted.append(self._login.password)
+                password = self._login.password
+                if isinstance(password, str) and len(password) >= MIN_SECRET_CHARS:  # as add_secrets() does
+                    with _secrets_lock:
+                        _minted.append(password)
                 log.info("minted a database credential for %s at %s", self._login.user, self._login.host)
             return self._login
 
 
 def _sdk(what: str, fix: str, fn, *args, **kwargs):
-    """Call the SDK, turning its errors into a one-line LakebaseError that says what to fix."""
+    """Call the SDK, turning its errors into a one-line LakebaseError that says what to fix; Unreachable when the
+    SDK's retries (of 429s, 503s, connection errors) ran out, as that may pass."""
+    error = LakebaseError
     try:
         return fn(*args, **kwargs)
     except Exception as e:
         from databricks.sdk.errors import DatabricksError
 
-        if not isinstance(e, DatabricksError):  # our own bug: keep its traceback
+        if isinstance(e, TimeoutError):  # the SDK's retries.py, with the last error as its cause
+            error, cause = Unreachable, e.__cause__ or e
+            message = (f"{what}: the Databricks API did not answer ({e}: "
+                       f"{redact(' '.join(str(cause).split())).rstrip('.')} ({type(cause).__name__})); check that "
+                       f"the workspace is up and reachable and not throttling this identity, then try again")
+        elif isinstance(e, DatabricksError):
+            message = f"{what}: {redact(' '.join(str(e).split())).rstrip('.')} ({type(e).__name__}); {fix}"
+        else:  # our own bug: keep its traceback
             raise
-        message = f"{what}: {redact(' '.join(str(e).split())).rstrip('.')} ({type(e).__name__}); {fix}"
-    raise LakebaseError(message)  # raised outside the except block, so the SDK error is not chained
+    raise error(message)  # raised outside the except block, so the SDK error is not chained
 
 
 def sdk_login(workspace, config: LakebaseConfig) -> Callable[[], Login]:
@@ -233,15 +244,17 @@ def sdk_login(workspace, config: LakebaseConfig) -> Callable[[], Login]:
     def mint() -> Login:
         if config.instance:
             host = _sdk(what, fix, workspace.database.get_database_instance, name).read_write_dns
-            token = _sdk(f"a credential for {what}", fix, workspace.database.generate_database_credential,
-                         instance_names=[name], request_id=str(uuid.uuid4())).token
         else:
             status = _sdk(what, fix, workspace.postgres.get_endpoint, name).status
             host = status.hosts.host if status and status.hosts else None
+        if not host:  # starting: a caller that retries Unreachable (the run's last step) waits for it
+            raise Unreachable(f"{what} has no host yet: wait until it is running")
+        if config.instance:
+            token = _sdk(f"a credential for {what}", fix, workspace.database.generate_database_credential,
+                         instance_names=[name], request_id=str(uuid.uuid4())).token
+        else:
             token = _sdk(f"a credential for {what}", fix, workspace.postgres.generate_database_credential,
                          endpoint=name).token
-        if not host:
-            raise LakebaseError(f"{what} has no host yet: wait until it is running")
         if not user[0]:
             user[0] = _sdk("the current identity", "check the Databricks auth", workspace.current_user.me).user_name
         return Login(host=host, user=user[0], password=token, dbname=config.database)
@@ -643,13 +656,12 @@ def prune_threads(conn, older_than: timedelta) -> int:
     if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
         raise ValueError(f"older_than must be a positive timedelta, got {older_than!r}")
     query = sql.SQL(_DELETE_THREADS).format(sql.SQL(_PRUNABLE))
-    return conn.execute(query, (older_than, RUN_SILENCE)).fetchone()[0]
+    return conn.execute(query, (older_than, list(FINAL_STATUSES), RUN_SILENCE)).fetchone()[0]
 
 
 _PRUNABLE = """updated_at < now() - %s and not exists (
   select from thread_runs r where r.thread_id = threads.thread_id
-    and not exists (select from task_logs l where l.run_id = r.run_id and l.status in ('completed', 'failed',
-                                                                                       'cancelled'))
+    and not exists (select from task_logs l where l.run_id = r.run_id and l.status = any(%s))
     and greatest(r.created_at, (select max(l.created_at) from task_logs l where l.run_id = r.run_id)) > now() - %s)"""
 
 
@@ -776,5 +788,5 @@ def run_progress(conn, run_id: str, *, recent: int = 5) -> dict:
         last = cur.execute("select step, status, payload - 'detail' as payload, created_at from task_logs "
                            "where run_id = %s order by step desc limit %s", (run_id, recent)).fetchall()
         final = cur.execute("select step, status, payload, created_at from task_logs where run_id = %s and status "
-                            "in ('completed', 'failed', 'cancelled') order by step desc limit 1", (run_id,)).fetchone()
+                            "= any(%s) order by step desc limit 1", (run_id, list(FINAL_STATUSES))).fetchone()
     return {"steps": counts["n"], "answered": counts["answered"], "recent": last[::-1], "final": final}

@@ -12,7 +12,7 @@ from datetime import timedelta
 import pg_fixture
 import psycopg
 import pytest
-from helpers import ROOT, assistant, refuse_inserts, user
+from helpers import ROOT, assistant, refuse_inserts, user, workspace
 
 import lakebase
 from lakebase import LakebaseConfig, LakebaseError, Login
@@ -555,6 +555,13 @@ def test_the_dsn_mode_never_imports_the_sdk(pg_dsn):
     assert done.stdout.strip() == "[]"  # importing databricks.sdk costs 1-2.5 s
 
 
+@pytest.mark.parametrize("password", ["", None, "server"])
+def test_a_minted_password_too_short_to_redact_changes_no_log_line(password):
+    login = lakebase.CachedLogin(lambda: Login(host="h", user="u", password=password))
+    assert login().password == password
+    assert lakebase.redact("cannot connect: server down") == "cannot connect: server down"
+
+
 def test_redact():
     text = "password=hunter2 and PASSWORD = 'a b' postgresql://me:pa55@host/db eyJhbGciOi.eyJzdWIiOi.c2lnbmF0 user=me"
     assert lakebase.redact(text) == "password=*** and PASSWORD = *** postgresql://me:***@host/db *** user=me"
@@ -706,3 +713,24 @@ def test_run_progress_reads_the_count_the_last_steps_and_the_end(conn):
     assert progress["recent"][1]["payload"] == {"output": "o2"}  # Genie's full rows are left in the log
     assert (progress["final"]["step"], progress["final"]["payload"]) == (8, {"answer": "42"})
     assert lakebase.run_progress(conn, "79") == {"steps": 0, "answered": 0, "recent": [], "final": None}
+
+
+@pytest.mark.parametrize("config, path", [(LakebaseConfig(instance="db1"), "/api/2.0/database/credentials"),
+                                          (LakebaseConfig(endpoint=ENDPOINT), "/api/2.0/postgres/credentials")])
+def test_a_credential_api_that_stays_unavailable_is_unreachable_in_one_line(lakebase_emulator, config, path):
+    emu, _ = lakebase_emulator
+    emu.inject("POST", path, 503, times=None)  # the SDK retries it for its retry_timeout_seconds, then gives up
+    with pytest.raises(lakebase.Unreachable, match=r"^a credential for Lakebase .*: the Databricks API did not "
+                                                   r"answer \(Timed out after .*injected fault.*check that the "
+                                                   r"workspace is up") as info:
+        lakebase.connect(config, workspace(emu, retry_timeout=1))
+    assert "\n" not in str(info.value) and info.value.__context__ is None
+    assert len(emu.calls("POST", path)) >= 1 and emu.minted == []
+
+
+def test_an_instance_with_no_host_yet_is_unreachable_and_mints_no_credential(lakebase_emulator):
+    emu, w = lakebase_emulator
+    emu.database_instances["starting"] = None  # read_write_dns: null
+    with pytest.raises(lakebase.Unreachable, match="'starting' has no host yet: wait until it is running"):
+        lakebase.connect(LakebaseConfig(instance="starting"), w)
+    assert emu.calls("POST", "/api/2.0/database/credentials") == []
