@@ -131,10 +131,11 @@ class StepLog:
     """Writes one run's steps to task_logs, each under a key chosen before its first try, so a retry after a lost
     reply never logs a step twice. A lost connection, a lock or statement timeout, or a failed reconnect is tried
     again: at once for a step along the way, and with growing pauses for `final_seconds` for the run's last
-    step, which carries its answer."""
+    step, which carries its answer. `bounds`: the database config, whose time limits an error names."""
 
-    def __init__(self, connect, run_id: str, final_seconds: float = FINAL_STEP_SECONDS):
-        self.connect, self.run_id, self.final_seconds = connect, run_id, final_seconds
+    def __init__(self, connect, run_id: str, final_seconds: float = FINAL_STEP_SECONDS,
+                 bounds: lakebase.LakebaseConfig | None = None):
+        self.connect, self.run_id, self.final_seconds, self.bounds = connect, run_id, final_seconds, bounds
         self.conn = connect()
 
     def __call__(self, status: str, payload: dict, *, final: bool = False) -> int:
@@ -157,7 +158,7 @@ class StepLog:
                     lost = lakebase.connection_lost(e) or isinstance(e, lakebase.Unreachable)
                     log.warning("%s; %s%s to log the %s step (%s)", "lost the database connection" if lost else
                                 "the database failed", "reconnecting" if lost else "trying again",
-                                f" in {wait:.0f} s" if wait else "", status, lakebase.explain(e))
+                                f" in {wait:.0f} s" if wait else "", status, lakebase.explain(e, self.bounds))
                 time.sleep(wait)
                 wait = min(max(2 * wait, 1.0), 30.0)
         finally:
@@ -208,10 +209,29 @@ def _cancel(signum, frame):
     raise Cancelled(f"received {signal.Signals(signum).name}: the run was cancelled")
 
 
+def open_step_log(config: WorkerConfig, workspace) -> StepLog:
+    """The run's step log, connected. Its login is built once: a reconnect reuses it and its token while fresh,
+    so a database outage (the last step retries for FINAL_STEP_SECONDS) adds no Workspace API calls."""
+    login = lakebase.login_for(config.db, workspace)  # None for a plain DSN
+    return StepLog(lambda: lakebase.connect(config.db, login=login), config.run_id, bounds=config.db)
+
+
+def setup_logging(level: str):
+    """Log records on stderr at `level`, a level name in any case (LOG_LEVEL); an unknown one is a UsageError."""
+    levels = logging.getLevelNamesMapping()
+    if level.upper() not in levels:
+        raise UsageError(f"LOG_LEVEL={level!r} is not a log level: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    logging.basicConfig(level=levels[level.upper()], stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv=None) -> int:
     config = WorkerConfig.from_args(parser().parse_args(argv))
-    logging.basicConfig(level=config.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        setup_logging(config.log_level)
+    except UsageError as e:
+        print(f"worker: {e}", file=sys.stderr)
+        return 2
     lakebase.guard_secrets()
     try:
         lakebase.check_id(config.run_id, "run id")  # else the step log refuses every step
@@ -221,11 +241,10 @@ def main(argv=None) -> int:
     try:
         # Lakebase mints its login tokens through the workspace; a plain DSN needs none
         workspace = workspace_client(config) if config.db.instance or config.db.endpoint else None
-        connect = lambda: lakebase.connect(config.db, workspace)  # noqa: E731
-        step = StepLog(connect, config.run_id)
+        step = open_step_log(config, workspace)
         lakebase.migrate(step.conn)
     except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:  # ValueError: the SDK's auth config
-        print(f"worker: cannot reach the step-log database: {_error_text(e)}", file=sys.stderr)
+        print(f"worker: cannot reach the step-log database: {lakebase.explain(e, config.db)}", file=sys.stderr)
         return 3
     trace = tracing.job_run(config.mlflow_experiment, request=config.request[:MAX_REQUEST_CHARS],
                             run_id=config.run_id, thread_id=config.thread_id)
@@ -252,7 +271,7 @@ def main(argv=None) -> int:
         print(_closed(e), file=sys.stderr)
         return 2
     except Exception as e:  # anything else ends the run: record why, then fail the Job run visibly
-        error = _describe(e, config.max_calls)
+        error = _describe(e, config)
         log.debug("run failed", exc_info=True)
         return _end(step, "failed", {"error": error, "kind": type(e).__name__}, f"worker: failed: {error}",
                     2 if isinstance(e, UsageError) else 1, trace)
@@ -271,8 +290,8 @@ def _end(step: StepLog, status: str, payload: dict, message: str, code: int, tra
         code, message = 2, _closed(e)
     except (lakebase.LakebaseError, psycopg.Error, ValueError) as e:
         why = payload.get("error") or payload.get("reason")
-        print(f"worker: could not log the run's end ({f'{status}: {why}' if why else status}): {_error_text(e)}",
-              file=sys.stderr)
+        ended = f"{status}: {why}" if why else status
+        print(f"worker: could not log the run's end ({ended}): {lakebase.explain(e, step.bounds)}", file=sys.stderr)
         code, message = 3, None
     if trace:
         trace.end(status, payload)
@@ -285,16 +304,13 @@ def _closed(e: lakebase.RunEnded) -> str:
     return f"worker: {e}; a run is logged once: start a new run (without --run-id, a local run gets a new id)"
 
 
-def _describe(e: Exception, max_calls: int) -> str:
+def _describe(e: Exception, config: WorkerConfig) -> str:
+    """Why the run failed, for a person: on one line, no secrets; for a statement cancelled at one of the database's
+    time limits, which limit (lakebase.explain)."""
     if isinstance(e, LimitReached):
-        return f"no final answer after {max_calls} model calls; the request may need narrowing"
-    return f"the chat model failed: {_error_text(e)}" if isinstance(e, LLMError) else _error_text(e)
-
-
-def _error_text(e: BaseException) -> str:
-    """An error for a person: no secrets, on one line (an endpoint's error page or libpq may give several); for a
-    statement cancelled at a database time limit, which limit."""
-    return lakebase.explain(e)
+        return f"no final answer after {config.max_calls} model calls; the request may need narrowing"
+    text = lakebase.explain(e, config.db)
+    return f"the chat model failed: {text}" if isinstance(e, LLMError) else text
 
 
 if __name__ == "__main__":

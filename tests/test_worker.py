@@ -294,6 +294,29 @@ def test_an_unreachable_database_fails_with_one_line(pg_dsn):
         "worker: cannot reach the step-log database: no database configured: set LAKEBASE_DSN")
 
 
+def test_log_level_is_a_level_name_in_any_case_and_an_unknown_one_is_one_line(pg_dsn):
+    result = run_worker("--request=", env=worker_env(dsn=pg_dsn, GENIE_SPACE_ID="space", LOG_LEVEL="debug"))
+    assert result.returncode == 2, result.stderr
+    assert "worker: failed: the request is empty: pass the question with --request" in result.stderr.splitlines()
+    assert " DEBUG worker: run failed" in result.stderr  # the level took effect (DEBUG shows the traceback)
+    result = run_worker("--request=q", env=worker_env(dsn=pg_dsn, GENIE_SPACE_ID="space", LOG_LEVEL="loud"))
+    assert result.returncode == 2 and result.stderr == ("worker: LOG_LEVEL='loud' is not a log level: use DEBUG, "
+                                                        "INFO, WARNING, ERROR or CRITICAL\n")
+
+
+def test_reconnecting_reuses_the_login_and_its_token(lakebase_emulator):
+    emu, w = lakebase_emulator
+    config = WorkerConfig(request="q", run_id="r-1", db=lakebase.LakebaseConfig(instance="db1"))
+    step = worker.open_step_log(config, w)
+    for _ in range(2):  # as StepLog does after a lost connection
+        step.conn.close()
+        step.conn = step.connect()
+        assert step.conn.execute("select current_user").fetchone() == (localws.emulator.DEFAULT_USER,)
+    step.conn.close()
+    assert len(emu.minted) == 1 and len(emu.calls("POST", "/api/2.0/database/credentials")) == 1
+    assert len(emu.calls("GET", "/api/2.0/preview/scim/v2/Me")) == 1
+
+
 def test_a_run_id_the_step_log_refuses_fails_with_one_line(pg_dsn):
     result = run_worker("--request=total sales", "--run-id=-5", env=worker_env(dsn=pg_dsn))
     assert result.returncode == 2
