@@ -131,37 +131,40 @@ class Genie:
         return answer
 
     def _send(self, question):
-        from databricks.sdk.errors import DatabricksError, NotFound, PermissionDenied, TooManyRequests, Unauthenticated
+        """Start the conversation, or add the question to it: (conversation id, message id)."""
+        if self.conversation_id is None:
+            waiter = self._call("we sent the question", self.w.genie.start_conversation, question, sending=True)
+            self.conversation_id = waiter.conversation_id
+        else:
+            waiter = self._call("we sent the question", self.w.genie.create_message, self.conversation_id, question,
+                                sending=True)
+        return waiter.conversation_id, waiter.message_id
 
-        space = self.config.space_id
+    def _call(self, doing, method, *args, sending=False):
+        """One Genie API call: no access to the space (or, `sending` a question, no such space) is GenieUnavailable;
+        anything else that fails is a ToolError, the model's to explain."""
+        from databricks.sdk.errors import (
+            BadRequest,
+            DatabricksError,
+            NotFound,
+            PermissionDenied,
+            TooManyRequests,
+            Unauthenticated,
+        )
+
+        unavailable = (PermissionDenied, Unauthenticated, *((NotFound,) if sending else ()))
         try:
-            if self.conversation_id is None:
-                waiter = self.w.genie.start_conversation(space, question)
-                self.conversation_id = waiter.conversation_id
-            else:
-                waiter = self.w.genie.create_message(space, self.conversation_id, question)
-        except (NotFound, PermissionDenied, Unauthenticated) as e:
-            raise GenieUnavailable(f"Genie space {space!r} can't be used: {e}") from e
+            return method(self.config.space_id, *args)
+        except unavailable as e:
+            raise GenieUnavailable(f"Genie space {self.config.space_id!r} can't be used: {e}") from e
         except TimeoutError as e:  # the SDK retried 429s, 503s and connection errors for its whole budget
             if isinstance(e.__cause__, TooManyRequests):
                 raise ToolError(f"Genie is rate limited (about 5 questions a minute per workspace) and still "
-                                f"refused after retrying ({e}): {e.__cause__}. Wait a minute before asking "
-                                f"again.") from e
-            raise ToolError(f"Genie did not respond ({e}): {e.__cause__}. Try again later.") from e
-        except DatabricksError as e:
-            raise ToolError(f"Genie refused the question: {e}") from e
-        return waiter.conversation_id, waiter.message_id
-
-    def _call(self, doing, method, *ids):
-        """One Genie API call while the question is under way: a failure is the model's to explain."""
-        from databricks.sdk.errors import DatabricksError, PermissionDenied, Unauthenticated
-
-        try:
-            return method(self.config.space_id, *ids)
-        except (PermissionDenied, Unauthenticated) as e:
-            raise GenieUnavailable(f"Genie space {self.config.space_id!r} can't be used: {e}") from e
-        except TimeoutError as e:  # the SDK retried 429s, 503s and connection errors for its whole budget
+                                f"refused after retrying ({e}) while {doing}: {e.__cause__}. Wait a minute before "
+                                f"asking again.") from e
             raise ToolError(f"Genie did not respond while {doing} ({e}): {e.__cause__}. Ask again later.") from e
+        except BadRequest as e:
+            raise ToolError(f"Genie refused the question: {e}. Rephrase it, or answer without it.") from e
         except DatabricksError as e:  # e.g. a 500, which the SDK does not retry
             raise ToolError(f"Genie failed while {doing}: {e.error_code or type(e).__name__}: {e}. Ask the "
                             f"question again, or answer without it.") from e
@@ -285,7 +288,8 @@ def render(answer: Answer) -> str:
 
 def table(columns, rows, max_chars) -> str:
     """The rows as text lines within max_chars: whole, or a head and a tail with a note of what was left out.
-    Lines are made only for the rows shown, so a large result is not copied."""
+    Every row's line is measured (the note counts the characters left out), but only the rows shown are kept,
+    so a large result is not copied."""
     def line(values):
         return " | ".join("" if v is None else " ".join(str(v).splitlines()) for v in values)
     header = line(columns)

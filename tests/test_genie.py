@@ -244,6 +244,15 @@ def test_rate_limit_past_the_retry_budget_is_a_clear_error_for_the_model(emu):
     assert [c[2] for c in genie_calls(emu)] == [429, 429]  # retried after Retry-After, within the 2 s budget
 
 
+def test_rate_limit_while_polling_past_the_retry_budget_says_so(emu):
+    emu.inject("GET", f"{GENIE}/conversations/", 429, "RESOURCE_EXHAUSTED", "too many requests", times=None,
+               retry_after=1)
+    detail = failing(make_genie(workspace(emu, retry_timeout=1)), "total sales",
+                     r"^Genie is rate limited \(about 5 questions a minute.*\) while we waited for its answer: too "
+                     r"many requests\. Wait a minute")
+    assert detail["status"] == "SUBMITTED"
+
+
 def test_other_refusals_are_errors_for_the_model(emu, w):
     emu.inject("POST", f"{GENIE}/start-conversation", 400, "INVALID_PARAMETER_VALUE", "question too vague")
     with pytest.raises(ToolError, match="Genie refused the question: question too vague"):
