@@ -218,10 +218,10 @@ def open_step_log(config: WorkerConfig, workspace) -> StepLog:
 
 def setup_logging(level: str):
     """Log records on stderr at `level`, a level name in any case (LOG_LEVEL); an unknown one is a UsageError."""
-    levels = logging.getLevelNamesMapping()
-    if level.upper() not in levels:
+    number = logging.getLevelName(level.upper())  # a number for a level's name (getLevelNamesMapping is 3.11+)
+    if not isinstance(number, int):
         raise UsageError(f"LOG_LEVEL={level!r} is not a log level: use DEBUG, INFO, WARNING, ERROR or CRITICAL")
-    logging.basicConfig(level=levels[level.upper()], stream=sys.stderr,
+    logging.basicConfig(level=number, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
