@@ -133,10 +133,15 @@ class ChatClient:
 
     def _chunks(self, response, deadline: float) -> Iterator[bytes]:
         """The body's bytes as they come off the connection, one socket read at a time (each bounded by the read
-        timeout); past the deadline the call is given up. The one place a reply's bytes are read."""
-        size = 0
+        timeout; with urllib3 before 2.2, which has no read1, one HTTP chunk at a time); past the deadline the call is
+        given up. The one place a reply's bytes are read."""
+        size, raw = 0, response.raw
+        if hasattr(raw, "read1"):  # urllib3 2.2+
+            reads = iter(lambda: raw.read1(READ_CHUNK, decode_content=True) or b"", b"")
+        else:  # older urllib3: a chunked body (every stream) still comes one HTTP chunk at a time, as it is sent
+            reads = raw.stream(READ_CHUNK, decode_content=True)
         try:
-            while data := response.raw.read1(READ_CHUNK, decode_content=True):
+            for data in reads:
                 size += len(data)
                 yield data
                 if time.monotonic() > deadline:

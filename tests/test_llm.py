@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import urllib3
 from helpers import ROOT, free_port
 
 from llm import (
@@ -124,7 +125,16 @@ def test_importing_llm_does_not_import_the_sdk():
 
 # The client: streaming
 
-def test_text_deltas_reach_on_text_in_order_as_they_are_sent(scripted_model, client):
+@pytest.fixture(params=["urllib3 2.2+", "urllib3 before 2.2"])
+def urllib3_version(request, monkeypatch):
+    """The urllib3 the client reads replies with: requests allows 1.21.1 on, and read1 came in 2.2."""
+    if request.param == "urllib3 before 2.2":
+        for cls in (urllib3.response.HTTPResponse, getattr(urllib3.response, "BaseHTTPResponse", object)):
+            monkeypatch.delattr(cls, "read1", raising=False)
+    return request.param
+
+
+def test_text_deltas_reach_on_text_in_order_as_they_are_sent(scripted_model, client, urllib3_version):
     first_seen = threading.Event()  # the server sends the rest only once the first delta has reached us
     scripted_model.stream({"role": "assistant", "content": "Hel"}, {"content": "lo, "},
                           {"content": "world."}, usage={"prompt_tokens": 9, "completion_tokens": 3}, gate=first_seen)
@@ -171,7 +181,7 @@ def test_tool_calls_without_an_index_or_with_a_leading_empty_object(scripted_mod
 
 
 @pytest.mark.parametrize("end", ["cut", "quiet"])
-def test_a_stream_that_stops_mid_way_is_an_error_and_not_retried(scripted_model, client, end):
+def test_a_stream_that_stops_mid_way_is_an_error_and_not_retried(scripted_model, client, end, urllib3_version):
     scripted_model.stream({"content": "The answer "}, {"content": "is"}, end=end)
     deltas = []
     with pytest.raises(LLMResponseError, match=f"the answer from {scripted_model.base_url}/chat/completions "
@@ -188,7 +198,7 @@ def test_an_error_chunk_in_the_stream_is_an_error_with_its_message(scripted_mode
         client.complete(USER)
 
 
-def test_a_server_that_ignores_stream_answers_whole(scripted_model, client):
+def test_a_server_that_ignores_stream_answers_whole(scripted_model, client, urllib3_version):
     scripted_model.ignores_stream = True
     scripted_model.reply("all at once").call_tool("add", {"a": 1, "b": 2}, id="c1", content="Adding.")
     deltas = []
