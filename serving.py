@@ -51,7 +51,6 @@ try:
         ResponsesAgentRequest,
         ResponsesAgentResponse,
         ResponsesAgentStreamEvent,
-        responses_agent_output_reducer,
     )
 except ImportError:  # importing this module and `deploy --help` work without mlflow; serving and deploy need it
     mlflow, ResponsesAgent = None, object
@@ -203,14 +202,8 @@ class AsyncAgent(ResponsesAgent):
 
     @staticmethod
     def responses_agent_output_reducer(chunks) -> dict:
-        """The output of predict_stream's trace: MLflow's (the output items) with what it leaves out, the turn's
-        custom_outputs (thread id, turn, run ids) and the error of a stream that failed part-way."""
-        events = [chunk if isinstance(chunk, dict) else chunk.model_dump(exclude_none=True) for chunk in chunks]
-        custom = next((e["custom_outputs"] for e in reversed(events) if e.get("custom_outputs") is not None), None)
-        error = next(({"code": e.get("code"), "message": e["message"]} for e in events if e.get("type") == "error"),
-                     None)
-        extra = {"custom_outputs": custom, "error": error}
-        return {**responses_agent_output_reducer(chunks), **{k: v for k, v in extra.items() if v is not None}}
+        """The output of predict_stream's trace (tracing.stream_output): with the turn's custom_outputs."""
+        return tracing.stream_output(chunks)
 
 
 def _checked(method):

@@ -6,7 +6,7 @@ tools and the token usage; a TOOL span with the name, the arguments and the resu
 - Served (serving.py): MLflow's ResponsesAgent makes the trace of predict / predict_stream; the spans open under it,
   and `tag_turn` tags it with the thread (also its session) and the runs the turn started.
 - `python primary.py --traces DIR` (terminal.py): `use_directory` points MLflow at a local tracking directory and
-  `traced_stream` makes the same trace around each turn.
+  `traced_stream` makes the same trace around each turn. Both traces' output is `stream_output` of the events.
 - A job run (worker.py): `job_run` opens one trace in the experiment the job names, tagged with the Databricks run
   id and the thread id, or returns None (tracing off, or it can't be used: the run goes on untraced).
 mlflow is imported only by these functions, so the worker and the terminal load it only when tracing is on. Spans
@@ -119,13 +119,24 @@ def tagged(request: dict, events, user: str | None = None):
         yield event
 
 
-def traced_stream(predict_stream):
-    """`predict_stream` inside a trace like the one MLflow makes around a served predict_stream."""
-    import mlflow
-    from mlflow.entities import SpanType
+def stream_output(chunks) -> dict:
+    """The output of a streamed turn's trace: MLflow's ResponsesAgent reducer's (the output items) with what it leaves
+    out, the turn's custom_outputs (thread id, turn, run ids) and the error of a stream that failed part-way."""
     from mlflow.types.responses import responses_agent_output_reducer
 
-    @mlflow.trace(name="predict_stream", span_type=SpanType.AGENT, output_reducer=responses_agent_output_reducer)
+    events = [chunk if isinstance(chunk, dict) else chunk.model_dump(exclude_none=True) for chunk in chunks]
+    custom = next((e["custom_outputs"] for e in reversed(events) if e.get("custom_outputs") is not None), None)
+    error = next(({"code": e.get("code"), "message": e["message"]} for e in events if e.get("type") == "error"), None)
+    extra = {"custom_outputs": custom, "error": error}
+    return {**responses_agent_output_reducer(chunks), **{k: v for k, v in extra.items() if v is not None}}
+
+
+def traced_stream(predict_stream):
+    """`predict_stream` inside a trace like the one serving.py's AsyncAgent gets around a served predict_stream."""
+    import mlflow
+    from mlflow.entities import SpanType
+
+    @mlflow.trace(name="predict_stream", span_type=SpanType.AGENT, output_reducer=stream_output)
     def traced(request: dict):
         yield from tagged(request, predict_stream(request))
     return traced

@@ -39,6 +39,7 @@ import lakebase
 import localws.emulator
 import runs
 import serving
+import tracing
 
 WAIT = 60  # seconds: the bound on every wait for a process or a run
 CHAT = "chat-model"  # the emulated chat model endpoint, relaying to the scripted model
@@ -412,6 +413,17 @@ def test_stream_traces_keep_custom_outputs(served, scripted_model, emu, job_id):
     outputs = trace_outputs()
     assert outputs["error"]["code"] == "TEMPORARILY_UNAVAILABLE" and "HTTP 400" in outputs["error"]["message"]
     assert mlflow.get_trace(mlflow.get_last_active_trace_id()).info.state == "ERROR"  # though the stream ended
+
+
+def test_the_terminals_traces_keep_custom_outputs_as_served_ones_do(served, scripted_model):
+    mlflow.set_experiment("traces")
+    scripted_model.reply("Hello!")
+    traced = tracing.traced_stream(served.agent().predict_stream)  # what python primary.py --traces DIR uses
+    events = list(traced(ask("hi", "t-local-trace")))
+    outputs = trace_outputs()
+    assert outputs["custom_outputs"] == events[-1]["custom_outputs"]
+    assert outputs["custom_outputs"]["thread_id"] == "t-local-trace"
+    assert [item["type"] for item in outputs["output"]] == ["message"]
 
 
 @pytest.mark.parametrize("change, problem", [
