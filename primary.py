@@ -225,23 +225,26 @@ class PrimaryAgent:
     def finished_runs(self, thread_id: str, *, skip=()) -> list[dict]:
         """Reports (run_report) of the thread's runs that have ended and whose outcome no turn has given the user,
         oldest first. Bounded: it reads at most MAX_DELIVERIES runs from the Jobs API, and stops at the first
-        failure (logged), so a failing Jobs API delays the news rather than failing the turn. `skip`: run ids
-        not to read."""
+        failure (logged), so a failing Jobs API delays the news rather than failing the turn; a run the Jobs API no
+        longer has is passed over. `skip`: run ids not to read."""
         with self.db.connection() as conn:
             candidates = lakebase.undelivered_runs(conn, thread_id, limit=MAX_DELIVERIES, skip=skip)
         if not candidates:
             return []
-        from databricks.sdk.errors import DatabricksError  # loaded already: the runs were started with the SDK
+        from databricks.sdk.errors import DatabricksError, NotFound  # loaded already: the SDK started the runs
 
         reports = []
         for run_id in candidates:
             try:
-                report = self.run_report(run_id, self.jobs.get(run_id))
+                run = self.jobs.get(run_id)
+                if runs.summarize(run).finished:  # its worker may have logged its outcome a bit earlier
+                    reports.append(self.run_report(run_id, run))
             except (llm.ToolError, DatabricksError, OSError) as e:
+                if isinstance(e.__cause__, NotFound):  # gone (its job deleted, or past the Jobs API's retention)
+                    log.warning("run %s of thread %s has no outcome to tell: %s", run_id, thread_id, e)
+                    continue
                 log.warning("could not read run %s to tell its outcome, next turn will: %s", run_id, e)
                 break
-            if report["state"].split()[0] in runs.FINISHED:  # its worker may have logged its outcome a bit earlier
-                reports.append(report)
         return reports
 
     def run_report(self, run_id: str, run) -> dict:

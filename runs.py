@@ -70,11 +70,11 @@ class Jobs:
         except DatabricksError as e:  # whatever else the API says: the poll still reports what it knows
             raise llm.ToolError(f"reading the output of run {run.run_id}: {e}") from e
 
-    def outcome(self, run) -> dict:
-        """How an ended run ended, from its own output, for a run whose worker logged no final step (it crashed,
-        was killed, or could not reach the step-log database): {"answer"} when the worker printed one, else
-        {"cancelled"} for a run cancelled before its worker could log it, else {"error", "error_trace"}, {} when the
-        output says nothing; {"output_error"} when it can't be read."""
+    def outcome(self, run, summary: "RunSummary") -> dict:
+        """How an ended run ended (`summary`: summarize(run)), from its own output, for a run whose worker logged no
+        final step (it crashed, was killed, or could not reach the step-log database): {"answer"} when the worker
+        printed one, else {"cancelled"} for a run cancelled before its worker could log it, else {"error",
+        "error_trace"}, {} when the output says nothing; {"output_error"} when it can't be read."""
         try:
             output = self.output(run)
         except llm.ToolError as e:
@@ -83,7 +83,6 @@ class Jobs:
         answer = answer_in_logs(logs)
         if answer is not None:
             return {"answer": answer}
-        summary = summarize(run)
         if summary.state.endswith(" SUCCESS"):
             return {"error": "the run succeeded, but its answer is neither in the step log nor in its output"}
         if summary.state.endswith(" CANCELED"):  # e.g. a SIGTERM before the worker had started Python
@@ -151,7 +150,6 @@ class RunSummary:
     finished: bool  # the run has ended
     message: str | None = None  # why it ended (termination details), or the state message
     queue_reason: str | None = None  # why it is queued
-    code: str | None = None  # the termination code (status), e.g. RUN_EXECUTION_ERROR
 
 
 def summarize(run) -> RunSummary:
@@ -168,16 +166,11 @@ def summarize(run) -> RunSummary:
     queue_reason = (" ".join(filter(None, [_value(queue.code) and f"{_value(queue.code)}:", queue.message]))
                     if queue else None) or (state and state.queue_reason) or None
     message = (details and details.message) or (state and state.state_message) or None
-    return RunSummary(f"{life} {result}" if result else life, life in FINISHED, message, queue_reason, code)
+    return RunSummary(f"{life} {result}" if result else life, life in FINISHED, message, queue_reason)
 
 
 def _value(enum):
     return enum.value if enum is not None else None
-
-
-def run_state(run) -> str:
-    """"RUNNING", "TERMINATED SUCCESS", ...: `summarize(run).state`."""
-    return summarize(run).state
 
 
 def answer_block(answer: str) -> str:
@@ -221,7 +214,7 @@ def report(run_id: str, run, progress: dict, jobs: Jobs) -> dict:
     elif final["status"] == "cancelled":
         report["cancelled"] = payload.get("reason") or "cancelled"
     elif summary.finished:  # ended with no final step: the worker died first, or its database was out of reach
-        outcome = jobs.outcome(run)
+        outcome = jobs.outcome(run, summary)
         if "answer" in outcome:
             outcome["answer"] = cut(outcome["answer"], MAX_ANSWER_CHARS)
         if outcome:

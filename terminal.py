@@ -33,7 +33,7 @@ import tracing
 from agent_io import BadRequest, check_thread_id
 from llm import DEFAULT_ENDPOINT
 from primary import AgentConfig, ConfigError, PrimaryAgent, TurnFailed, build_agent
-from runs import FINISHED, describe_step, run_state, shorten
+from runs import describe_step, shorten, summarize
 
 try:
     import readline  # line editing and history, where the platform has it
@@ -351,7 +351,7 @@ class Terminal:
         rows = []
         for run in runs:
             try:
-                state = run_state(self.agent.jobs.get(run["run_id"]))
+                state = summarize(self.agent.jobs.get(run["run_id"])).state
             except llm.ToolError as e:
                 state = printable(f"(state unavailable: {e})")
             rows.append((f"run {run['run_id']}", state, f"{run['created_at']:%Y-%m-%d %H:%M}",
@@ -369,10 +369,10 @@ class Terminal:
         marked = False  # a progress mark is on the current line
         try:
             while True:
-                state = run_state(self.agent.jobs.get(run_id))
-                with self.agent.db.connection() as conn:
+                summary = summarize(self.agent.jobs.get(run_id))
+                state, ended = summary.state, summary.finished
+                with self.agent.db.connection() as conn:  # steps read after the end are all the steps
                     steps = lakebase.read_steps(conn, run_id, after=cursor)
-                ended = state.split()[0] in FINISHED  # steps read after the end are all the steps
                 lines = [describe_step(step) for step in steps] + [f"run {run_id} ended: {state}"] * ended
                 if lines:
                     print(("\r\x1b[K" if tty else "\n") * marked + printable("\n".join(lines)), flush=True)

@@ -476,6 +476,17 @@ def test_a_failing_jobs_api_delays_the_news_but_not_the_turn(agent, scripted_mod
     assert response["custom_outputs"]["delivered_run_ids"] == [run_id]
 
 
+def test_a_run_the_jobs_api_no_longer_has_does_not_hold_back_later_news(agent, scripted_model, db, w, job_id):
+    with db.connection() as conn:  # recorded, then gone: its job deleted, or past the Jobs API's retention
+        lakebase.record_run(conn, "t-gone", "987654321", "key gone", "revenue last year")
+    run_id = run_for(w, db, job_id, "t-gone", "revenue by region")
+    wait_ended(w, run_id)
+    scripted_model.reply("Hi, and your job has finished.")
+    response = agent.predict(ask("hi", "t-gone"))
+    assert set(news_sent(scripted_model.requests[-1])) == {run_id}
+    assert response["custom_outputs"]["delivered_run_ids"] == [run_id]
+
+
 def test_a_job_started_while_news_arrives_says_the_news_in_its_reply(agent, scripted_model, db, w):
     _, first = start(agent, scripted_model, "revenue by region", thread="t-news-start")
     wait_ended(w, first)
