@@ -89,13 +89,18 @@ class CallerUnverified(Exception):
     """The caller's token did not say who they are: the request is refused (HTTP 403)."""
 
 
-def verified_caller() -> primary.Caller:
+class WorkspaceUnavailable(Exception):
+    """The workspace API failed or did not answer in time while the caller was being verified (HTTP 503)."""
+
+
+def verified_caller(retry_seconds: int = primary.AgentConfig.jobs_retry_seconds) -> primary.Caller:
     """Who calls, from their own downscoped token (on-behalf-of-user authorization): the SDK reads it from the main
-    thread, where the serving runtime sets it for the request, so it is read now and the returned client keeps it."""
+    thread, where the serving runtime sets it for the request, so it is read now and the returned client keeps it.
+    Its SDK retries stop after `retry_seconds`, as the agent's own client's do."""
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.core import Config
     from databricks.sdk.credentials_provider import ModelServingUserCredentials
-    from databricks.sdk.errors import DatabricksError
+    from databricks.sdk.errors import DatabricksError, PermissionDenied, Unauthenticated
 
     try:
         invoker = Config(credentials_strategy=ModelServingUserCredentials())
@@ -106,12 +111,16 @@ def verified_caller() -> primary.Caller:
         raise primary.ConfigError(f"{ON_BEHALF}=1 but this is not Model Serving's runtime (Databricks auth "
                                   f"{invoker.auth_type}): the caller can't be verified here")
     token = invoker.authenticate()["Authorization"].removeprefix("Bearer ")
-    workspace = WorkspaceClient(config=Config(host=invoker.host, token=token, auth_type="pat"))
+    workspace = WorkspaceClient(config=Config(host=invoker.host, token=token, auth_type="pat",
+                                              retry_timeout_seconds=retry_seconds))
     try:
         me = workspace.current_user.me()
-    except DatabricksError as e:
+    except (Unauthenticated, PermissionDenied) as e:
         raise CallerUnverified(f"your identity could not be verified from your token ({type(e).__name__}: "
                                f"{lakebase.redact(str(e))})") from None
+    except (DatabricksError, TimeoutError) as e:  # a fault of the workspace, not of the caller's token
+        raise WorkspaceUnavailable(f"the workspace API is unavailable, so your identity could not be verified "
+                                   f"({type(e).__name__}: {lakebase.redact(str(e))}); try again in a moment") from None
     if not me.user_name:
         raise CallerUnverified("your token names no user")
     return primary.Caller(me.user_name, workspace)
@@ -155,6 +164,8 @@ def _as_mlflow_errors():
         raise MlflowException(str(e), error_code=INTERNAL_ERROR) from e
     except CallerUnverified as e:
         raise MlflowException(str(e), error_code=PERMISSION_DENIED) from e
+    except WorkspaceUnavailable as e:
+        raise MlflowException(str(e), error_code=TEMPORARILY_UNAVAILABLE) from e
     except (primary.TurnFailed, lakebase.LakebaseError, psycopg.Error) as e:
         raise MlflowException(lakebase.redact(str(e)), error_code=TEMPORARILY_UNAVAILABLE) from e
 
@@ -168,9 +179,11 @@ class AsyncAgent(ResponsesAgent):
         if mlflow is None:
             raise RuntimeError("AsyncAgent needs mlflow: pip install -r requirements-dev.txt")
         self._build = build or (lambda: build_agent(ServingConfig.from_env()))
+        config = ServingConfig.from_env()
         if on_behalf_of_user is None:
-            on_behalf_of_user = ServingConfig.from_env().on_behalf_of_user
-        self._caller = verified_caller if on_behalf_of_user else lambda: None
+            on_behalf_of_user = config.on_behalf_of_user
+        self._caller = (functools.partial(verified_caller, config.jobs_retry_seconds) if on_behalf_of_user
+                        else lambda: None)
         self._agent, self._lock = None, threading.Lock()
 
     def agent(self) -> primary.PrimaryAgent:

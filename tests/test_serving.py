@@ -292,6 +292,19 @@ def test_without_a_callers_token_a_verifying_endpoint_refuses_and_says_why(verif
     assert "dapi" not in message
 
 
+def test_a_workspace_fault_while_verifying_the_caller_is_a_503_not_a_403(verifying, serving_runtime, emu,
+                                                                        scripted_model):
+    serving_runtime(ALICE)
+    emu.inject("GET", "/api/2.0/preview/scim/v2/Me", 500, message="the identity service failed")
+    message = refused(verifying.predict, ask("hi", "t-fault"))
+    assert message.startswith("503 the workspace API is unavailable, so your identity could not be verified "
+                              "(InternalError: the identity service failed)"), message
+    scripted_model.reply("Hello Alice.")  # the next request, the workspace well again, is served
+    assert texts(verifying.predict(ask("hi", "t-fault")).model_dump()) == ["Hello Alice."]
+    caller = serving.verified_caller()
+    assert caller.user_id == ALICE and caller.workspace.config.retry_timeout_seconds == 60  # not the SDK's 300 s
+
+
 def traces(tracking) -> list:
     """The traces written so far (to the default experiment, where served turns go in these tests), oldest first."""
     mlflow.flush_trace_async_logging()
