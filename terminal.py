@@ -169,6 +169,8 @@ def start_tracing(directory: str, log_level: str):
         uri = tracing.use_directory(directory, log_level)
     except ImportError:
         raise SetupError("--traces needs mlflow: pip install mlflow-skinny (or -r requirements-dev.txt)") from None
+    except OSError as e:  # a file there, a directory we may not write to
+        raise SetupError(f"--traces {directory}: {e.strerror or e}: give a directory you can write to") from None
     print(f"traces: MLflow tracking directory {uri} (experiments {tracing.LOCAL_TURNS_EXPERIMENT} and "
           f"{tracing.LOCAL_RUNS_EXPERIMENT})", flush=True)
 

@@ -990,6 +990,14 @@ def test_terminal_says_what_is_missing(emu, job_id, pg_dsn, scripted_model):
                                   "to use the local workspace")
 
 
+def test_terminal_says_in_one_line_that_traces_need_a_directory(tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("not a directory")
+    out = terminal(clean_env(), "", "--traces", str(taken))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"primary.py: --traces {taken}: File exists: give a directory you can write to\n"
+
+
 def test_terminal_help(tmp_path):
     out = terminal(dict(os.environ, COLUMNS="80"), "", "--help")
     for word in ("/new", "/thread ID", "/runs", "/watch RUN_ID", "/last", "/quit", "--local", "--data-dir", "--thread",
