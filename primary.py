@@ -201,9 +201,12 @@ class PrimaryAgent:
         return final, turn.custom_outputs()
 
     def _store(self, turn) -> int:
-        """Append the turn under a key chosen now. A lost connection leaves unknown whether the append was
-        committed: it is tried once more on another connection, where the key keeps it from being stored twice."""
-        key, request = uuid.uuid4().hex, turn.request
+        """Append the turn under its key: the client's request id makes it, so a retried request is stored once;
+        else one chosen now. A lost connection leaves unknown whether the append was committed: it is tried once
+        more on another connection, where the key keeps it from being stored twice."""
+        request = turn.request
+        key = (hashlib.sha256(f"{request.thread_id}\x00request {request.request_id}".encode()).hexdigest()
+               if request.request_id else uuid.uuid4().hex)
 
         def append():
             with self.db.connection() as conn:

@@ -513,6 +513,19 @@ def test_a_retried_request_id_starts_one_run(agent, scripted_model, emu, w, job_
     assert len(emu.calls("POST", "/api/2.2/jobs/run-now")) == 1  # the thread's run record answered the retry
 
 
+def test_a_retried_request_id_stores_the_turn_once(agent, scripted_model, db):
+    request = ask("hi", "t-stored-once")
+    request["custom_inputs"]["request_id"] = "req-5"
+    scripted_model.reply("Hello!").reply("Hello again!").reply("Hi.")
+    first = agent.predict(request)
+    again = agent.predict(request)  # its response was lost, say: the client sends it again
+    assert first["custom_outputs"]["turn"] == again["custom_outputs"]["turn"] == 1
+    assert [m["content"] for m in stored(db, "t-stored-once")] == ["hi", "Hello!"]
+    request["custom_inputs"]["request_id"] = "req-6"  # another request: another turn
+    assert agent.predict(request)["custom_outputs"]["turn"] == 2
+    assert [m["content"] for m in stored(db, "t-stored-once")] == ["hi", "Hello!", "hi", "Hi."]
+
+
 def test_a_retry_after_a_failed_turn_starts_no_second_run(agent, scripted_model, db, emu, w, job_id):
     with db.connection() as conn:
         refuse_inserts(conn, "thread_messages", "connection lost (test)")
