@@ -333,8 +333,8 @@ class Turn:
         # a new thread: the client's earlier messages, as many as the window holds (stored with the turn)
         self.seed = _window(request.history, agent.window) if number == 1 else []
         system = agent.system_prompt + (f"\n\n{INSTRUCTIONS}\n{request.instructions}" if request.instructions else "")
-        self.messages = [{"role": "system", "content": system}, *_window(history + self.seed, agent.window),
-                         {"role": "user", "content": request.text}]
+        context = _window(history, agent.window) if history else self.seed  # a new thread has no history
+        self.messages = [{"role": "system", "content": system}, *context, {"role": "user", "content": request.text}]
         self.first = len(self.messages) - 1  # where this turn's own messages start
         self.news = list(news)  # reports of runs that ended unasked: the model is handed them as polls of its own
         self.messages += _news_messages(self.news)

@@ -29,7 +29,6 @@ import os
 import re
 import sys
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ import lakebase
 import llm
 import primary
 import tracing
-from agent_io import BadRequest, parse_request
+from agent_io import BadRequest, output_items, parse_request
 
 try:
     import mlflow
@@ -132,9 +131,8 @@ class DryRun:
     db = None
 
     def predict(self, request, caller=None):
-        return {"output": [{"type": "message", "id": f"msg_{uuid.uuid4().hex}", "role": "assistant", "content": [
-            {"type": "output_text", "text": f"dry run ({DRY_RUN}): not connected", "annotations": []}]}],
-            "custom_outputs": {"dry_run": True}}
+        reply = {"role": "assistant", "content": f"dry run ({DRY_RUN}): not connected"}
+        return {"output": output_items(reply, final=True), "custom_outputs": {"dry_run": True}}
 
 
 def build_agent(config: ServingConfig) -> primary.PrimaryAgent:
