@@ -5,7 +5,8 @@ plain dicts (serving.py wraps it for Model Serving); `build_agent(config)` build
 terminal and for serving alike. A turn (`Turn`) is one bounded tool loop over the thread's recent messages, and
 its methods are its three tools: start_databricks_job (ends the turn with the run id), poll_databricks_job (run
 state + the worker's steps and answer from task_logs) and terminate_databricks_job. The turn is stored in one
-append at its end; nothing of a failed turn is stored.
+append at its end; nothing of a failed turn is stored (unless the connection is lost while it is being stored:
+then the user is told it may have been).
 
 `python primary.py` is a terminal chat on a workspace, or on the local stand-in workspace (see --help): it lives
 in terminal.py. The request and response shapes are in agent_io.py, the Jobs API calls in runs.py.
@@ -159,7 +160,8 @@ class PrimaryAgent:
     def predict_stream(self, request: dict, caller: Caller | None = None) -> Iterator[dict]:
         """One turn as ResponsesAgent stream events, as they happen: the model's text as it arrives, each tool call
         and result; the last event carries custom_outputs. A failure before the first event is raised; a failure
-        after it ends the stream with an `error` event saying what to check (nothing of the turn is stored)."""
+        after it ends the stream with an `error` event saying what to check and whether the turn was stored (not, but
+        when the connection was lost while storing it: then it may have been)."""
         events = queue.Queue()
 
         def work():

@@ -103,7 +103,7 @@ class Config(AgentConfig):
     @classmethod
     def from_env(cls, env=os.environ) -> "Config":
         return dataclasses.replace(super().from_env(env), workspace=workspace_source(env),
-                                   log_level=env.get("LOG_LEVEL") or "")
+                                   log_level=(env.get("LOG_LEVEL") or "").strip().upper())
 
 
 def workspace_source(env) -> str | None:
@@ -512,13 +512,21 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     lakebase.guard_secrets()
-    if argv[:1] == ["deploy"]:
-        import serving  # with mlflow, which only the deploy command needs (it says how to install it)
-
-        return serving.deploy_main(argv[1:])
-    args = parser().parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C is a KeyboardInterrupt from here on
+    if argv[:1] == ["deploy"]:
+        try:
+            import serving  # with mlflow, which only the deploy command needs (it says how to install it)
+
+            return serving.deploy_main(argv[1:])
+        except KeyboardInterrupt:
+            print("\nprimary.py deploy: interrupted; run it again to finish deploying", file=sys.stderr)
+            return 130
+    args = parser().parse_args(argv)
     config, notes = Config.from_env(), Notes()
+    if config.log_level and not isinstance(logging.getLevelNamesMapping().get(config.log_level), int):
+        print(f"primary.py: LOG_LEVEL={printable(config.log_level)} is not a log level: set DEBUG, INFO, WARNING or "
+              f"ERROR, or leave it unset", file=sys.stderr)
+        return 2
     if config.log_level:
         logging.basicConfig(level=config.log_level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1011,6 +1011,16 @@ def test_terminal_says_in_one_line_that_traces_need_a_directory(tmp_path):
     assert out.stderr == f"primary.py: --traces {taken}: File exists: give a directory you can write to\n"
 
 
+def test_terminal_takes_log_level_in_any_case_and_says_in_one_line_what_it_is_not():
+    unset = "DATABRICKS_JOB_ID (the worker job's id) is not set"  # the workspace's setup is checked after logging's
+    for level in ("debug", "Warning"):
+        out = terminal(clean_env(DATABRICKS_HOST="http://127.0.0.1:9", LOG_LEVEL=level), "")
+        assert out.returncode == 2 and unset in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = terminal(clean_env(DATABRICKS_HOST="http://127.0.0.1:9", LOG_LEVEL="loud"), "")
+    assert out.returncode == 2 and out.stderr == ("primary.py: LOG_LEVEL=LOUD is not a log level: set DEBUG, INFO, "
+                                                  "WARNING or ERROR, or leave it unset\n")
+
+
 def test_terminal_help(tmp_path):
     out = terminal(dict(os.environ, COLUMNS="80"), "", "--help")
     for word in ("/new", "/thread ID", "/runs", "/watch RUN_ID", "/last", "/quit", "--local", "--data-dir", "--thread",

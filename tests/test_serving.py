@@ -782,6 +782,35 @@ def test_deploy_on_behalf_of_user_declares_the_callers_scopes_and_says_so(fake_w
         "user_auth_policy": {"api_scopes": ["iam.current-user:read", "dashboards.genie"]}}
 
 
+def test_ctrl_c_during_deploy_is_one_line(tmp_path):
+    asked, release = threading.Event(), threading.Event()
+
+    class Hanging(BaseHTTPRequestHandler):  # a workspace that never answers: deploy waits on it
+        def do_GET(self):
+            asked.set()
+            release.wait(WAIT)
+
+        def log_message(self, *args):
+            pass
+
+    server = LocalServer(Hanging)
+    env = clean_env(DATABRICKS_HOST=server.url, DATABRICKS_TOKEN="dapi-deploy", MLFLOW_DISABLE_TELEMETRY="true",
+                    MLFLOW_TRACKING_URI=(tmp_path / "mlruns").as_uri(), MLFLOW_ALLOW_FILE_STORE="true")
+    deploy = subprocess.Popen([sys.executable, str(ROOT / "primary.py"), "deploy", *DEPLOY_ARGS], env=env, cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert asked.wait(WAIT), "deploy never reached the workspace"
+        deploy.send_signal(signal.SIGINT)
+        _, err = deploy.communicate(timeout=WAIT)
+    finally:
+        release.set()
+        deploy.kill()
+        deploy.communicate()
+        server.close()
+    assert deploy.returncode == 130
+    assert err == "\nprimary.py deploy: interrupted; run it again to finish deploying\n", err
+
+
 def test_deploy_reports_a_workspace_error_in_one_line(fake_workspace, tracking, monkeypatch, capsys):
     monkeypatch.setenv("DATABRICKS_TOKEN", "dapi-wrong")
     assert serving.deploy_main(DEPLOY_ARGS) == 1
