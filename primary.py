@@ -230,8 +230,9 @@ class PrimaryAgent:
     def finished_runs(self, thread_id: str, *, skip=()) -> list[dict]:
         """Reports (run_report) of the thread's runs that have ended and whose outcome no turn has given the user,
         oldest first. Bounded: it reads at most MAX_DELIVERIES runs from the Jobs API, and stops at the first
-        failure (logged), so a failing Jobs API delays the news rather than failing the turn; a run the Jobs API no
-        longer has is passed over. `skip`: run ids not to read."""
+        failure (logged), so a failing Jobs API delays the news rather than failing the turn. A run the Jobs API no
+        longer has is reported once as such, so it never holds back the news of later runs. `skip`: run ids not to
+        read."""
         with self.db.connection() as conn:
             candidates = lakebase.undelivered_runs(conn, thread_id, limit=MAX_DELIVERIES, skip=skip)
         if not candidates:
@@ -246,7 +247,9 @@ class PrimaryAgent:
                     reports.append(self.run_report(run_id, run))
             except (llm.ToolError, DatabricksError, OSError) as e:
                 if isinstance(e.__cause__, NotFound):  # gone (its job deleted, or past the Jobs API's retention)
-                    log.warning("run %s of thread %s has no outcome to tell: %s", run_id, thread_id, e)
+                    reports.append({"run_id": run_id, "state": "UNKNOWN", "error": "the Jobs API no longer has this "
+                                    "run (its job was deleted, or the run is older than the Jobs API keeps runs), "
+                                    "so its outcome can't be read"})
                     continue
                 log.warning("could not read run %s to tell its outcome, next turn will: %s", run_id, e)
                 break

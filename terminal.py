@@ -523,7 +523,7 @@ def main(argv=None) -> int:
             return 130
     args = parser().parse_args(argv)
     config, notes = Config.from_env(), Notes()
-    if config.log_level and not isinstance(logging.getLevelNamesMapping().get(config.log_level), int):
+    if config.log_level and not isinstance(logging.getLevelName(config.log_level), int):  # a number for a name
         print(f"primary.py: LOG_LEVEL={printable(config.log_level)} is not a log level: set DEBUG, INFO, WARNING or "
               f"ERROR, or leave it unset", file=sys.stderr)
         return 2

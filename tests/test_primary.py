@@ -483,8 +483,12 @@ def test_a_run_the_jobs_api_no_longer_has_does_not_hold_back_later_news(agent, s
     wait_ended(w, run_id)
     scripted_model.reply("Hi, and your job has finished.")
     response = agent.predict(ask("hi", "t-gone"))
-    assert set(news_sent(scripted_model.requests[-1])) == {run_id}
-    assert response["custom_outputs"]["delivered_run_ids"] == [run_id]
+    news = news_sent(scripted_model.requests[-1])
+    assert set(news) == {"987654321", run_id}  # the gone one said as such, once
+    assert news["987654321"]["error"].startswith("the Jobs API no longer has this run")
+    assert response["custom_outputs"]["delivered_run_ids"] == ["987654321", run_id]
+    scripted_model.reply("Anything else?")
+    assert agent.predict(ask("thanks", "t-gone"))["custom_outputs"]["delivered_run_ids"] == []
 
 
 def test_a_job_started_while_news_arrives_says_the_news_in_its_reply(agent, scripted_model, db, w):
