@@ -250,7 +250,7 @@ class Server:
     def __init__(self, *, token=None, user=DEFAULT_USER, user_id="1", users=(), database_instances=None,
                  postgres_endpoints=None, on_credential=None, serving=None):
         self._lock = threading.RLock()
-        self.token, self.user, self.user_id = token or new_token(), user, user_id
+        self.token, self.user = token or new_token(), user
         self.users = {user: User(user, user_id, self.token)}  # name -> User
         for name in users:
             self.add_user(name)

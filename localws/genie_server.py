@@ -71,7 +71,7 @@ class _Space:
 
 
 class Genie:
-    """Mixed into `localws.Emulator`: uses its `_lock` and `_closing`; `_init_genie()` is called by its
+    """Mixed into `localws.Emulator`: uses its `_lock`, `_closing` and `quirks`; `_init_genie()` is called by its
     `__init__()`. Answer threads stop at their next step once `_closing` is set."""
     SPACE = r"/api/2\.0/genie/spaces/(?P<space>[^/]+)"
     MESSAGE = SPACE + r"/conversations/(?P<cid>[^/]+)/messages/(?P<mid>[^/]+)"

@@ -1,6 +1,6 @@
-"""Make the sample dataset the local workspace loads into Postgres schema `sample` (see offline.py).
+"""Make the sample dataset the local workspace loads into Postgres schema `sample` (see localws/sample.py).
 
-    python sample_data/generate.py [OUT_DIR]     # default: the folder of this script
+    python localws/sample_data/generate.py [OUT_DIR]     # default: the folder of this script
 
 A small online shop over two full years (2024-01-01 .. 2025-12-31): customers, products and orders, with
 growth (more customers and orders in 2025), seasonality (a November-December peak, outdoor gear in summer)
