@@ -130,8 +130,9 @@ class _MemoryRuns:
     def by_task(self, task_run_id):
         return next((RunRecord.from_json(r) for r in self.rows.values() if r["task_run_id"] == task_run_id), None)
 
-    def all(self):
-        return [RunRecord.from_json(r) for _, r in sorted(self.rows.items(), reverse=True)]
+    def all(self, limit=None):
+        """The runs, newest first; at most `limit`."""
+        return [RunRecord.from_json(r) for _, r in sorted(self.rows.items(), reverse=True)[:limit]]
 
     def close(self):
         pass
@@ -190,9 +191,9 @@ class _PostgresRuns:
             " on conflict (run_id) do update set record = excluded.record, updated_at = now()",
             (rec.run_id, rec.job_id, rec.token, Jsonb(dataclasses.asdict(rec))))
 
-    def _select(self, where, params):
-        rows = self._execute(f"select record from local_workspace.runs where {where} order by run_id desc",
-                             params).fetchall()
+    def _select(self, where, params, limit=None):
+        rows = self._execute(f"select record from local_workspace.runs where {where} order by run_id desc limit %s",
+                             (*params, limit)).fetchall()
         return [RunRecord.from_json(r[0]) for r in rows]
 
     def get(self, run_id):
@@ -204,16 +205,17 @@ class _PostgresRuns:
     def by_task(self, task_run_id):
         return next(iter(self._select("(record->>'task_run_id')::bigint = %s", (task_run_id,))), None)
 
-    def all(self):
-        return self._select("true", ())
+    def all(self, limit=None):
+        """The runs, newest first; at most `limit`."""
+        return self._select("true", (), limit)
 
     def close(self):
         self.conn.close()
 
 
 class Jobs:
-    """Mixed into `localws.Emulator`: uses its `_lock`, `_closing`, `url`, `token` and `user`; `_init_jobs()` and
-    `_close_jobs()` are called by its `__init__()` and `close()`."""
+    """Mixed into `localws.Emulator`: uses its `_lock`, `_closing`, `_server`, `url`, `token`, `user` and `quirks`;
+    `_init_jobs()` and `_close_jobs()` are called by its `__init__()` and `close()`."""
     ROUTES = [
         ("POST", r"/api/2\.2/jobs/run-now", "_run_now"),
         ("GET", r"/api/2\.2/jobs/runs/get", "_get_run"),
@@ -329,7 +331,7 @@ class Jobs:
             raise bad("job_parameters values must be strings")
         queue = (body.get("queue") or settings.get("queue") or {"enabled": True}).get("enabled", True)
         with self._lock:
-            existing = token and self.store.by_token(token)
+            existing = token and self._find(lambda r: r.token == token, lambda: self.store.by_token(token))
             if existing:
                 return {"run_id": existing.run_id, "number_in_job": existing.run_id}
             rec = RunRecord(self.store.next_id(), self.store.next_id(), job_id, settings.get("name", f"job {job_id}"),
@@ -522,12 +524,31 @@ class Jobs:
             self._conclude(rec, *SHUT_DOWN)
         return rec
 
-    def _record(self, run_id):
+    def _current(self, rec):
+        """The newest word on a run: this emulator's own copy if it has one (live, or ended but not saved yet: the
+        database may have missed changes), else `rec`; reconciled."""
+        return self._reconcile(self.live.get(rec.run_id) or self.unsaved.get(rec.run_id) or rec)
+
+    def _find(self, match, stored):
+        """The run that `match(rec)` picks, looked for in this emulator's own records first, then `stored()` (the
+        store's); None if neither has it. (With the database out of reach, the emulator's own runs still answer.)"""
         with self._lock:
-            rec = self.live.get(run_id) or self.unsaved.get(run_id) or self.store.get(run_id)
-            if rec is None:
-                raise bad(f"Run {run_id} does not exist.")  # the SDK maps this to ResourceDoesNotExist on runs/get
-            return self._reconcile(rec)
+            rec = next((r for r in (*self.live.values(), *self.unsaved.values()) if match(r)), None) or stored()
+            return rec and self._current(rec)
+
+    def _runs(self, limit=None):
+        """The runs, newest first, at most `limit`: the stored ones as `_current` has them, and this emulator's own
+        that the database missed."""
+        with self._lock:
+            recs = {r.run_id: self._current(r) for r in self.store.all(limit)}
+            recs.update((r.run_id, self._current(r)) for r in (*self.live.values(), *self.unsaved.values()))
+            return [recs[run_id] for run_id in sorted(recs, reverse=True)[:limit]]
+
+    def _record(self, run_id):
+        rec = self._find(lambda r: r.run_id == run_id, lambda: self.store.get(run_id))
+        if rec is None:
+            raise bad(f"Run {run_id} does not exist.")  # the SDK maps this to ResourceDoesNotExist on runs/get
+        return rec
 
     def _get_run(self, req):
         with self._lock:  # a consistent snapshot: the watcher thread updates live records
@@ -545,10 +566,7 @@ class Jobs:
         if _flag(q, "active_only") and _flag(q, "completed_only"):
             raise bad("active_only and completed_only cannot both be true")
         job_id = _int(q["job_id"], "job_id") if "job_id" in q else None
-        with self._lock:
-            runs = [self._reconcile(self.live.get(r.run_id) or self.unsaved.get(r.run_id) or r)
-                    for r in self.store.all()]
-        runs = [r for r in runs if (job_id is None or r.job_id == job_id)
+        runs = [r for r in self._runs() if (job_id is None or r.job_id == job_id)
                 and not (_flag(q, "active_only") and r.life not in ACTIVE)
                 and not (_flag(q, "completed_only") and r.life in ACTIVE)
                 and q.get("run_type", "JOB_RUN") == "JOB_RUN"
@@ -606,8 +624,7 @@ class Jobs:
         """A task run's output: its logs (the process's stdout, then its stderr), and why it failed."""
         task_run_id = _int(req.query.get("run_id"), "run_id")
         with self._lock:
-            rec = next((r for r in self.live.values() if r.task_run_id == task_run_id), None) \
-                or self.store.by_task(task_run_id)
+            rec = self._find(lambda r: r.task_run_id == task_run_id, lambda: self.store.by_task(task_run_id))
             if rec is None:
                 self._record(task_run_id)  # a job run's id, or none: the same errors as the real API
                 raise bad(MULTI_TASK)
@@ -618,10 +635,11 @@ class Jobs:
                                          "queue_duration") if k in task}
         metadata.update(job_id=rec.job_id, run_id=rec.task_run_id, job_run_id=rec.run_id, run_name=rec.run_name,
                         run_type="JOB_RUN", tasks=[task])
-        logs = self.run_log(rec.run_id, "stdout") + self.run_log(rec.run_id, "stderr")
+        stderr = self.run_log(rec.run_id, "stderr")
+        logs = self.run_log(rec.run_id, "stdout") + stderr
         output = {"metadata": metadata, "logs": logs[-OUTPUT_LIMIT:], "logs_truncated": len(logs) > OUTPUT_LIMIT}
         if rec.error:
-            output.update(error=rec.error, error_trace=self.run_log(rec.run_id, "stderr")[-OUTPUT_LIMIT:].strip())
+            output.update(error=rec.error, error_trace=stderr[-OUTPUT_LIMIT:].strip())
         return output
 
     # ------------------------------------------------------------ the run page
@@ -637,8 +655,7 @@ class Jobs:
             return Page("<!doctype html><title>Forbidden</title><p>This page shows the runs of another user's "
                         "local workspace.</p>", status=403)
         with self._lock:
-            records = [self._reconcile(self.live.get(r.run_id) or self.unsaved.get(r.run_id) or r)
-                       for r in self.store.all()[:PAGE_RUNS]]
+            records = self._runs(PAGE_RUNS)
             statuses = {r.run_id: self._state(r, r.life, r.message)[1] for r in records}
         steps = self._steps([rec.run_id for rec in records])
         sections = [self._run_section(rec, statuses[rec.run_id], steps.get(rec.run_id, [])) for rec in records]

@@ -575,6 +575,38 @@ def test_the_run_store_survives_a_terminated_backend_and_a_server_restart(own, o
         assert [again.store.get(r).result for r in (first, second, third)] == ["SUCCESS"] * 3
 
 
+def test_a_run_that_ended_while_the_database_is_down_gives_its_output(own, own_dsn, tmp_path):
+    with localws.Emulator(dsn=own_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
+        w = workspace(emu, retry_timeout=3)
+        run_id = w.jobs.run_now(emu.add_job(fake_job()), job_parameters={
+            "sleep": "1", "stderr": "ValueError: boom", "exit": "1"}).run_id
+        wait_for(lambda: "ready" in emu.run_log(run_id), what="worker ready")
+        pg_fixture.stop(own)  # the run ends while the database is down: its end is kept in memory only
+        run = wait_ended(w, run_id)
+        assert run.state.result_state == jobs.RunResultState.FAILED
+        output = w.jobs.get_run_output(run.tasks[0].run_id)  # when the agent needs it most
+        assert output.error == "ValueError: boom" and output.metadata.job_run_id == run_id
+        pg_fixture.start(own)
+
+
+def test_a_retried_run_now_finds_a_run_the_database_never_saw(own_dsn, tmp_path):
+    with localws.Emulator(dsn=own_dsn, project_dir=ROOT, log_dir=tmp_path) as emu:
+        w = workspace(emu)
+        job_id = emu.add_job(fake_job())
+        with emu._lock:
+            emu.store.conn.execute("set statement_timeout = '300ms'")
+        with psycopg.connect(own_dsn, autocommit=True) as admin:
+            with admin.transaction():  # while this holds the table every save of the run times out; reads pass
+                admin.execute("lock table local_workspace.runs in exclusive mode")
+                first = w.jobs.run_now(job_id, idempotency_token="once", job_parameters={"sleep": "30"}).run_id
+                wait_for(lambda: emu.live[first].life == "RUNNING", what="run started")
+                with emu._lock:  # its RUNNING save has failed by now
+                    pass
+            assert admin.execute("select count(*) from local_workspace.runs").fetchone() == (0,)
+        assert w.jobs.run_now(job_id, idempotency_token="once").run_id == first
+        assert emu.active_runs() == [first]
+
+
 def test_run_logs_of_two_databases_never_mix(pg_server, tmp_path):
     dsns = [pg_server.fresh_database() for _ in range(2)]
     try:
