@@ -268,9 +268,12 @@ def _cell(value):
 class GenieAnswerer:
     """Answers Genie questions over schema `sample`: by fixed rules, or with SQL written by `chat` if given."""
 
-    def __init__(self, dsn: str, chat=None, *, timeout_ms: int = 10_000, max_rows: int = MAX_ROWS):
+    def __init__(self, dsn: str, chat=None, *, login: dict | None = None, timeout_ms: int = 10_000,
+                 max_rows: int = MAX_ROWS):
+        """`login`: the reader role's, from `sample.reader_login` ({}: the DSN's own role); by default set up with
+        `dsn` on the first question."""
         self.dsn, self.chat, self.timeout_ms, self.max_rows = dsn, chat, timeout_ms, max_rows
-        self._login = None  # the reader role's, fetched with `dsn` on first use
+        self._login = login
 
     def answer(self, question: str, history=()) -> GenieResult:
         """history: the earlier questions of the conversation (strings, or dicts with "question")."""
@@ -288,7 +291,7 @@ class GenieAnswerer:
         max_rows + 1 rows. (DECLARE ... CURSOR also refuses anything but a SELECT or VALUES.)"""
         if self._login is None:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
-                self._login = reader_login(conn) or {}  # {}: the DSN's own role (start() says so)
+                self._login = reader_login(conn) or {}
         with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10, **self._login) as conn, \
                 conn.transaction():
             conn.execute("set transaction read only")

@@ -2,7 +2,8 @@
 
 `load_sample(conn)` loads it once (safe from two processes); the offline Genie (answerer.py) and a real model
 writing SQL both read it there, logged in as the reader role of `reader_login(conn)`, which may read schema
-`sample` and nothing else. Orders run from 2024-01-01 to 2025-12-31.
+`sample` and nothing else (call it after `load_sample`: a reload drops the role's grants). Orders run from
+2024-01-01 to 2025-12-31.
 """
 import hashlib
 import logging
@@ -35,16 +36,14 @@ READER = "localws_genie_{oid}"  # the reader role: one per database (its passwor
 
 
 def load_sample(conn, data_dir=DATA_DIR) -> bool:
-    """Create schema `sample` and load the CSVs unless this exact data is there, and set up the reader role
-    (`reader_login`); True if the data loaded now."""
-    loaded = _load(conn, data_dir)
-    reader_login(conn)  # after a reload too: dropping the schema dropped the reader's grants
-    return loaded
+    """Create schema `sample` and load the CSVs unless this exact data is there; True if the data loaded now."""
+    return _load(conn, data_dir)
 
 
 def reader_login(conn) -> dict | None:
-    """Create (or repair) this database's reader role and return its login, `{"user", "password"}`; None if the
-    role of `conn` may not create roles (then Genie's SQL can only run as that role).
+    """Create (or repair: grant it schema `sample` again) this database's reader role and return its login,
+    `{"user", "password"}`; None if the role of `conn` may not create roles (then Genie's SQL can only run as that
+    role).
 
     The role logs in, reads the tables of schema `sample` and can do nothing else: it is no superuser, has no
     grants elsewhere, and Postgres keeps server files, configuration, other sessions' SQL and their backends

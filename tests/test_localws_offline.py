@@ -419,6 +419,16 @@ def test_the_reader_role_is_shared_and_regranted_after_a_reload(sample_dsn):
     assert GenieAnswerer(sample_dsn, chat=chat).answer("how many products?").rows == [[str(len(PRODUCTS))]]
 
 
+def test_an_answerer_given_the_login_uses_it_and_sets_up_no_role(sample_dsn):
+    with psycopg.connect(sample_dsn, autocommit=True) as conn:
+        login = localws.sample.reader_login(conn)  # as start() does, once
+        conn.execute("drop table local_workspace.genie_login")  # a second set-up would make it again
+    result = GenieAnswerer(sample_dsn, chat=FakeChat("select current_user"), login=login).answer("who am I?")
+    assert result.rows == [[login["user"]]]
+    with psycopg.connect(sample_dsn, autocommit=True) as conn:
+        assert conn.execute("select to_regclass('local_workspace.genie_login')").fetchone() == (None,)
+
+
 def test_chat_path_streams_a_huge_result_and_keeps_the_first_rows(sample_dsn):
     started = time.monotonic()
     # generate_series in the select list streams (in FROM it would be materialised first)
