@@ -27,7 +27,7 @@ import llm
 from localws import embedded
 from localws import quirks as quirks_module
 from localws.embedded import StartError
-from localws.emulator import DEFAULT_USER, ApiError, Server, load_job
+from localws.emulator import DEFAULT_USER, ApiError, BundleError, Server, load_job
 from localws.genie_server import Genie
 from localws.jobs import Jobs
 
@@ -109,9 +109,10 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
     `quirks`: the real services' behaviours to play (localws/quirks.py; `quirks.from_env()` reads LOCALWS_HARSH).
     `user` (token: `ws.token`, fresh and random) is the workspace's first user; `users` names more (their tokens:
     `ws.emulator.users[name].token`). `say(line)` is told, in a line, what start-up changed on the machine
-    (default: printed on stderr). A failure is a `StartError` (or psycopg.Error) of one line.
-    `mlflow_experiment`: where each job run is traced (MLFLOW_TRACKING_URI reaches the workers through their
-    environment); default none, the runs untraced."""
+    (default: printed on stderr). `mlflow_experiment`: where each job run is traced (MLFLOW_TRACKING_URI reaches the
+    workers through their environment); default none, the runs untraced.
+    A failure is a `StartError` of one line that says what to do (a bundle file that is not right, a data directory
+    that can't be made or is not the user's own, a store or sample that can't be set up), or a psycopg.Error."""
     import lakebase
     from localws import answerer, sample, stand_in
 
@@ -121,23 +122,19 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     project_dir = Path(project_dir).resolve()
     data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
-    _private_dir(data_dir, say, passable=dsn is None and os.geteuid() == 0)
-    _private_dir(data_dir / "runs", say)
-    handle = None
-    if dsn is None:
-        handle, dsn = embedded.start(data_dir / "pgdata", say)
-    emulator = None
+    handle = emulator = None
     try:
+        job = _bundle_job(project_dir, variables, mlflow_experiment)
+        _private_dir(data_dir, say, passable=dsn is None and os.geteuid() == 0)
+        _private_dir(data_dir / "runs", say)
+        if dsn is None:
+            handle, dsn = embedded.start(data_dir / "pgdata", say)
         with psycopg.connect(dsn, autocommit=True) as conn:
             sample.load_sample(conn)
-            if sample.reader_login(conn) is None:
+            login = sample.reader_login(conn)  # after the load: a reload drops the reader's grants
+            if login is None:
                 say(f"note: the local Genie's SQL runs as {conn.info.user}, which can read this whole database: "
                     f"grant it CREATEROLE to confine Genie to schema sample")
-        job = load_job(project_dir, variables)
-        overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": "",
-                     "mlflow_experiment": mlflow_experiment}
-        for param in job.get("parameters") or []:  # whatever the bundle variables say, local mode uses these
-            param["default"] = overrides.get(param["name"], param.get("default", ""))
         chat = chat or llm.ChatConfig()
         endpoints = {chat.endpoint}
         endpoints |= {p.get("default") for p in job.get("parameters") or [] if p["name"] == "llm_endpoint"} - {""}
@@ -148,7 +145,7 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
                             genie_rate_limit=genie_rate_limit, quirks=quirks,
                             serving=dict.fromkeys(endpoints, stand_in.stand_in_reply))
         job_id = emulator.add_job(job, job_id=1)
-        genie = answerer.GenieAnswerer(dsn, chat=chat.client() if chat.base_url else None)
+        genie = answerer.GenieAnswerer(dsn, chat=chat.client() if chat.base_url else None, login=login or {})
         emulator.add_genie_space(GENIE_SPACE, genie, title="Sample data (local)",
                                  description="The sample dataset in schema `sample`.")
     except BaseException as e:
@@ -156,22 +153,57 @@ def start(project_dir=".", *, data_dir=None, dsn=None, variables=None, user=DEFA
             emulator.close()
         if handle is not None:
             embedded.stop(handle)
-        if isinstance(e, (ApiError, RuntimeError)) and not isinstance(e, StartError):  # the run store, the sample
-            raise StartError(f"the local workspace did not start: {' '.join(str(e).split())}") from e
-        raise
+        error = _start_error(e)
+        if error is e:
+            raise
+        raise error from e
     log.info("local workspace at %s (job %s, Genie space %s, Postgres %s)", emulator.url, job_id, GENIE_SPACE,
              lakebase.redact(dsn))  # a DSN may hold a password
     return LocalWorkspace(emulator, dsn, job_id, GENIE_SPACE, handle)
 
 
+def _bundle_job(project_dir, variables, mlflow_experiment) -> dict:
+    """The bundle's job, with the parameters that point it at the local workspace."""
+    job = load_job(project_dir, variables)
+    overrides = {"genie_space_id": GENIE_SPACE, "lakebase_instance": "", "lakebase_endpoint": "",
+                 "mlflow_experiment": mlflow_experiment}
+    for param in job.get("parameters") or []:  # whatever the bundle variables say, local mode uses these
+        param["default"] = overrides.get(param["name"], param.get("default", ""))
+    return job
+
+
+def _start_error(e: BaseException) -> BaseException:
+    """What start() raises for `e`: a StartError of one line for what the user can fix, else `e` itself."""
+    if isinstance(e, StartError):
+        return e
+    if isinstance(e, BundleError):
+        return StartError(f"the local workspace can't run the bundle's job: {e}")
+    if isinstance(e, OSError) and e.filename:
+        return StartError(f"the local workspace did not start: {e.filename}: {e.strerror or e}; fix that, or choose "
+                          f"another --data-dir")
+    if isinstance(e, (ApiError, RuntimeError, OSError)):  # the run store, the sample, the system
+        return StartError(f"the local workspace did not start: {' '.join(str(e).split())}")
+    return e
+
+
 def _private_dir(path: Path, say, passable=False):
     """Make `path` (and its parents) if need be, readable by its owner only; say so if it was not. `passable`: the
-    embedded server's own user may pass through it (as root, see embedded.py)."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    allowed = embedded.pass_bit(path.stat()) if passable else 0
+    embedded server's own user may pass through it (as root, see embedded.py). A directory that is not the user's
+    own (another owner's, or shared with the sticky bit as /tmp is) is refused, never changed."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StartError(f"the data directory {path} is a file, not a directory: choose another --data-dir") from None
+    except OSError as e:
+        raise StartError(f"the data directory {path} can't be made ({e.strerror or e}): choose another --data-dir") \
+            from None
+    info = path.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & stat.S_ISVTX:
+        why = "shared (its sticky bit is set)" if info.st_uid == os.geteuid() else "another user's"
+        raise StartError(f"the data directory {path} is {why}: choose a directory of your own as --data-dir")
+    mode = stat.S_IMODE(info.st_mode)
+    allowed = embedded.pass_bit(info) if passable else 0
     if mode & 0o077 & ~allowed:
         private = mode & ~0o077 | mode & allowed
         path.chmod(private)
         say(f"note: made {path} private to you (its mode was {mode:o}, now {private:o})")
-

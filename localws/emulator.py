@@ -102,35 +102,80 @@ class Stream:
 
 # ---------------------------------------------------------------- the bundle job
 
+class BundleError(ValueError):
+    """The bundle's files define no job the local workspace can run; the message names the file and what is wrong."""
+
+
 def load_job(project_dir=".", variables=None, *, key=None) -> dict:
     """The job resource from the bundle (`databricks.yml`, its includes and `job.yml`), `${var.x}` resolved
-    from the variable defaults overridden by `variables`; `python_file` made relative to `project_dir`."""
-    import yaml
-
+    from the variable defaults overridden by `variables`; `python_file` made relative to `project_dir`. `key` picks
+    one job of several. A bundle that can't give one is a `BundleError`."""
     project = Path(project_dir).resolve()
-    bundle = yaml.safe_load((project / "databricks.yml").read_text()) or {}
+    bundle = _read_yaml(project / "databricks.yml")
     files = [project / "databricks.yml"]
-    for pattern in bundle.get("include") or []:
+    include = bundle.get("include") or []
+    if not isinstance(include, list) or not all(isinstance(pattern, str) for pattern in include):
+        raise BundleError(f"{files[0]}: include must be a list of file patterns")
+    for pattern in include:
         files += sorted(project.glob(pattern))
     if (project / "job.yml").exists() and project / "job.yml" not in files:
         files.append(project / "job.yml")
     jobs = {}
     for path in files:
-        doc = bundle if path.name == "databricks.yml" else yaml.safe_load(path.read_text()) or {}
-        for name, job in ((doc.get("resources") or {}).get("jobs") or {}).items():
-            jobs[name] = (path, job)
+        doc = bundle if path.name == "databricks.yml" else _read_yaml(path)
+        jobs.update((name, (path, job)) for name, job in _jobs(doc, path).items())
     if key is None and len(jobs) != 1:
-        raise ValueError(f"expected one job in the bundle at {project}, found {sorted(jobs) or 'none'}; pass key=")
+        raise BundleError(f"the bundle in {project} (databricks.yml and the files it includes) defines "
+                          f"{len(jobs) or 'no'} jobs{': ' + ', '.join(sorted(jobs)) if jobs else ''}; "
+                          f"the local workspace runs one")
     path, job = jobs[key] if key is not None else next(iter(jobs.values()))
-    values = {name: spec.get("default") if isinstance(spec, dict) else spec
-              for name, spec in (bundle.get("variables") or {}).items()}
+    variables_spec = bundle.get("variables") or {}
+    if not isinstance(variables_spec, dict):
+        raise BundleError(f"{files[0]}: variables must be a mapping of names, not a {type(variables_spec).__name__}")
+    values = {name: spec.get("default") if isinstance(spec, dict) else spec for name, spec in variables_spec.items()}
     values.update(variables or {})
-    job = _resolve_vars(job, values)
-    for task in job.get("tasks") or []:
+    try:
+        job = _resolve_vars(job, values)
+    except BundleError as e:
+        raise BundleError(f"{path}: {e}") from None
+    parameters = job.get("parameters") or []
+    if not isinstance(parameters, list) or not all(isinstance(p, dict) and "name" in p for p in parameters):
+        raise BundleError(f"{path}: the job's parameters must be a list of {{name, default}}")
+    tasks = job.get("tasks") or []
+    if not isinstance(tasks, list) or not all(isinstance(task, dict) for task in tasks):
+        raise BundleError(f"{path}: the job's tasks must be a list of tasks")
+    if not isinstance(((tasks or [{}])[0].get("spark_python_task") or {}).get("python_file"), str):
+        raise BundleError(f"{path}: the job's first task needs spark_python_task.python_file, the script to run")
+    for task in tasks:
         python = task.get("spark_python_task") or {}
-        if python.get("python_file"):
+        if isinstance(python, dict) and isinstance(python.get("python_file"), str):
             python["python_file"] = os.path.relpath((path.parent / python["python_file"]).resolve(), project)
     return job
+
+
+def _read_yaml(path) -> dict:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(f"can't read {path}: {getattr(e, 'strerror', None) or e}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BundleError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from e
+    if doc is not None and not isinstance(doc, dict):
+        raise BundleError(f"{path} must be a mapping of keys (bundle, resources, ...), not a {type(doc).__name__}")
+    return doc or {}
+
+
+def _jobs(doc, path) -> dict:
+    """The jobs a bundle file defines, `resources.jobs`, each a mapping."""
+    resources = doc.get("resources") or {}
+    jobs = (resources.get("jobs") or {}) if isinstance(resources, dict) else None
+    if not isinstance(jobs, dict) or not all(isinstance(job, dict) for job in jobs.values()):
+        raise BundleError(f"{path}: resources.jobs must map each job's name to its settings")
+    return jobs
 
 
 def _resolve_vars(value, values, depth=0):
@@ -143,7 +188,7 @@ def _resolve_vars(value, values, depth=0):
 
     def lookup(name):
         if values.get(name) is None:
-            raise ValueError(f"the bundle uses ${{var.{name}}} but it has no default; pass variables={{{name!r}: ...}}")
+            raise BundleError(f"the job uses ${{var.{name}}}, which has no default in databricks.yml's variables")
         return _resolve_vars(values[name], values, depth + 1)
 
     whole = re.fullmatch(r"\$\{var\.([\w-]+)\}", value)

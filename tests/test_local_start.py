@@ -2,6 +2,7 @@
 reach, and what start-up had to change is said in a line. As root, another user is played by `nobody`."""
 import os
 import pwd
+import re
 import shutil
 import socket
 import stat
@@ -97,3 +98,70 @@ def test_the_socket_is_out_of_other_users_reach_and_the_parents_are_not_opened(s
         (line,) = [line for line in said if "passed through" in line]
         assert line.startswith("note: as root, the embedded Postgres runs as system user embedded_postgres;")
         assert line.endswith(f"{home} (group root), {data_dir} (group root)")
+
+
+def a_project(tmp_path, **files) -> Path:
+    """A copy of this project's bundle (databricks.yml, job.yml) with `files` (name: text) written over it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    for name in ("databricks.yml", "job.yml"):
+        shutil.copy(ROOT / name, project / name)
+    for name, text in files.items():
+        (project / name.replace("_", ".")).write_text(text)
+    return project
+
+
+BROKEN_BUNDLES = {  # file: text -> what the one line says
+    "not YAML": ({"job_yml": "resources:\n  jobs:\n    w: [unclosed\n"}, r"job\.yml is not valid YAML at line 4"),
+    "a variable without a default": (
+        {"job_yml": "resources: {jobs: {w: {name: '${var.warehouse}', tasks: [{task_key: t}]}}}"},
+        r"job\.yml: the job uses \$\{var\.warehouse\}, which has no default in databricks\.yml's variables"),
+    "two jobs": ({"job_yml": "resources: {jobs: {a: {name: a}, b: {name: b}}}"}, r"defines 2 jobs: a, b"),
+    "resources not a mapping": ({"job_yml": "resources: [jobs]"}, r"job\.yml: resources\.jobs must map"),
+    "no python_file": ({"job_yml": "resources: {jobs: {w: {tasks: [{task_key: t}]}}}"},
+                       r"job\.yml: the job's first task needs spark_python_task\.python_file"),
+    "a text file": ({"databricks_yml": "just words"}, r"databricks\.yml must be a mapping of keys"),
+}
+
+
+@pytest.mark.parametrize("files, says", BROKEN_BUNDLES.values(), ids=BROKEN_BUNDLES.keys())
+def test_a_broken_bundle_is_one_line_naming_the_file(tmp_path, pg_dsn, files, says):
+    with pytest.raises(localws.StartError, match=r"the local workspace can't run the bundle's job: .*" + says) as e:
+        localws.start(a_project(tmp_path, **files), data_dir=tmp_path / "data", dsn=pg_dsn)
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_bundle_is_one_line(tmp_path, pg_dsn):
+    (tmp_path / "project").mkdir()
+    with pytest.raises(localws.StartError, match=r"can't read .*databricks\.yml: No such file or directory"):
+        localws.start(tmp_path / "project", data_dir=tmp_path / "data", dsn=pg_dsn)
+
+
+def test_a_data_directory_that_can_not_be_ours_is_refused_and_left_as_it_is(tmp_path, pg_dsn):
+    (tmp_path / "a-file").write_text("not a directory")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp is
+    refusals = {tmp_path / "a-file": "is a file, not a directory: choose another --data-dir",
+                Path("/proc/nope"): r"can't be made \(.*\): choose another --data-dir",
+                shared: r"is shared \(its sticky bit is set\): choose a directory of your own as --data-dir"}
+    if AS_ROOT:  # another user's directory, which root could change
+        others = tmp_path / "others"
+        others.mkdir(mode=0o755)
+        os.chown(others, pwd.getpwnam("nobody").pw_uid, -1)
+        refusals[others] = r"is another user's: choose a directory of your own"
+    for data_dir, says in refusals.items():
+        before = os.stat(data_dir).st_mode if data_dir.exists() else None
+        with pytest.raises(localws.StartError, match=f"the data directory {re.escape(str(data_dir))} {says}"):
+            localws.start(ROOT, data_dir=data_dir, dsn=pg_dsn)
+        assert (os.stat(data_dir).st_mode if data_dir.exists() else None) == before
+
+
+def test_a_run_log_directory_that_can_not_be_made_is_one_line(tmp_path, pg_dsn):
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # this database's run logs go to runs/<its store key>
+        conn.execute("create schema local_workspace; create table local_workspace.store(key text not null); "
+                     "insert into local_workspace.store values ('taken')")
+    (tmp_path / "data" / "runs").mkdir(parents=True)
+    (tmp_path / "data" / "runs" / "taken").write_text("a file where the run logs go")
+    with pytest.raises(localws.StartError, match=r"did not start: .*runs/taken: File exists; fix that, or choose"):
+        localws.start(ROOT, data_dir=tmp_path / "data", dsn=pg_dsn)
