@@ -509,10 +509,10 @@ def claim_thread(conn, thread_id: str, user: str | None) -> tuple[str | None, in
     `user` (None: anonymous, for good). Returns (its owner, its turns so far); PermissionError if `user` may not
     continue it: an anonymous thread is anyone's who holds its id, an owned one its owner's alone."""
     check_id(thread_id, "thread id")
-    for _ in range(3):  # a row deleted between the two statements (delete_thread, prune) is created again
-        row = (conn.execute("insert into threads (thread_id, owner) values (%s, %s) on conflict (thread_id) "
-                            "do nothing returning owner, turns", (thread_id, user)).fetchone()
-               or conn.execute("select owner, turns from threads where thread_id = %s", (thread_id,)).fetchone())
+    for _ in range(3):  # another claim creating it, or a delete (delete_thread, prune), between the two: look again
+        row = (conn.execute("select owner, turns from threads where thread_id = %s", (thread_id,)).fetchone()
+               or conn.execute("insert into threads (thread_id, owner) values (%s, %s) on conflict (thread_id) "
+                               "do nothing returning owner, turns", (thread_id, user)).fetchone())
         if row:
             break
     else:
@@ -528,11 +528,14 @@ def claim_thread(conn, thread_id: str, user: str | None) -> tuple[str | None, in
 
 def _claim_thread(conn, thread_id: str, owner: str | None) -> int:
     """In a transaction: create the thread if new, lock its row, hold to the owner `claim_thread` decided (None:
-    anonymous); returns its turns so far."""
-    conn.execute("insert into threads (thread_id, owner) values (%s, %s) on conflict (thread_id) do nothing",
-                 (thread_id, owner))
-    stored, turns = conn.execute("select owner, turns from threads where thread_id = %s for update",
-                                 (thread_id,)).fetchone()
+    anonymous); returns its turns so far. One statement when the thread exists, as claim_thread made sure."""
+    lock = "select owner, turns from threads where thread_id = %s for update"
+    row = conn.execute(lock, (thread_id,)).fetchone()
+    if row is None:  # deleted since claim_thread (delete_thread, prune), or never claimed: create it, then lock it
+        conn.execute("insert into threads (thread_id, owner) values (%s, %s) on conflict (thread_id) do nothing",
+                     (thread_id, owner))
+        row = conn.execute(lock, (thread_id,)).fetchone()
+    stored, turns = row
     if stored != owner:
         raise PermissionError(f"thread {thread_id} belongs to another user")
     return turns
@@ -553,16 +556,15 @@ def append_turn(conn, thread_id: str, messages: list[dict], *, owner: str | None
     rows = [_storable(m, f"thread {thread_id} message") for m in messages]
     with conn.transaction():
         turns = _claim_thread(conn, thread_id, owner)  # the row lock serialises turns on this thread
-        if key is not None:
-            stored = conn.execute("select turn from thread_messages where thread_id = %s and turn_key = %s",
-                                  (thread_id, key)).fetchone()
-            if stored:
-                log.info("thread %s: turn %d was already stored under this key", thread_id, stored[0])
-                return stored[0]
+        stored, last = conn.execute(  # a turn already stored under the key (none without a key), the last seq
+            "select (select turn from thread_messages where thread_id = %s and turn_key = %s), "
+            "(select coalesce(max(seq), 0) from thread_messages where thread_id = %s)",
+            (thread_id, key, thread_id)).fetchone()
+        if stored is not None:
+            log.info("thread %s: turn %d was already stored under this key", thread_id, stored)
+            return stored
         if turns == 0:
             rows = [_storable(m, f"thread {thread_id} message") for m in seed] + rows
-        last = conn.execute("select coalesce(max(seq), 0) from thread_messages where thread_id = %s",
-                            (thread_id,)).fetchone()[0]
         with conn.cursor() as cur:
             cur.executemany("insert into thread_messages (thread_id, seq, turn, message, turn_key) "
                             "values (%s, %s, %s, %s::jsonb, %s)",

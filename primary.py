@@ -197,7 +197,9 @@ class PrimaryAgent:
                                          or request.thread_id)
                 owner, turns = lakebase.claim_thread(conn, request.thread_id, request.user_id)
                 history = lakebase.load_window(conn, request.thread_id, self.window)
-            turn = Turn(self, request, turns + 1, history, owner, caller, news=self.finished_runs(request.thread_id))
+                untold = lakebase.undelivered_runs(conn, request.thread_id, limit=MAX_DELIVERIES)
+            news = self.finished_runs(request.thread_id, candidates=untold) if untold else []
+            turn = Turn(self, request, turns + 1, history, owner, caller, news=news)
             final = turn.run(emit)
             turn.number = self._store(turn)
         return final, turn.custom_outputs()
@@ -227,14 +229,15 @@ class PrimaryAgent:
             except (psycopg.Error, psycopg_pool.PoolTimeout, lakebase.LakebaseError) as again:
                 raise MaybeStored(lakebase.explain(e)) from again
 
-    def finished_runs(self, thread_id: str, *, skip=()) -> list[dict]:
+    def finished_runs(self, thread_id: str, *, skip=(), candidates=None) -> list[dict]:
         """Reports (run_report) of the thread's runs that have ended and whose outcome no turn has given the user,
         oldest first. Bounded: it reads at most MAX_DELIVERIES runs from the Jobs API, and stops at the first
         failure (logged), so a failing Jobs API delays the news rather than failing the turn. A run the Jobs API no
         longer has is reported once as such, so it never holds back the news of later runs. `skip`: run ids not to
-        read."""
-        with self.db.connection() as conn:
-            candidates = lakebase.undelivered_runs(conn, thread_id, limit=MAX_DELIVERIES, skip=skip)
+        read; `candidates`: the undelivered runs, if the caller has just read them (lakebase.undelivered_runs)."""
+        if candidates is None:
+            with self.db.connection() as conn:
+                candidates = lakebase.undelivered_runs(conn, thread_id, limit=MAX_DELIVERIES, skip=skip)
         if not candidates:
             return []
         from databricks.sdk.errors import DatabricksError, NotFound  # loaded already: the SDK started the runs
